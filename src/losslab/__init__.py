@@ -1,0 +1,1 @@
+"""losslab: train GPT language models with pluggable next-token loss implementations."""

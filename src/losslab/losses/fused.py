@@ -1,0 +1,236 @@
+"""``fused``: the LM head matmul and cross-entropy together, one chunk of tokens at a time.
+
+The full ``(tokens, V)`` logits are never materialised: for each chunk of tokens we compute the
+chunk's logits, their log-sum-exp (in float32, also under bf16 autocast), the loss and, when a
+gradient is needed, the gradient of the logits, which goes straight into the gradients of
+``hidden`` and ``weight`` (the latter accumulated in float32). Peak memory is one chunk's logits
+instead of all of them, and the time is that of the three matmuls any implementation needs.
+
+For ``reduction="mean"`` or ``"sum"`` the gradients are computed during the forward pass (the
+upstream gradient is a scalar that only rescales them); for ``"none"`` the per-token upstream
+gradient is only known in backward, which then recomputes each chunk's logits (one more matmul).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from losslab.losses.base import TokenLoss, loss_dtype
+
+# One chunk's float32 logits take about this many bytes; see default_chunk_size.
+CHUNK_LOGITS_BYTES = 64 * 2**20
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk: a power of two whose float32 logits fill about CHUNK_LOGITS_BYTES.
+
+    Large enough for efficient matmuls and few passes over the weight gradient, small enough
+    that the chunk's logits stay a small fraction of the full ones (64 MiB: 256 rows at V=50257).
+    """
+    rows = max(1, CHUNK_LOGITS_BYTES // (4 * vocab_size))
+    return 1 << (rows.bit_length() - 1)
+
+
+class FusedLinearCrossEntropyLoss(TokenLoss):
+    """Linear + cross-entropy in token chunks; same options and results as the other losses.
+
+    Args:
+        chunk_size: tokens per chunk; ``None`` picks :func:`default_chunk_size` of V.
+        **options: see :class:`losslab.losses.base.TokenLoss`.
+    """
+
+    def __init__(self, chunk_size: int | None = None, **options) -> None:
+        super().__init__(**options)
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size} must be >= 1, or None for automatic")
+        self.chunk_size = chunk_size
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
+
+    def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor):
+        self.validate(hidden, weight, targets)
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            compute_dtype = torch.get_autocast_dtype(device_type)
+        else:
+            compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        grad_enabled = torch.is_grad_enabled()
+        loss, z_loss = _FusedLinearCrossEntropy.apply(
+            hidden,
+            weight,
+            targets,
+            self,
+            self.chunk_size or default_chunk_size(weight.shape[0]),
+            compute_dtype,
+            grad_enabled and hidden.requires_grad,
+            grad_enabled and weight.requires_grad,
+        )
+        return self.finish(loss, z_loss)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        options: FusedLinearCrossEntropyLoss,
+        chunk_size: int,
+        compute_dtype: torch.dtype,
+        needs_grad_hidden: bool,
+        needs_grad_weight: bool,
+    ) -> tuple[Tensor, Tensor]:
+        with torch.autocast(hidden.device.type, enabled=False):
+            flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+            flat_targets = targets.reshape(-1)
+            # Ignored tokens are dropped before the matmul: they cost nothing.
+            kept = (flat_targets != options.ignore_index).nonzero().squeeze(1)
+            all_kept = kept.numel() == flat_targets.numel()
+            h = (flat_hidden if all_kept else flat_hidden[kept]).to(compute_dtype)
+            t = flat_targets if all_kept else flat_targets[kept]
+            w = weight.to(compute_dtype)
+            n = kept.numel()
+
+            grads_now = options.reduction != "none" and (needs_grad_hidden or needs_grad_weight)
+            row_scale = 1.0 / max(n, 1) if options.reduction == "mean" else 1.0
+            chunks = _Chunks(h, w, t, options, chunk_size)
+            loss_tok = h.new_empty(n, dtype=chunks.acc_dtype)
+            z_tok = torch.zeros_like(loss_tok)
+            lse = torch.empty_like(loss_tok)
+            grad_h = h.new_empty(h.shape) if grads_now and needs_grad_hidden else None
+            grad_w = torch.zeros(w.shape, dtype=chunks.acc_dtype, device=w.device) if grads_now and needs_grad_weight else None
+            for rows in chunks:
+                logits, dcap = chunks.logits(rows)
+                loss_tok[rows], z_tok[rows], lse[rows], shifted, norm = chunks.loss(logits, rows)
+                if grads_now:
+                    scale = torch.full_like(norm, row_scale)
+                    grad_logits = chunks.grad_logits_(shifted, norm, rows, lse[rows], scale, dcap)
+                    chunks.accumulate(grad_logits, rows, grad_h, grad_w)
+
+            if options.reduction == "none":
+                loss = _scatter(loss_tok, kept, targets.shape, all_kept)
+                z_loss = _scatter(z_tok, kept, targets.shape, all_kept)
+            else:
+                divisor = max(n, 1) if options.reduction == "mean" else 1
+                loss = loss_tok.sum() / divisor
+                z_loss = z_tok.sum() / divisor
+
+        ctx.mark_non_differentiable(z_loss)
+        ctx.needs_grads = (needs_grad_hidden, needs_grad_weight)
+        ctx.hidden_meta = (hidden.shape, hidden.dtype, weight.dtype)
+        ctx.all_kept = all_kept
+        if grads_now:
+            ctx.save_for_backward(grad_h, grad_w, kept)
+        elif needs_grad_hidden or needs_grad_weight:  # reduction="none": recompute in backward
+            ctx.options, ctx.chunk_size = options, chunk_size
+            ctx.save_for_backward(h, w, t, lse, kept)
+        return loss, z_loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_z_loss: Tensor):
+        needs_grad_hidden, needs_grad_weight = ctx.needs_grads
+        hidden_shape, hidden_dtype, weight_dtype = ctx.hidden_meta
+        if hasattr(ctx, "options"):
+            h, w, t, lse, kept = ctx.saved_tensors
+            chunks = _Chunks(h, w, t, ctx.options, ctx.chunk_size)
+            upstream = grad_loss.reshape(-1)
+            upstream = (upstream if ctx.all_kept else upstream[kept]).to(chunks.acc_dtype)
+            grad_h = chunks.h.new_empty(chunks.h.shape) if needs_grad_hidden else None
+            grad_w = torch.zeros(chunks.w.shape, dtype=chunks.acc_dtype, device=chunks.w.device) if needs_grad_weight else None
+            with torch.autocast(grad_loss.device.type, enabled=False):
+                for rows in chunks:
+                    logits, dcap = chunks.logits(rows)
+                    softmax = logits.sub_(lse[rows, None]).exp_()
+                    norm = torch.ones_like(lse[rows])
+                    grad_logits = chunks.grad_logits_(softmax, norm, rows, lse[rows], upstream[rows], dcap)
+                    chunks.accumulate(grad_logits, rows, grad_h, grad_w)
+        else:
+            grad_h, grad_w, kept = ctx.saved_tensors
+            if grad_h is not None:
+                grad_h = grad_h * grad_loss
+            if grad_w is not None:
+                grad_w = grad_w * grad_loss
+
+        if grad_h is not None:
+            if not ctx.all_kept:
+                grad_h = grad_h.new_zeros(hidden_shape.numel() // hidden_shape[-1], hidden_shape[-1]).index_copy_(0, kept, grad_h)
+            grad_h = grad_h.reshape(hidden_shape).to(hidden_dtype)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def _scatter(values: Tensor, kept: Tensor, shape: torch.Size, all_kept: bool) -> Tensor:
+    if all_kept:
+        return values.reshape(shape)
+    return values.new_zeros(shape.numel()).index_copy_(0, kept, values).reshape(shape)
+
+
+class _Chunks:
+    """The per-chunk arithmetic, shared by the forward pass and the recomputing backward pass."""
+
+    def __init__(self, h: Tensor, w: Tensor, t: Tensor, options: TokenLoss, chunk_size: int):
+        self.h, self.w, self.t = h, w, t
+        self.options = options
+        self.chunk_size = chunk_size
+        self.acc_dtype = loss_dtype(h.dtype)
+
+    def __iter__(self):
+        for start in range(0, self.h.shape[0], self.chunk_size):
+            yield slice(start, start + self.chunk_size)
+
+    def logits(self, rows: slice) -> tuple[Tensor, Tensor | None]:
+        """The chunk's (soft-capped) logits in the accumulation dtype, and the cap's derivative."""
+        logits = (self.h[rows] @ self.w.T).to(self.acc_dtype)
+        cap = self.options.softcap
+        if cap is None:
+            return logits, None
+        logits.div_(cap).tanh_()
+        dcap = 1 - logits.square()
+        return logits.mul_(cap), dcap
+
+    def loss(self, logits: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Per-token loss (z-loss included), z-loss and logsumexp of a chunk's logits.
+
+        Also returns ``exp(logits - max)`` (computed in place, in ``logits``' memory) and its row
+        sums, from which the softmax follows without a second ``exp``.
+        """
+        eps, z = self.options.label_smoothing, self.options.z_loss
+        target_logit = logits.gather(1, self.t[rows, None]).squeeze(1)
+        mean_logit = logits.mean(dim=1) if eps > 0 else None
+        row_max = logits.amax(dim=1)
+        shifted = logits.sub_(row_max[:, None]).exp_()
+        norm = shifted.sum(dim=1)
+        lse = row_max + norm.log()
+        loss = lse - target_logit
+        if eps > 0:
+            loss = (1 - eps) * loss + eps * (lse - mean_logit)
+        z_term = z * lse.square()
+        return loss + z_term, z_term, lse, shifted, norm
+
+    def grad_logits_(
+        self, shifted: Tensor, norm: Tensor, rows: slice, lse: Tensor, scale: Tensor, dcap: Tensor | None
+    ) -> Tensor:
+        """d(scale * token loss)/d(logits before the cap), in place of ``shifted = softmax * norm``."""
+        eps, z = self.options.label_smoothing, self.options.z_loss
+        grad = shifted.mul_((scale * (1 + 2 * z * lse) / norm)[:, None])
+        targets = self.t[rows, None]
+        grad.scatter_add_(1, targets, -(1 - eps) * scale[:, None])
+        if eps > 0:
+            grad.sub_((eps / grad.shape[1]) * scale[:, None])
+        if dcap is not None:
+            grad.mul_(dcap)
+        return grad
+
+    def accumulate(self, grad_logits: Tensor, rows: slice, grad_h: Tensor | None, grad_w: Tensor | None) -> None:
+        grad_logits = grad_logits.to(self.h.dtype)
+        if grad_h is not None:
+            torch.mm(grad_logits, self.w, out=grad_h[rows])
+        if grad_w is not None:
+            if grad_w.dtype == grad_logits.dtype:
+                grad_w.addmm_(grad_logits.T, self.h[rows])
+            else:  # bf16 matmul, float32 accumulation
+                grad_w.add_(grad_logits.T @ self.h[rows])
