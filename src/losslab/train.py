@@ -1,0 +1,51 @@
+"""Compose the configs, build data, model, loss and trainer, and train.
+
+``python train.py loss=logsumexp`` from the repository root, or the installed ``losslab-train``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from losslab.lightning_module import GPTLightningModule
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train as ``cfg`` says; returns the final metrics (``val/loss`` among them)."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
+    module = GPTLightningModule(
+        model=model,
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        max_steps=cfg.trainer.max_steps,
+        token_bytes=datamodule.token_bytes,
+        tokenizer=pickle.dumps(datamodule.tokenizer),
+        **cfg.schedule,
+    )
+    logger = instantiate(cfg.logger)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        log_dir = Path(logger.log_dir)
+        print(f"Logs: {log_dir}\nView them: tensorboard --logdir {log_dir.parent}")
+
+    if cfg.ckpt_path is None:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the curve's first point
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@hydra.main(version_base="1.3", config_path="pkg://losslab.conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get("val/loss")

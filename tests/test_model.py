@@ -1,0 +1,65 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losslab.model import GPT
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return GPT(vocab_size=101, context_length=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def test_forward_gives_logits_and_the_mean_loss(model):
+    ids = torch.randint(0, 101, (3, 16))
+    targets = torch.randint(0, 101, (3, 16))
+    targets[0, :4] = -100
+    logits, loss = model(ids, targets)
+    assert logits.shape == (3, 16, 101)
+    expected = F.cross_entropy(logits.reshape(-1, 101), targets.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, expected)
+    assert model(ids)[1] is None
+
+
+def test_hidden_states_times_the_tied_head_are_the_logits(model):
+    ids = torch.randint(0, 101, (2, 9))
+    assert model.lm_head.weight is model.wte.weight
+    torch.testing.assert_close(model.hidden_states(ids) @ model.lm_head.weight.T, model(ids)[0])
+
+
+def test_attention_is_causal(model):
+    ids = torch.randint(0, 101, (1, 12))
+    changed = ids.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 101
+    torch.testing.assert_close(model(ids)[0][:, :8], model(changed)[0][:, :8])
+
+
+def test_gpt2_initialisation_and_size():
+    torch.manual_seed(0)
+    gpt2 = GPT(vocab_size=50257, context_length=1024, n_layer=12, n_head=12, n_embd=768)
+    assert gpt2.num_parameters(non_embedding=False) == 124_439_808  # GPT-2 small
+    assert gpt2.wte.weight.std().item() == pytest.approx(0.02, rel=0.01)
+    residual_std = gpt2.blocks[0].attn.proj.weight.std().item()
+    assert residual_std == pytest.approx(0.02 / (2 * 12) ** 0.5, rel=0.02)
+    assert gpt2.blocks[0].mlp.fc.bias.abs().max() == 0
+
+
+def test_too_long_sequence_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="sequence length 17 is longer than the model's context_length 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_token_id_outside_the_vocabulary_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="token id 101 is out of range .* vocab_size=101"):
+        model(torch.full((1, 4), 101))
+
+
+def test_generate_extends_and_greedy_is_deterministic(model):
+    ids = torch.randint(0, 101, (2, 20))  # longer than the context: generation crops it
+    first = model.generate(ids, 5, temperature=0)
+    assert first.shape == (2, 25)
+    torch.testing.assert_close(first, model.generate(ids, 5, temperature=0))
+    g = torch.Generator().manual_seed(1)
+    sampled = model.generate(ids, 5, temperature=1.0, top_k=3, generator=g)
+    assert sampled.shape == (2, 25) and sampled.max() < 101
