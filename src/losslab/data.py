@@ -1,0 +1,427 @@
+"""Corpora, the token cache and batching, behind one LightningDataModule.
+
+A corpus is a list of documents:
+
+- ``pydoc``: the English reference documentation that every CPython carries
+  (``pydoc_data.topics``), one topic per document;
+- ``shakespeare``: tiny Shakespeare, downloaded once (or read from ``path``), one speech per
+  document;
+- ``text``: your own UTF-8 files (``path``: a file, a folder of ``*.txt`` files or a glob), one
+  paragraph per document.
+
+Paragraphs and speeches are separated by blank lines. Every ``1 / val_fraction``-th document goes
+to validation, so both splits cover the whole corpus, and the tokenizer learns from ``train`` only.
+
+Each split is tokenized once into ``cache_dir/tokens``: ``<name>.bin`` holds the documents'
+tokens back to back, each followed by ``<|endoftext|>``; ``<name>.offsets.npy`` where each document
+starts; ``<name>.json`` the token dtype and the size and sha256 of both files, checked on load.
+``<name>`` is the corpus, the split and a hash of the split's documents and of the tokenizer.
+
+Batches are dicts of ``input_ids`` and ``targets``, both ``(B, T)`` and aligned (``targets[:, t]``
+is the token that position ``t`` predicts, ``-100`` where there is none), in one of two modes:
+
+- ``packed``: windows of ``context_length + 1`` tokens cut anywhere in the split, as in nanoGPT;
+- ``padded``: one document (or a piece of a long one) per row, padded on the right, plus an
+  ``attention_mask``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import itertools
+import json
+import re
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import tiktoken
+import torch
+from pydoc_data.topics import topics
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from tqdm import tqdm
+
+from losslab.losses import shift_labels
+from losslab.tokenizers import build_tokenizer, text_digest, token_byte_lengths, tokenizer_fingerprint
+
+CORPORA = ("pydoc", "shakespeare", "text")
+MODES = ("packed", "padded")
+IGNORE_INDEX = -100
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+BLANK_LINES = re.compile(r"\n\s*\n")
+TOKENIZE_CHUNK = 1024  # documents per encode_ordinary_batch call
+
+
+# Corpora
+
+
+def load_documents(
+    corpus: str, path: str | Path | None = None, cache_dir: str | Path = "cache"
+) -> list[str]:
+    """The documents of ``corpus``, one of :data:`CORPORA`; ``cache_dir`` keeps downloads."""
+    if corpus == "pydoc":
+        documents = [topics[name] for name in sorted(topics)]
+    elif corpus == "shakespeare":
+        file = Path(path) if path is not None else download_shakespeare(Path(cache_dir) / "corpora")
+        documents = paragraphs(read_text(file))
+    elif corpus == "text":
+        if path is None:
+            raise ValueError("the text corpus needs data.path=<a file, a folder of .txt files or a glob>")
+        documents = [doc for file in text_files(path) for doc in paragraphs(read_text(file))]
+    else:
+        raise ValueError(f"unknown corpus {corpus!r}: choose one of {', '.join(CORPORA)}")
+    if not documents:
+        raise ValueError(f"corpus {corpus!r} ({path}) holds no text: point data.path at files with text in them")
+    return documents
+
+
+def download_shakespeare(folder: Path) -> Path:
+    """tiny Shakespeare in ``folder``, downloaded unless a copy with the right sha256 is there."""
+    path = folder / "tinyshakespeare.txt"
+    if path.exists() and file_sha256(path) == SHAKESPEARE_SHA256:
+        return path
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
+            data = response.read()
+    except OSError as error:
+        raise RuntimeError(
+            f"could not download tiny Shakespeare from {SHAKESPEARE_URL} ({error}): "
+            "download it yourself and set data.path=<your local copy>"
+        ) from None
+    if hashlib.sha256(data).hexdigest() != SHAKESPEARE_SHA256:
+        raise RuntimeError(
+            f"the file downloaded from {SHAKESPEARE_URL} is not tiny Shakespeare (its sha256 differs): "
+            "set data.path=<a local copy> instead"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def text_files(path: str | Path) -> list[Path]:
+    """The files that ``path`` names: itself, the ``*.txt`` below a folder, or a glob's matches, sorted."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(file for file in path.rglob("*.txt") if file.is_file())
+        if not files:
+            raise ValueError(f"folder {path} holds no *.txt files: put the corpus in .txt files or give a glob")
+        return files
+    if not any(char in str(path) for char in "*?["):
+        raise FileNotFoundError(f"corpus path {path} does not exist: set data.path to a file, a folder or a glob")
+    files = sorted(Path(file) for file in glob.glob(str(path), recursive=True) if Path(file).is_file())
+    if not files:
+        raise FileNotFoundError(f"glob {path} matches no files: check data.path")
+    return files
+
+
+def read_text(path: Path) -> str:
+    """The text of ``path`` as UTF-8; invalid bytes become U+FFFD, with a warning naming the file."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        warnings.warn(
+            f"{path} is not valid UTF-8 (first bad byte at offset {error.start}): its undecodable bytes "
+            "were replaced by U+FFFD; convert the file to UTF-8 (e.g. with iconv) to keep them"
+        )
+        return data.decode("utf-8", errors="replace")
+
+
+def paragraphs(text: str) -> list[str]:
+    """The blank-line separated parts of ``text`` that hold more than whitespace."""
+    return [part for part in BLANK_LINES.split(text) if part.strip()]
+
+
+def split_documents(documents: list[str], val_fraction: float) -> dict[str, list[str]]:
+    """``{"train": ..., "val": ...}``: document ``i`` goes to val when ``i * val_fraction`` crosses
+    an integer, so val gets every ``1 / val_fraction``-th document, spread over the corpus."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1")
+    splits: dict[str, list[str]] = {"train": [], "val": []}
+    for i, document in enumerate(documents):
+        to_val = int((i + 1) * val_fraction) > int(i * val_fraction)
+        splits["val" if to_val else "train"].append(document)
+    if not splits["train"] or not splits["val"]:
+        raise ValueError(
+            f"{len(documents)} document(s) cannot be split with val_fraction={val_fraction}: "
+            "give more documents (they are separated by blank lines) or change val_fraction"
+        )
+    return splits
+
+
+# Token cache
+
+
+@dataclass
+class TokenSplit:
+    """A split as tokens: its documents back to back, each followed by ``<|endoftext|>``."""
+
+    tokens: np.ndarray  # a read-only memmap of the split's token file
+    offsets: np.ndarray  # (n_documents + 1,): where each document starts, then the end
+
+
+def token_dtype(n_vocab: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every token id."""
+    return np.dtype(np.uint16) if n_vocab - 1 <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
+
+
+def cached_token_split(documents: list[str], enc: tiktoken.Encoding, folder: Path, name: str) -> TokenSplit:
+    """The tokens of ``documents`` from ``folder/<name>.*``, written first when absent or damaged."""
+    meta_path = folder / f"{name}.json"
+    if not cache_is_valid(meta_path):
+        write_token_split(documents, enc, folder, name)
+    meta = json.loads(meta_path.read_text())
+    return TokenSplit(
+        tokens=np.memmap(folder / f"{name}.bin", dtype=meta["dtype"], mode="r"),
+        offsets=np.load(folder / f"{name}.offsets.npy"),
+    )
+
+
+def cache_is_valid(meta_path: Path) -> bool:
+    """Whether the files that ``meta_path`` describes are there with their recorded size and sha256."""
+    if not meta_path.exists():
+        return False
+    records = json.loads(meta_path.read_text())["files"]
+    paths = {meta_path.parent / file: record for file, record in records.items()}
+    if all(path.exists() and file_record(path) == record for path, record in paths.items()):
+        return True
+    warnings.warn(f"the token cache {meta_path.with_suffix('.*')} does not match its checksums: rebuilding it")
+    return False
+
+
+def write_token_split(documents: list[str], enc: tiktoken.Encoding, folder: Path, name: str) -> None:
+    """Tokenize ``documents`` into ``folder/<name>.bin`` and ``.offsets.npy``, then describe them in ``.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(enc.n_vocab)
+    lengths = write_tokens(documents, enc, folder / f"{name}.bin", dtype, desc=f"tokenizing {name}")
+    np.save(folder / f"{name}.offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    files = [f"{name}.bin", f"{name}.offsets.npy"]
+    meta = {"dtype": dtype.name, "files": {file: file_record(folder / file) for file in files}}
+    (folder / f"{name}.json").write_text(json.dumps(meta, indent=2))
+
+
+def write_tokens(
+    documents: list[str], enc: tiktoken.Encoding, path: Path, dtype: np.dtype, desc: str
+) -> list[int]:
+    """Write each document's tokens and ``<|endoftext|>`` to ``path``; return how many tokens each took."""
+    lengths = []
+    tmp = path.with_suffix(".tmp")  # renamed at the end: a process may still map the old file
+    with open(tmp, "wb") as file, tqdm(total=len(documents), desc=desc, unit="doc") as progress:
+        for start in range(0, len(documents), TOKENIZE_CHUNK):
+            chunk = documents[start : start + TOKENIZE_CHUNK]
+            rows = [ids + [enc.eot_token] for ids in enc.encode_ordinary_batch(chunk)]
+            np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype).tofile(file)
+            lengths += [len(row) for row in rows]
+            progress.update(len(chunk))
+    tmp.replace(path)
+    return lengths
+
+
+def file_record(path: Path) -> dict[str, int | str]:
+    """What the cache records of a file to notice when it changes: its size and sha256."""
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# Batching
+
+
+class PackedWindows(Dataset):
+    """Windows of ``context_length + 1`` tokens starting every ``stride`` tokens.
+
+    Window ``w`` gives ``input_ids = w[:-1]`` and ``targets = w[1:]``. With ``stride =
+    context_length`` consecutive windows share one token, so each token is a target once.
+    """
+
+    def __init__(self, tokens: np.ndarray, context_length: int, stride: int) -> None:
+        self.tokens = tokens
+        self.context_length = context_length
+        self.stride = stride
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - self.context_length - 1) // self.stride + 1
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        start = index * self.stride
+        window = torch.from_numpy(self.tokens[start : start + self.context_length + 1].astype(np.int64))
+        return {"input_ids": window[:-1], "targets": window[1:]}
+
+
+class DocumentRows(Dataset):
+    """One row per document, long documents cut into pieces of at most ``context_length`` tokens.
+
+    Consecutive pieces of a document share one token, the last of one and the first of the
+    next, so that every token of a document but its first is a target once.
+    """
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, context_length: int) -> None:
+        self.tokens = tokens
+        self.rows = [
+            (start, min(start + context_length, end))
+            for begin, end in zip(offsets[:-1].tolist(), offsets[1:].tolist())
+            for start in range(begin, end - 1, context_length - 1)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Tensor:
+        start, end = self.rows[index]
+        return torch.from_numpy(self.tokens[start:end].astype(np.int64))
+
+
+def pad_batch(rows: list[Tensor], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad ``rows`` with ``pad_id`` to the longest; padding is masked and never a target."""
+    input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id)
+    lengths = torch.tensor([len(row) for row in rows])
+    attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    targets = shift_labels(labels, IGNORE_INDEX)
+    return {"input_ids": input_ids, "targets": targets, "attention_mask": attention_mask}
+
+
+def count_targets(batch: dict[str, Tensor]) -> int:
+    """How many tokens of ``batch`` are predicted (the loss's token count)."""
+    return int((batch["targets"] != IGNORE_INDEX).sum())
+
+
+def check_split_size(corpus: str, split: str, tokens: TokenSplit, context_length: int) -> None:
+    """Raise when a split holds fewer than the ``context_length + 1`` tokens of one window."""
+    if len(tokens.tokens) < context_length + 1:
+        raise ValueError(
+            f"the {split} split of corpus {corpus!r} has {len(tokens.tokens)} tokens, fewer than "
+            f"context_length + 1 = {context_length + 1}: use a smaller context_length or more data"
+        )
+
+
+def evenly_spaced(dataset: Dataset, n: int) -> Dataset:
+    """At most ``n`` items of ``dataset``, spread over all of it."""
+    if n >= len(dataset):
+        return dataset
+    return Subset(dataset, np.linspace(0, len(dataset) - 1, n).astype(np.int64).tolist())
+
+
+class GPTDataModule(L.LightningDataModule):
+    """A corpus, its tokenizer and its batches for next-token training.
+
+    Args:
+        corpus: one of :data:`CORPORA`.
+        path: for ``text``, a file, a folder of ``*.txt`` files or a glob; for ``shakespeare``, a
+            local copy instead of downloading.
+        tokenizer: a name that :func:`losslab.tokenizers.build_tokenizer` knows.
+        vocab_size: for ``bpe``, counting the 256 bytes and ``<|endoftext|>``.
+        ranks_path: for ``gpt2``, a local ``r50k_base.tiktoken`` instead of tiktoken's cache.
+        context_length: tokens per row (``T``).
+        batch_size: rows per batch.
+        mode: ``packed`` or ``padded`` (see the module's docstring).
+        val_fraction: the share of documents held out for validation.
+        val_batches: at most this many validation batches, taken evenly over the split.
+        num_workers: DataLoader worker processes.
+        cache_dir: where downloads, trained tokenizers and token files are kept.
+        seed: the training order's seed; the same seed gives the same batches.
+
+    Call ``setup()`` before reading ``tokenizer``, ``vocab_size`` or ``token_bytes``; later calls
+    return at once.
+    """
+
+    def __init__(
+        self,
+        corpus: str = "pydoc",
+        path: str | Path | None = None,
+        tokenizer: str = "bpe",
+        vocab_size: int | None = 4096,
+        ranks_path: str | None = None,
+        context_length: int = 256,
+        batch_size: int = 32,
+        mode: str = "packed",
+        val_fraction: float = 0.1,
+        val_batches: int | None = None,
+        num_workers: int = 0,
+        cache_dir: str | Path = "cache",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        self.save_hyperparameters()
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.tokenizer: tiktoken.Encoding | None = None
+        self.token_bytes: Tensor | None = None  # (vocab_size,) bytes per token, for bits per byte
+        self.datasets: dict[str, Dataset] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        if self.tokenizer is None:
+            raise RuntimeError("the vocabulary is known once the tokenizer is built: call setup() first")
+        return self.tokenizer.n_vocab
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is not None:
+            return
+        hp = self.hparams
+        documents = split_documents(load_documents(hp.corpus, hp.path, self.cache_dir), hp.val_fraction)
+        self.tokenizer = build_tokenizer(
+            hp.tokenizer,
+            vocab_size=hp.vocab_size,
+            train_text=documents["train"],
+            cache_dir=self.cache_dir / "tokenizers",
+            ranks_path=hp.ranks_path,
+        )
+        self.token_bytes = torch.from_numpy(token_byte_lengths(self.tokenizer))
+        fingerprint = tokenizer_fingerprint(self.tokenizer)
+        for split, docs in documents.items():
+            name = f"{hp.corpus}-{split}-{text_digest([fingerprint, *docs])[:16]}"
+            tokens = cached_token_split(docs, self.tokenizer, self.cache_dir / "tokens", name)
+            check_split_size(hp.corpus, split, tokens, hp.context_length)
+            self.datasets[split] = self.make_dataset(split, tokens)
+
+    def make_dataset(self, split: str, tokens: TokenSplit) -> Dataset:
+        context_length = self.hparams.context_length
+        if self.hparams.mode == "padded":
+            return DocumentRows(tokens.tokens, tokens.offsets, context_length)
+        return PackedWindows(tokens.tokens, context_length, stride=1 if split == "train" else context_length)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.datasets["train"]
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        if self.hparams.mode == "padded":
+            sampler = RandomSampler(dataset, generator=generator)
+        else:
+            # an epoch draws as many windows as it takes to see about every token once
+            n_windows = len(dataset) // self.hparams.context_length + 1
+            sampler = RandomSampler(dataset, replacement=True, num_samples=n_windows, generator=generator)
+        return self.loader(dataset, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        dataset = self.datasets["val"]
+        if self.hparams.val_batches is not None:
+            dataset = evenly_spaced(dataset, self.hparams.val_batches * self.hparams.batch_size)
+        return self.loader(dataset)
+
+    def loader(self, dataset: Dataset, sampler: RandomSampler | None = None) -> DataLoader:
+        collate = partial(pad_batch, pad_id=self.tokenizer.eot_token) if self.hparams.mode == "padded" else None
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+

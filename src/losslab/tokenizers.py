@@ -1,0 +1,249 @@
+"""Tokenizers: every one is a :class:`tiktoken.Encoding`.
+
+>>> enc = build_tokenizer("bpe", vocab_size=4096, train_text=documents, cache_dir="cache/tokenizers")
+>>> enc.encode_ordinary("Hello world")
+
+- ``gpt2``: GPT-2's 50,257 tokens, from tiktoken's cache (``TIKTOKEN_CACHE_DIR``) or a local ranks
+  file (``ranks_path``, the ``r50k_base.tiktoken`` format);
+- ``bpe``: a byte-level BPE trained here on the given text, cached on disk;
+- ``bytes``: the 256 byte values.
+
+Each ends with the ``<|endoftext|>`` special token, so that ``n_vocab`` counts it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import regex
+import tiktoken
+from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+TOKENIZERS = ("gpt2", "bpe", "bytes")
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+Pair = tuple[int, int]
+
+
+def build_tokenizer(
+    name: str,
+    *,
+    vocab_size: int | None = None,
+    train_text: Iterable[str] | None = None,
+    cache_dir: str | Path | None = None,
+    ranks_path: str | Path | None = None,
+) -> tiktoken.Encoding:
+    """The tokenizer called ``name``, one of :data:`TOKENIZERS`.
+
+    ``vocab_size`` (which counts the 256 bytes and ``<|endoftext|>``), ``train_text`` and
+    ``cache_dir`` (where trained ranks are kept; ``None`` trains every time) are for ``bpe``;
+    ``ranks_path`` is for ``gpt2``. The others ignore them.
+    """
+    if name == "gpt2":
+        return gpt2_tokenizer(ranks_path)
+    if name == "bpe":
+        if vocab_size is None or train_text is None:
+            raise ValueError("the bpe tokenizer needs vocab_size and train_text")
+        return bpe_tokenizer(list(train_text), vocab_size, cache_dir)
+    if name == "bytes":
+        return encoding_from_ranks("bytes", {bytes([b]): b for b in range(256)})
+    raise ValueError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}")
+
+
+def encoding_from_ranks(name: str, ranks: dict[bytes, int]) -> tiktoken.Encoding:
+    """An Encoding with GPT-2's split pattern and ``<|endoftext|>`` right after the ranks."""
+    return tiktoken.Encoding(
+        name=name,
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: len(ranks)},
+    )
+
+
+def gpt2_tokenizer(ranks_path: str | Path | None = None) -> tiktoken.Encoding:
+    """GPT-2's tokenizer from a local ranks file, else from tiktoken's cache, with no download."""
+    if ranks_path is not None:
+        return encoding_from_ranks("gpt2", load_ranks(Path(ranks_path), GPT2_RANKS_SHA256))
+    try:
+        return tiktoken.get_encoding("r50k_base")
+    except (OSError, ValueError):  # offline (requests' errors are OSErrors) or a corrupt download
+        # `from None`: the network stack trace says less than this message
+        raise RuntimeError(
+            "cannot load GPT-2's tokenizer: tiktoken found no cached GPT-2 ranks in "
+            f"{os.environ.get('TIKTOKEN_CACHE_DIR', 'its default cache')} and could not download "
+            "them. Set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached GPT-2 ranks, "
+            "or give ranks_path (a local r50k_base.tiktoken file)."
+        ) from None
+
+
+def text_digest(texts: Iterable[str]) -> str:
+    """sha256 of a sequence of texts, where the boundaries between texts count too."""
+    digest = hashlib.sha256()
+    for text in texts:
+        data = text.encode()
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def bpe_tokenizer(
+    train_text: Sequence[str], vocab_size: int, cache_dir: str | Path | None = None
+) -> tiktoken.Encoding:
+    """A byte-level BPE of ``vocab_size`` tokens trained on ``train_text``, cached in ``cache_dir``."""
+    name = f"bpe{vocab_size}-{text_digest(train_text)[:16]}"
+    if cache_dir is None:
+        return encoding_from_ranks(name, train_bpe(train_text, vocab_size))
+    path = Path(cache_dir) / f"{name}.tiktoken"
+    if not path.exists():
+        save_ranks(train_bpe(train_text, vocab_size), path)
+    return encoding_from_ranks(name, load_ranks(path))
+
+
+def save_ranks(ranks: dict[bytes, int], path: Path) -> None:
+    """Write ranks in tiktoken's ``.tiktoken`` format, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks.items()]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(b"".join(lines))
+    tmp.replace(path)
+
+
+def load_ranks(path: Path, expected_sha256: str | None = None) -> dict[bytes, int]:
+    """Read a ``.tiktoken`` ranks file.
+
+    Not ``tiktoken.load.load_tiktoken_bpe``: that one also copies the file into tiktoken's cache
+    folder, which fails when ``TIKTOKEN_CACHE_DIR`` is read-only.
+    """
+    data = path.read_bytes()
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise ValueError(f"{path} is not the expected ranks file: its sha256 is not {expected_sha256}")
+    ranks = {}
+    for line in data.splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
+    """Learn byte-level BPE merges until ``vocab_size`` tokens (counting ``<|endoftext|>``).
+
+    The text is split with GPT-2's pattern and merges never cross pieces, as in tiktoken's
+    encoder. Each step merges the most frequent adjacent pair, the pair of smallest token ids on
+    ties, so that the result is deterministic. Returns the tokens' bytes in merge order.
+    """
+    n_merges = vocab_size - 256 - 1
+    if n_merges < 0:
+        raise ValueError(f"vocab_size={vocab_size} is below 257 (256 bytes and <|endoftext|>)")
+    tokens = [bytes([b]) for b in range(256)]
+    pairs = PairCounts(count_words(texts))
+    for _ in range(n_merges):
+        pair = pairs.pop_most_frequent()
+        if pair is None:
+            raise ValueError(
+                f"the training text is too small for vocab_size={vocab_size}: "
+                f"it has no pairs left to merge after {len(tokens)} tokens"
+            )
+        pairs.merge(pair, len(tokens))
+        tokens.append(tokens[pair[0]] + tokens[pair[1]])
+    return {token: rank for rank, token in enumerate(tokens)}
+
+
+def count_words(texts: Iterable[str]) -> Counter[str]:
+    """How often each piece of GPT-2's pre-tokenization occurs in ``texts``."""
+    pattern = regex.compile(r50k_pat_str)
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(pattern.findall(text))
+    return counts
+
+
+class PairCounts:
+    """How often each adjacent token pair occurs in the words, kept up to date through merges.
+
+    A merge revisits only the words that hold the pair, and a heap with lazy deletion finds the
+    most frequent pair: an entry is stale when the pair's count has changed since it was pushed,
+    and each change pushes a new entry.
+    """
+
+    def __init__(self, word_counts: Counter[str]) -> None:
+        self.freqs = list(word_counts.values())
+        self.words: list[list[int]] = [[] for _ in word_counts]
+        self.counts: defaultdict[Pair, int] = defaultdict(int)
+        self.words_with: defaultdict[Pair, set[int]] = defaultdict(set)
+        for i, word in enumerate(word_counts):
+            self.respell(i, list(word.encode("utf-8")))
+        self.heap = [(-count, pair) for pair, count in self.counts.items()]
+        heapq.heapify(self.heap)
+
+    def respell(self, i: int, word: list[int]) -> set[Pair]:
+        """Make ``word`` the tokens of word ``i``; return the pairs whose counts it changed."""
+        old = self.words[i]
+        for pair in zip(old, old[1:]):
+            self.counts[pair] -= self.freqs[i]
+        for pair in zip(word, word[1:]):
+            self.counts[pair] += self.freqs[i]
+            self.words_with[pair].add(i)
+        self.words[i] = word
+        return set(zip(old, old[1:])) | set(zip(word, word[1:]))
+
+    def pop_most_frequent(self) -> Pair | None:
+        while self.heap:
+            negative_count, pair = heapq.heappop(self.heap)
+            if self.counts.get(pair) == -negative_count:
+                return pair
+        return None
+
+    def merge(self, pair: Pair, new_token: int) -> None:
+        """Replace ``pair`` by ``new_token`` in every word and update the counts."""
+        changed = set()
+        # words_with may list words that no longer hold the pair: merging leaves those as they are
+        for i in self.words_with.pop(pair):
+            merged = merge_pair(self.words[i], pair, new_token)
+            if len(merged) < len(self.words[i]):
+                changed |= self.respell(i, merged)
+        for p in changed:
+            if self.counts[p] > 0:
+                heapq.heappush(self.heap, (-self.counts[p], p))
+            else:
+                del self.counts[p]
+
+
+def merge_pair(word: list[int], pair: Pair, new_token: int) -> list[int]:
+    """``word`` with each occurrence of ``pair``, left to right, replaced by ``new_token``."""
+    merged = []
+    i = 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == pair[0] and word[i + 1] == pair[1]:
+            merged.append(new_token)
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    return merged
+
+
+def token_byte_lengths(enc: tiktoken.Encoding) -> np.ndarray:
+    """The byte length of each token id, 0 for special tokens (for bits per byte)."""
+    return np.array(
+        [0 if enc.is_special_token(i) else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)],
+        dtype=np.int64,
+    )
+
+
+def tokenizer_fingerprint(enc: tiktoken.Encoding) -> str:
+    """sha256 of the bytes of every token of ``enc``, special tokens included.
+
+    With GPT-2's split pattern, which every tokenizer here uses, they decide how ``enc`` tokenizes.
+    """
+    digest = hashlib.sha256()
+    for i in range(enc.n_vocab):
+        token = enc.decode_single_token_bytes(i)
+        digest.update(len(token).to_bytes(8, "little") + token)
+    return digest.hexdigest()

@@ -1,0 +1,180 @@
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+from losslab import data
+from losslab.data import (
+    DocumentRows,
+    GPTDataModule,
+    cached_token_split,
+    count_targets,
+    load_documents,
+    split_documents,
+    token_dtype,
+)
+
+
+def make_datamodule(tmp_path, **options) -> GPTDataModule:
+    defaults = dict(tokenizer="bpe", vocab_size=512, context_length=32, batch_size=4, cache_dir=tmp_path / "cache")
+    dm = GPTDataModule(**{**defaults, **options})
+    dm.setup("fit")
+    return dm
+
+
+def write(path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_pydoc_is_one_document_per_topic():
+    documents = load_documents("pydoc")
+    assert len(documents) == 79
+    assert any(doc.startswith("The \"if\" statement") for doc in documents)
+
+
+def test_shakespeare_from_a_local_copy(shakespeare_path, tmp_path):
+    documents = load_documents("shakespeare", shakespeare_path)
+    assert documents[0] == "First Citizen:\nBefore we proceed any further, hear me speak."
+    assert len(documents) > 7000
+    dm = make_datamodule(tmp_path, corpus="shakespeare", path=str(shakespeare_path), tokenizer="bytes")
+    n_tokens = len(dm.datasets["train"].tokens) + len(dm.datasets["val"].tokens)
+    assert n_tokens == sum(len(doc.encode()) for doc in documents) + len(documents)  # a byte each, and an <|endoftext|>
+
+
+def test_shakespeare_download_failure_suggests_a_local_path(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError, match="data.path="):
+        load_documents("shakespeare", cache_dir=tmp_path)
+
+
+def test_text_corpus_from_a_file_a_folder_and_a_glob(tmp_path):
+    a = write(tmp_path / "corpus" / "a.txt", "one\n\n\ntwo\nlines\n  \nthree")
+    write(tmp_path / "corpus" / "sub" / "b.txt", "four")
+    write(tmp_path / "corpus" / "notes.md", "not text")
+    assert load_documents("text", a) == ["one", "two\nlines", "three"]
+    assert load_documents("text", tmp_path / "corpus") == ["one", "two\nlines", "three", "four"]
+    assert load_documents("text", str(tmp_path / "corpus" / "**" / "b.*")) == ["four"]
+
+
+def test_corpus_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_documents("text", tmp_path / "missing.txt")
+    with pytest.raises(FileNotFoundError, match="matches no files"):
+        load_documents("text", str(tmp_path / "*.txt"))
+    with pytest.raises(ValueError, match=r"holds no \*.txt files"):
+        load_documents("text", tmp_path)
+    with pytest.raises(ValueError, match="holds no text"):
+        load_documents("text", write(tmp_path / "blank.txt", "\n  \n\n"))
+    with pytest.raises(ValueError, match="needs data.path"):
+        load_documents("text")
+    with pytest.raises(ValueError, match="pydoc, shakespeare, text"):
+        load_documents("wikipedia")
+
+
+def test_non_utf8_bytes_are_replaced_with_a_warning(tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café\n\nok".encode("latin-1"))
+    with pytest.warns(UserWarning, match="latin1.txt is not valid UTF-8"):
+        assert load_documents("text", latin1) == ["caf\ufffd", "ok"]
+
+
+def test_split_is_deterministic_spread_and_disjoint():
+    documents = [f"document {i}" for i in range(100)]
+    splits = split_documents(documents, 0.1)
+    assert splits == split_documents(documents, 0.1)
+    assert splits["val"] == [f"document {i}" for i in range(9, 100, 10)]
+    assert sorted(splits["train"] + splits["val"]) == sorted(documents)
+    with pytest.raises(ValueError, match="1 document"):
+        split_documents(["one"], 0.1)
+
+
+def test_too_small_corpus(tmp_path):
+    corpus = write(tmp_path / "small.txt", "\n\n".join(["short"] * 20))
+    with pytest.raises(ValueError, match=r"val split of corpus 'text' has \d+ tokens.*context_length"):
+        make_datamodule(tmp_path, corpus="text", path=str(corpus), tokenizer="bytes", context_length=64)
+
+
+def test_token_cache_is_reused_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+    tokens = np.array(make_datamodule(tmp_path).datasets["train"].tokens)
+    (bin_file,) = (tmp_path / "cache" / "tokens").glob("pydoc-train-*.bin")
+
+    def no_tokenizing(*args):
+        raise AssertionError("tokenized again instead of reading the cache")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "write_token_split", no_tokenizing)
+        np.testing.assert_array_equal(make_datamodule(tmp_path).datasets["train"].tokens, tokens)
+
+    with open(bin_file, "r+b") as file:
+        file.write(b"\xff\xff")
+    with pytest.warns(UserWarning, match="rebuilding"):
+        np.testing.assert_array_equal(make_datamodule(tmp_path).datasets["train"].tokens, tokens)
+
+
+def test_token_dtype(tmp_path):
+    assert token_dtype(257) == token_dtype(50257) == token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == token_dtype(100277) == np.uint32
+    ranks = {bytes([b]): b for b in range(256)}
+    big = tiktoken.Encoding("big", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 70000})
+    split = cached_token_split(["hi", "you"], big, tmp_path, "big")
+    assert split.tokens.dtype == np.uint32
+    assert split.tokens.tolist() == [104, 105, 70000, 121, 111, 117, 70000]
+    assert split.offsets.tolist() == [0, 3, 7]
+
+
+def test_packed_batches(tmp_path):
+    dm = make_datamodule(tmp_path)
+    assert dm.vocab_size == 512 and dm.token_bytes.shape == (512,) and dm.token_bytes[dm.tokenizer.eot_token] == 0
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "targets"}
+    assert batch["input_ids"].shape == batch["targets"].shape == (4, 32)
+    assert batch["input_ids"].dtype == batch["targets"].dtype == torch.long
+    assert torch.equal(batch["input_ids"][:, 1:], batch["targets"][:, :-1])
+    assert count_targets(batch) == 4 * 32
+
+
+def test_packed_training_order_follows_the_seed(tmp_path):
+    def first_batch(seed):
+        return next(iter(make_datamodule(tmp_path, seed=seed).train_dataloader()))["input_ids"]
+
+    assert torch.equal(first_batch(0), first_batch(0))
+    assert not torch.equal(first_batch(0), first_batch(1))
+
+
+def test_packed_validation_covers_the_split_once(tmp_path):
+    dm = make_datamodule(tmp_path)
+    tokens = torch.from_numpy(dm.datasets["val"].tokens.astype(np.int64))
+    targets = torch.cat([batch["targets"].flatten() for batch in dm.val_dataloader()])
+    assert len(tokens) - 1 - 32 < len(targets) <= len(tokens) - 1
+    assert torch.equal(targets, tokens[1 : len(targets) + 1])
+    capped = make_datamodule(tmp_path, val_batches=2).val_dataloader()
+    assert len(capped) == 2
+
+
+def test_padded_batches(tmp_path):
+    dm = make_datamodule(tmp_path, mode="padded")
+    eot = dm.tokenizer.eot_token
+    for batch in [next(iter(dm.train_dataloader())), *dm.val_dataloader()]:
+        input_ids, targets, mask = batch["input_ids"], batch["targets"], batch["attention_mask"]
+        assert input_ids.shape == targets.shape == mask.shape and input_ids.shape[1] <= 32
+        lengths = mask.sum(1)
+        assert torch.equal(mask, (torch.arange(input_ids.shape[1]) < lengths[:, None]).long())
+        assert (input_ids[mask == 0] == eot).all() and (targets[mask == 0] == -100).all()
+        for row, target, length in zip(input_ids, targets, lengths):
+            assert torch.equal(target[: length - 1], row[1:length])
+            assert (target[length - 1 :] == -100).all()
+            assert eot not in row[: length - 1]  # an end-of-text only ever closes a row: no row spans documents
+        assert count_targets(batch) == int((lengths - 1).sum())
+
+
+def test_long_documents_become_rows_that_share_one_token():
+    rows = DocumentRows(np.arange(12), np.array([0, 10, 11, 12]), context_length=4).rows
+    assert rows == [(0, 4), (3, 7), (6, 10)]  # the one-token documents have nothing to predict
