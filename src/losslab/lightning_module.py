@@ -82,6 +82,7 @@ class GPTLightningModule(L.LightningModule):
         mean_nll = nll.detach() / n
         self.log("train/loss", mean_nll, prog_bar=True)
         self.log("train/ppl", torch.exp(mean_nll))
+        self.log("lr", self.optimizers().param_groups[0]["lr"])
         if self.loss_fn.z_loss > 0:
             self.log("train/z_loss", z_loss / n)
         return loss
@@ -126,7 +127,7 @@ class GPTLightningModule(L.LightningModule):
         )
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"},
+            "lr_scheduler": {"scheduler": schedule, "interval": "step"},
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

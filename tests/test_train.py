@@ -1,0 +1,125 @@
+"""End-to-end: every config option composes, and a few-step run per loss trains and logs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from losslab.generate import generate, load_checkpoint
+from losslab.losses import LOSSES
+from losslab.train import train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+# A tiny model on the byte tokenizer: a run of a few steps takes seconds.
+TINY = [
+    "tokenizer=bytes",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.context_length=32",
+    "data.batch_size=4",
+    "data.val_batches=2",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.log_every_n_steps=1",
+    "~callbacks.progress_bar",
+    "trainer.enable_progress_bar=false",
+    "schedule.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def make_config(tmp_path: Path, cache_dir: Path, overrides: list[str]):
+    paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={cache_dir}"]
+    with initialize_config_module(config_module="losslab.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=TINY + paths + overrides)
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in ["data", "tokenizer", "model", "loss", "precision", "optimizer", "trainer", "logger", "callbacks"] for o in options(g)],
+)
+def test_every_config_option_composes_and_instantiates(tmp_path, cache_dir, group, option):
+    overrides = [f"{group}={option}"]
+    if option == "text":
+        overrides.append(f"data.path={CONF / 'train.yaml'}")
+    cfg = make_config(tmp_path, cache_dir, overrides)
+    if group == "tokenizer":
+        assert cfg.data.tokenizer == option
+    elif group == "data":
+        assert cfg.data.corpus == option
+    elif group == "loss":
+        assert type(instantiate(cfg.loss)()) is LOSSES[option]
+    elif group in {"model", "optimizer"}:
+        built = instantiate(cfg.model, vocab_size=11)
+        if group == "optimizer":
+            instantiate(cfg.optimizer)(built.parameters())
+    elif group in {"trainer", "precision"}:
+        instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    elif group in {"logger", "callbacks"}:
+        [instantiate(c) for c in cfg.callbacks.values()] if group == "callbacks" else instantiate(cfg.logger)
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_a_few_steps_per_loss_write_tensorboard_curves(tmp_path, cache_dir, loss):
+    metrics = train(make_config(tmp_path, cache_dir, [f"loss={loss}"]))
+    curves = scalars(tmp_path / "run")
+    for tag in ["train/loss", "train/ppl", "val/loss", "val/ppl", "val/bpb", "lr", "train/grad_norm", "perf/tokens_per_sec"]:
+        assert tag in curves, tag
+    assert len(curves["val/loss"]) == 3  # before training, and every 3 steps
+    assert curves["val/ppl"][-1] < curves["val/ppl"][0]
+    assert metrics["val/loss"] == pytest.approx(curves["val/loss"][-1])
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_bf16_and_padded_mode_train(tmp_path, cache_dir):
+    metrics = train(make_config(tmp_path, cache_dir, ["precision=bf16", "data.mode=padded", "loss=fused", "loss.z_loss=1e-4"]))
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    assert "train/z_loss" in scalars(tmp_path / "run")
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path, cache_dir):
+    train(make_config(tmp_path / "first", cache_dir, []))
+    last = tmp_path / "first" / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 6
+    train(make_config(tmp_path / "resumed", cache_dir, ["trainer.max_steps=9", f"ckpt_path={last}"]))
+    resumed = torch.load(tmp_path / "resumed" / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 9
+    steps = EventAccumulator(str(tmp_path / "resumed" / "run"))
+    steps.Reload()
+    assert min(e.step for e in steps.Scalars("train/loss")) >= 6  # continued, not restarted
+
+
+def test_generation_from_a_checkpoint(tmp_path, cache_dir):
+    train(make_config(tmp_path, cache_dir, []))
+    model, tokenizer = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    samples = generate(model, tokenizer, "The ", max_new_tokens=20, num_samples=2)
+    assert len(samples) == 2 and all(s.startswith("The ") for s in samples)
+    assert generate(model, tokenizer, "The ", max_new_tokens=20, seed=3) == generate(model, tokenizer, "The ", max_new_tokens=20, seed=3)
+
+
+def test_unknown_loss_and_too_long_context_are_clear_errors(tmp_path, cache_dir):
+    with pytest.raises(ValueError, match="unknown loss 'nope': choose one of naive, logsumexp, cross_entropy, fused"):
+        train(make_config(tmp_path, cache_dir, ["loss.name=nope"]))
+    with pytest.raises(ValueError, match="unknown option.*bogus"):
+        train(make_config(tmp_path, cache_dir, ["+loss.bogus=1"]))
+    with pytest.raises(ValueError, match="sequence length 64 is longer than the model's context_length 32"):
+        train(make_config(tmp_path, cache_dir, ["data.context_length=64"]))
