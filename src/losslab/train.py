@@ -13,12 +13,12 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from losslab.data import GPTDataModule
 from losslab.lightning_module import GPTLightningModule
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Train as ``cfg`` says; returns the final metrics (``val/loss`` among them)."""
-    L.seed_everything(cfg.seed, workers=True)
+def build_module(cfg: DictConfig) -> tuple[GPTDataModule, GPTLightningModule]:
+    """The data (set up: tokenizer trained, token files written) and the module ``cfg`` describes."""
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
@@ -31,6 +31,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         tokenizer=pickle.dumps(datamodule.tokenizer),
         **cfg.schedule,
     )
+    return datamodule, module
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train as ``cfg`` says; returns the final metrics (``val/loss`` among them)."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build_module(cfg)
     logger = instantiate(cfg.logger)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
