@@ -1,0 +1,304 @@
+"""Every registered implementation against the float64 reference, for every option.
+
+Tolerances: max |error| <= absolute + relative * (largest magnitude of the reference value),
+so that ``reduction="sum"`` (values in the hundreds) is judged relatively.
+
+- float32: loss and z-loss 1e-5 absolute + 1e-6 relative; gradients 1e-7 + 1e-4 relative
+  (F.cross_entropy itself is off by 5e-5 of the scale at V=50257 in float32).
+- float64: computed in float64: loss 1e-12 + 1e-12 relative, gradients 1e-13 + 1e-10 relative.
+- bf16 autocast: the error ``||got - reference||`` may be no worse than PyTorch's own at that
+  dtype (bf16 logits from ``hidden @ weight.T`` under the same autocast, then ``F.cross_entropy``
+  in float32) plus 1e-5 (loss, z-loss) or 3e-3 (gradients) times ``||reference||``. PyTorch's own
+  gradient error there is about 5e-3 of ``||reference||`` (one bf16 rounding is 2**-9 to 2**-8).
+  The norm is used rather than the max because a max over a few bf16 roundings is too noisy.
+"""
+
+import re
+from functools import partial
+
+import pytest
+import torch
+
+from .reference import (
+    ALL_OPTIONS,
+    IMPLEMENTATIONS,
+    LOGITS_IMPLEMENTATIONS,
+    REDUCTIONS,
+    assert_bf16_within,
+    assert_results_within,
+    assert_within,
+    build,
+    count_matmul_flops,
+    evaluate,
+    make_inputs,
+    random_upstream,
+    reference_loss,
+    torch_bf16_loss,
+)
+from losslab.losses import build_loss
+
+TOLERANCES = {  # (absolute, relative)
+    "float32": {"loss": (1e-5, 1e-6), "grad": (1e-7, 1e-4)},
+    "float64": {"loss": (1e-12, 1e-12), "grad": (1e-13, 1e-10)},
+}
+BF16_SLACK = {"loss": 1e-5, "grad": 3e-3}  # times ||reference||, on top of PyTorch's own bf16 error
+DTYPES = ("float32", "float64", "bf16-autocast")
+
+SHAPES = {  # id: (leading shape of hidden and targets, d, V)
+    "4x47-d31-V123": ((4, 47), 31, 123),
+    "1d-37-d16-V97": ((37,), 16, 97),
+    "2x5-d16-V50257": ((2, 5), 16, 50257),
+}
+
+CASES = {  # id: (options, whether every third target is ignore_index)
+    "mean": ({}, False),
+    "sum": (dict(reduction="sum"), False),
+    "none": (dict(reduction="none"), False),
+    "ignored-mean": ({}, True),
+    "ignored-sum": (dict(reduction="sum"), True),
+    "ignored-none": (dict(reduction="none"), True),
+    "ignore_index=7": (dict(ignore_index=7), True),
+    "ignore_index=-1-none": (dict(ignore_index=-1, reduction="none"), True),
+    "label_smoothing": (dict(label_smoothing=0.1), True),
+    "label_smoothing-none": (dict(label_smoothing=0.1, reduction="none"), True),
+    "z_loss": (dict(z_loss=0.01), False),
+    "z_loss-ignored-sum": (dict(z_loss=0.01, reduction="sum"), True),
+    "z_loss-none": (dict(z_loss=0.01, reduction="none"), True),
+    "softcap": (dict(softcap=5.0), False),
+    "softcap-none": (dict(softcap=5.0, reduction="none"), True),
+    "all-mean": (ALL_OPTIONS, True),
+    "all-ignore_index=7-none": (dict(ALL_OPTIONS, ignore_index=7, reduction="none"), True),
+}
+
+
+def case_inputs(shape_id, case_id, dtype=torch.float32):
+    shape, d, vocab = SHAPES[shape_id]
+    options, ignored = CASES[case_id]
+    ignore_index = options.get("ignore_index", -100) if ignored else None
+    hidden, weight, targets = make_inputs(shape, d, vocab, ignore_index=ignore_index, dtype=dtype)
+    return options, hidden, weight, targets
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case_id", CASES)
+@pytest.mark.parametrize("shape_id", SHAPES)
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_matches_reference(name, shape_id, case_id, dtype):
+    input_dtype = torch.float64 if dtype == "float64" else torch.float32
+    options, hidden, weight, targets = case_inputs(shape_id, case_id, input_dtype)
+    reduction = options.get("reduction", "mean")
+    upstream = random_upstream(targets, reduction)
+    autocast = dtype == "bf16-autocast"
+
+    expected = evaluate(partial(reference_loss, **options), hidden, weight, targets, upstream)
+    got = evaluate(build(name, **options), hidden, weight, targets, upstream, autocast=autocast)
+
+    assert got.loss.dtype == input_dtype, "the loss is computed in float32, or float64 for float64"
+    assert got.grad_hidden.dtype == got.grad_weight.dtype == input_dtype
+    ignored = targets == options.get("ignore_index", -100)
+    if reduction == "none":
+        assert got.loss.shape == targets.shape
+        assert torch.all(got.loss[ignored] == 0) and torch.all(got.z_loss[ignored] == 0)
+    if not autocast:
+        tolerances = TOLERANCES[dtype]
+        assert_results_within(got, expected, tolerances["loss"], tolerances["grad"])
+        return
+    torch_bf16 = evaluate(partial(torch_bf16_loss, **options), hidden, weight, targets, upstream)
+    assert_bf16_within(got, expected, torch_bf16, BF16_SLACK["loss"], BF16_SLACK["grad"])
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_float64_under_bf16_autocast_stays_float64(name):
+    """Autocast leaves float64 tensors alone (``hidden @ weight.T`` stays float64): so must the loss."""
+    options, hidden, weight, targets = case_inputs("4x47-d31-V123", "all-mean", torch.float64)
+    upstream = random_upstream(targets, "mean")
+    got = evaluate(build(name, **options), hidden, weight, targets, upstream, autocast=True)
+    expected = evaluate(partial(reference_loss, **options), hidden, weight, targets, upstream)
+    assert got.loss.dtype == torch.float64
+    assert_results_within(got, expected, TOLERANCES["float64"]["loss"], TOLERANCES["float64"]["grad"])
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_returned_z_loss_is_detached(name, reduction):
+    hidden, weight, targets = make_inputs((3, 5), 8, 11)
+    loss, z_loss = build(name, z_loss=0.01, reduction=reduction)(hidden.requires_grad_(), weight, targets)
+    assert loss.requires_grad and not z_loss.requires_grad
+    assert torch.all(z_loss > 0) and torch.all(loss > z_loss)
+
+
+# --- no-grad path -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_no_grad_gives_the_same_value(name, reduction):
+    options, hidden, weight, targets = case_inputs("4x47-d31-V123", "all-mean")
+    options = dict(options, reduction=reduction)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    loss_fn = build(name, **options)
+    with torch.no_grad():
+        loss, z_loss = loss_fn(hidden, weight, targets)
+    with_grad, with_grad_z = loss_fn(hidden, weight, targets)
+
+    assert not loss.requires_grad and with_grad.requires_grad
+    torch.testing.assert_close(loss, with_grad.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(z_loss, with_grad_z, rtol=1e-6, atol=1e-6)
+    expected, expected_z = reference_loss(hidden.detach(), weight.detach(), targets, **options)
+    assert_within(loss, expected, *TOLERANCES["float32"]["loss"], "loss under no_grad")
+    assert_within(z_loss, expected_z, *TOLERANCES["float32"]["loss"], "z-loss under no_grad")
+
+
+FLOP_CASES = {  # id: (reduction, hidden requires grad, weight requires grad, run backward, forward matmuls)
+    "no_grad": ("mean", True, True, False, 1),
+    "inputs-without-grad": ("mean", False, False, False, 1),
+    "forward+backward-mean": ("mean", True, True, True, 3),
+    "forward+backward-sum": ("sum", True, True, True, 3),
+    "only-hidden-grad": ("mean", True, False, True, 2),
+    "only-weight-grad": ("mean", False, True, True, 2),
+    "forward+backward-none-recomputes": ("none", True, True, True, 4),
+}
+
+
+@pytest.mark.parametrize("ignored", [False, True], ids=["all-kept", "ignored"])
+@pytest.mark.parametrize("case_id", FLOP_CASES)
+def test_fused_costs_one_matmul_per_product(case_id, ignored):
+    """Evaluation is one ``2*N*V*d`` matmul, training three; ignored tokens cost nothing."""
+    reduction, hidden_grad, weight_grad, backward, matmuls = FLOP_CASES[case_id]
+    n_tokens, d, vocab = 48, 32, 256
+    hidden, weight, targets = make_inputs((n_tokens,), d, vocab, ignore_index=-100 if ignored else None)
+    hidden.requires_grad_(hidden_grad)
+    weight.requires_grad_(weight_grad)
+    loss_fn = build_loss("fused", reduction=reduction, chunk_size=7)
+
+    def run():
+        if not backward:
+            with torch.no_grad():
+                return loss_fn(hidden, weight, targets)
+        loss_fn(hidden, weight, targets).sum().backward()
+
+    kept = int((targets != -100).sum())
+    assert kept == (32 if ignored else n_tokens)
+    flops = count_matmul_flops(run)
+    assert flops / (2 * kept * vocab * d) == pytest.approx(matmuls, rel=0.05)
+
+
+# --- every token ignored ------------------------------------------------------------------------
+
+IGNORED_OPTIONS = {
+    "plain": {},
+    "all-options": ALL_OPTIONS,
+    "ignore_index=0": dict(ignore_index=0),
+}
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize("options_id", IGNORED_OPTIONS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_all_ignored_gives_zero_and_zero_grads(name, reduction, options_id, autocast):
+    options = dict(IGNORED_OPTIONS[options_id], reduction=reduction)
+    hidden, weight, targets = make_inputs((3, 5), 8, 11)
+    targets.fill_(options.get("ignore_index", -100))
+    upstream = random_upstream(targets, reduction)
+    got = evaluate(build(name, **options), hidden, weight, targets, upstream, autocast=autocast)
+
+    assert got.loss.shape == (targets.shape if reduction == "none" else ())
+    assert torch.all(got.loss == 0), f"loss {got.loss}"  # NaN fails this too
+    assert torch.all(got.z_loss == 0), f"z-loss {got.z_loss}"
+    assert torch.all(got.grad_hidden == 0) and torch.all(got.grad_weight == 0)
+
+
+# --- invalid inputs -----------------------------------------------------------------------------
+
+BAD_IDS = {"V": 123, "-1": -1, "big": 10**9}
+
+
+def assert_names_id_and_vocab(error, bad_id, vocab):
+    message = str(error.value)
+    assert re.search(rf"(?<![\d-]){bad_id}(?!\d)", message), message
+    assert re.search(rf"(?<![\d-]){vocab}(?!\d)", message), message
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_out_of_range_target_raises(name, bad):
+    hidden, weight, targets = make_inputs((4, 47), 31, 123, ignore_index=-100)
+    targets[2, 5] = BAD_IDS[bad]
+    with pytest.raises(ValueError) as error:
+        build_loss(name)(hidden, weight, targets)
+    assert_names_id_and_vocab(error, BAD_IDS[bad], 123)
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+@pytest.mark.parametrize("name", LOGITS_IMPLEMENTATIONS)
+def test_out_of_range_target_raises_from_logits(name, bad):
+    hidden, weight, targets = make_inputs((4, 47), 31, 123)
+    targets[0, 0] = BAD_IDS[bad]
+    with pytest.raises(ValueError) as error:
+        build_loss(name).from_logits(hidden @ weight.T, targets)
+    assert_names_id_and_vocab(error, BAD_IDS[bad], 123)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_check_targets_false_skips_the_check(name):
+    hidden, weight, targets = make_inputs((4, 47), 31, 123)
+    targets[1, 1] = 123
+    try:
+        build_loss(name, check_targets=False)(hidden, weight, targets)
+    except ValueError as error:
+        pytest.fail(f"check_targets=False still checked the targets: {error}")
+    except (IndexError, RuntimeError):
+        pass  # the kernel's own bounds check, not ours
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_custom_ignore_index_is_not_out_of_range(name):
+    hidden, weight, targets = make_inputs((4, 47), 31, 123, ignore_index=-1)
+    loss = build_loss(name, ignore_index=-1)(hidden, weight, targets)
+    assert_within(loss, reference_loss(hidden, weight, targets, ignore_index=-1)[0], 1e-5, 1e-6, "loss")
+    targets[0, 0] = -100  # no longer the ignore_index: out of range
+    with pytest.raises(ValueError, match="-100"):
+        build_loss(name, ignore_index=-1)(hidden, weight, targets)
+
+
+SHAPE_ERRORS = {  # id: (hidden shape, weight shape, targets shape, error, text the message must hold)
+    "weight-d-mismatch": ((4, 47, 31), (123, 30), (4, 47), ValueError, "(123, 30)"),
+    "weight-1d": ((4, 47, 31), (123,), (4, 47), ValueError, "(123,)"),
+    "targets-too-short": ((4, 47, 31), (123, 31), (4, 46), ValueError, "(4, 46)"),
+    "targets-flattened": ((4, 47, 31), (123, 31), (188,), ValueError, "(188,)"),
+    "targets-extra-dim": ((188, 31), (123, 31), (188, 1), ValueError, "(188, 1)"),
+}
+
+
+@pytest.mark.parametrize("case_id", SHAPE_ERRORS)
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_shape_mismatch_raises(name, case_id):
+    hidden_shape, weight_shape, targets_shape, error, text = SHAPE_ERRORS[case_id]
+    hidden, weight = torch.randn(hidden_shape), torch.randn(weight_shape)
+    targets = torch.zeros(targets_shape, dtype=torch.long)
+    with pytest.raises(error) as raised:
+        build_loss(name)(hidden, weight, targets)
+    assert text in str(raised.value)
+
+
+@pytest.mark.parametrize("name", LOGITS_IMPLEMENTATIONS)
+def test_from_logits_shape_mismatch_raises(name):
+    with pytest.raises(ValueError, match=r"\(4, 46\)"):
+        build_loss(name).from_logits(torch.randn(4, 47, 123), torch.zeros(4, 46, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_float_targets_raise(name):
+    hidden, weight, targets = make_inputs((4, 47), 31, 123)
+    with pytest.raises(TypeError, match="float32"):
+        build_loss(name)(hidden, weight, targets.float())
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_int32_targets_give_the_same_loss(name):
+    """The targets only have to be integers (see TokenLoss.validate_targets); int32 is common."""
+    options, hidden, weight, targets = case_inputs("4x47-d31-V123", "ignored-mean")
+    loss = build_loss(name)(hidden, weight, targets.int())
+    assert_within(loss, reference_loss(hidden, weight, targets)[0], 1e-5, 1e-6, "int32 targets")

@@ -1,0 +1,84 @@
+"""The registry: four implementations, built by name, with clear errors for bad names and options."""
+
+import pytest
+
+from losslab.losses import LOSSES, TokenLoss, build_loss
+
+from .reference import IMPLEMENTATIONS
+
+OPTIONS = dict(
+    ignore_index=-1,
+    reduction="sum",
+    label_smoothing=0.1,
+    z_loss=1e-4,
+    softcap=30.0,
+    check_targets=False,
+    return_z_loss=True,
+)
+INVALID = {  # id: (option, value, text the message must hold)
+    "reduction=avg": ("reduction", "avg", "avg"),
+    "reduction=None": ("reduction", None, "None"),
+    "label_smoothing=-0.1": ("label_smoothing", -0.1, "-0.1"),
+    "label_smoothing=1.5": ("label_smoothing", 1.5, "1.5"),
+    "z_loss=-1": ("z_loss", -1.0, "-1"),
+    "softcap=0": ("softcap", 0.0, "softcap"),
+    "softcap=-30": ("softcap", -30.0, "-30"),
+}
+
+
+def test_registry_holds_the_four():
+    assert set(LOSSES) == set(IMPLEMENTATIONS)
+    assert len(set(LOSSES.values())) == 4, "each name has its own implementation"
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_build_loss_by_name_with_every_option(name):
+    loss_fn = build_loss(name, **OPTIONS)
+    assert type(loss_fn) is LOSSES[name] and isinstance(loss_fn, TokenLoss)
+    for option, value in OPTIONS.items():
+        assert getattr(loss_fn, option) == value, option
+    assert build_loss(name).reduction == "mean" and build_loss(name).ignore_index == -100
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError) as error:
+        build_loss("cross-entropy")
+    message = str(error.value)
+    assert "cross-entropy" in message
+    for name in IMPLEMENTATIONS:
+        assert name in message
+
+
+@pytest.mark.parametrize("option", ["label_smothing", "chunksize", "reduce"])
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_unknown_option_is_named(name, option):
+    with pytest.raises(ValueError, match=option):
+        build_loss(name, **{option: 1})
+
+
+@pytest.mark.parametrize("name", ["naive", "logsumexp", "cross_entropy"])
+def test_chunk_size_is_only_for_fused(name):
+    assert build_loss("fused", chunk_size=8).chunk_size == 8
+    with pytest.raises(ValueError, match="chunk_size"):
+        build_loss(name, chunk_size=8)
+
+
+@pytest.mark.parametrize("case_id", INVALID)
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_invalid_option_value_raises(name, case_id):
+    option, value, text = INVALID[case_id]
+    with pytest.raises(ValueError) as error:
+        build_loss(name, **{option: value})
+    assert option in str(error.value) and text in str(error.value)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -4])
+def test_invalid_chunk_size_raises(chunk_size):
+    with pytest.raises(ValueError, match="chunk_size"):
+        build_loss("fused", chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_boundary_values_are_valid(name):
+    build_loss(name, label_smoothing=0.0, z_loss=0.0, softcap=None)
+    build_loss(name, label_smoothing=1.0, softcap=1e-3)
