@@ -142,7 +142,7 @@ class LogitsLoss(TokenLoss):
         # Under bf16 autocast the matmul gives bf16 logits; the loss itself is computed in float32.
         logits = logits.to(loss_dtype(logits.dtype)).reshape(-1, logits.shape[-1])
         logits = self.apply_softcap(logits)
-        flat_targets = targets.reshape(-1)
+        flat_targets = targets.reshape(-1).long()
         valid = flat_targets != self.ignore_index
         per_token = self.token_loss(logits, flat_targets.masked_fill(~valid, 0))
         per_token = per_token.masked_fill(~valid, 0.0)

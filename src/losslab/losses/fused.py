@@ -53,10 +53,10 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor):
         self.validate(hidden, weight, targets)
         device_type = hidden.device.type
-        if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        # Autocast runs matmuls in its dtype, except float64 ones, which it leaves alone.
+        if torch.is_autocast_enabled(device_type) and compute_dtype != torch.float64:
             compute_dtype = torch.get_autocast_dtype(device_type)
-        else:
-            compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
         grad_enabled = torch.is_grad_enabled()
         loss, z_loss = _FusedLinearCrossEntropy.apply(
             hidden,
@@ -150,10 +150,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     chunks.accumulate(grad_logits, rows, grad_h, grad_w)
         else:
             grad_h, grad_w, kept = ctx.saved_tensors
+            # Cast before scaling: a bf16 grad_h would otherwise be rounded twice.
             if grad_h is not None:
-                grad_h = grad_h * grad_loss
+                grad_h = grad_h.to(hidden_dtype) * grad_loss
             if grad_w is not None:
-                grad_w = grad_w * grad_loss
+                grad_w = grad_w.to(weight_dtype) * grad_loss
 
         if grad_h is not None:
             if not ctx.all_kept:
