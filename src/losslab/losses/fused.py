@@ -150,11 +150,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     chunks.accumulate(grad_logits, rows, grad_h, grad_w)
         else:
             grad_h, grad_w, kept = ctx.saved_tensors
-            # Cast before scaling: a bf16 grad_h would otherwise be rounded twice.
-            if grad_h is not None:
-                grad_h = grad_h.to(hidden_dtype) * grad_loss
-            if grad_w is not None:
-                grad_w = grad_w.to(weight_dtype) * grad_loss
+            # The upstream gradient of a mean or sum is almost always 1: skip a full-size copy.
+            # Otherwise cast before scaling, so that a bf16 grad_h is rounded once, not twice.
+            if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+                if grad_h is not None:
+                    grad_h = grad_h.to(hidden_dtype) * grad_loss
+                if grad_w is not None:
+                    grad_w = grad_w.to(weight_dtype) * grad_loss
 
         if grad_h is not None:
             if not ctx.all_kept:
