@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import pickle
+import secrets
 from pathlib import Path
 
 import hydra
@@ -15,6 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from losslab.data import GPTDataModule
 from losslab.lightning_module import GPTLightningModule
+
+# ${uid:}, the random suffix of run and sweep folders (conf/hydra/default.yaml). Cached, so that
+# a sweep's jobs share it: Hydra copies the sweep config's resolver cache into each job's config.
+OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True)
 
 
 def build_module(cfg: DictConfig) -> tuple[GPTDataModule, GPTLightningModule]:
