@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from losslab.data import GPTDataModule
+from losslab.hparams import HParamsTab, chosen_options
 from losslab.lightning_module import GPTLightningModule
 
 # ${uid:}, the random suffix of run and sweep folders (conf/hydra/default.yaml). Cached, so that
@@ -45,6 +46,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule, module = build_module(cfg)
     logger = instantiate(cfg.logger)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    callbacks.append(HParamsTab(chosen_options(cfg, datamodule.vocab_size)))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
