@@ -1,0 +1,28 @@
+"""The benchmark scripts run end to end on tiny sizes (their speed goals are not tested here)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str, cwd: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_bench_losses_writes_a_table_json_and_chart(tmp_path):
+    out = run_script(
+        "bench_losses.py", "--tokens", "64", "--vocab", "256", "--dim", "16", "--dtypes", "float32",
+        "--impls", "fused", "floor", "--repeats", "1", "--warmup", "0", "--out-dir", str(tmp_path), cwd=tmp_path,
+    )
+    assert "| fused |" in out and "| matmul floor |" in out
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert {row["impl"] for row in report["results"]} == {"fused", "floor"}
+    assert all(row["time_s"] > 0 and row["peak_mib"] >= 0 for row in report["results"])
+    assert next(tmp_path.glob("*.png")).stat().st_size > 10_000
