@@ -133,7 +133,7 @@ def test_token_dtype(tmp_path):
 def test_packed_batches(tmp_path):
     dm = make_datamodule(tmp_path)
     assert dm.vocab_size == 512 and dm.token_bytes.shape == (512,) and dm.token_bytes[dm.tokenizer.eot_token] == 0
-    batch = next(iter(dm.train_dataloader()))
+    [batch] = next(iter(dm.train_dataloader()))  # one micro-batch per step
     assert set(batch) == {"input_ids", "targets"}
     assert batch["input_ids"].shape == batch["targets"].shape == (4, 32)
     assert batch["input_ids"].dtype == batch["targets"].dtype == torch.long
@@ -143,7 +143,7 @@ def test_packed_batches(tmp_path):
 
 def test_packed_training_order_follows_the_seed(tmp_path):
     def first_batch(seed):
-        return next(iter(make_datamodule(tmp_path, seed=seed).train_dataloader()))["input_ids"]
+        return next(iter(make_datamodule(tmp_path, seed=seed).train_dataloader()))[0]["input_ids"]
 
     assert torch.equal(first_batch(0), first_batch(0))
     assert not torch.equal(first_batch(0), first_batch(1))
@@ -162,7 +162,7 @@ def test_packed_validation_covers_the_split_once(tmp_path):
 def test_padded_batches(tmp_path):
     dm = make_datamodule(tmp_path, mode="padded")
     eot = dm.tokenizer.eot_token
-    for batch in [next(iter(dm.train_dataloader())), *dm.val_dataloader()]:
+    for batch in [*next(iter(dm.train_dataloader())), *dm.val_dataloader()]:
         input_ids, targets, mask = batch["input_ids"], batch["targets"], batch["attention_mask"]
         assert input_ids.shape == targets.shape == mask.shape and input_ids.shape[1] <= 32
         lengths = mask.sum(1)
@@ -173,6 +173,19 @@ def test_padded_batches(tmp_path):
             assert (target[length - 1 :] == -100).all()
             assert eot not in row[: length - 1]  # an end-of-text only ever closes a row: no row spans documents
         assert count_targets(batch) == int((lengths - 1).sum())
+
+
+def test_accumulation_batches_are_the_micro_batches_of_one_step(tmp_path):
+    single = make_datamodule(tmp_path, mode="padded").train_dataloader()
+    accumulated = make_datamodule(tmp_path, mode="padded", accumulate=3).train_dataloader()
+    steps, rows = iter(accumulated), iter(single)
+    for _ in range(2):
+        step = next(steps)
+        assert len(step) == 3
+        for micro in step:  # each padded to its own longest row
+            assert torch.equal(micro["input_ids"], next(rows)[0]["input_ids"])
+    with pytest.raises(ValueError, match="accumulate=0 must be at least 1"):
+        GPTDataModule(accumulate=0)
 
 
 def test_long_documents_become_rows_that_share_one_token():

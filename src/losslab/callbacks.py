@@ -15,7 +15,8 @@ class StepStats(L.Callback):
 
     Lightning's ``ThroughputMonitor`` times from batch to batch, data loading included, and
     assumes a fixed batch size; here only the step itself (forward, backward, optimizer) is
-    timed, and the tokens are the real target tokens of the batch, so padding never counts.
+    timed, and the tokens are the real target tokens of all the step's micro-batches, so padding
+    never counts.
     Peak memory is the accelerator's peak allocation on CUDA, the process's peak RSS on CPU.
     """
 
@@ -36,7 +37,7 @@ class StepStats(L.Callback):
         else:
             peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
         step_time = time.perf_counter() - self._start
-        tokens = int((batch["targets"] != self.ignore_index).sum())
+        tokens = sum(int((micro["targets"] != self.ignore_index).sum()) for micro in batch)
         pl_module.log_dict(
             {
                 "perf/step_time_s": step_time,

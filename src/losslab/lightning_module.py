@@ -1,4 +1,11 @@
-"""The LightningModule: a GPT, a loss from the registry, AdamW and a warm-up + cosine schedule."""
+"""The LightningModule: a GPT, a loss from the registry, AdamW and a warm-up + cosine schedule.
+
+One training batch is the list of micro-batches of one optimizer step (gradient accumulation, see
+``GPTDataModule(accumulate=...)``), and the step's gradient is that of the loss summed over every
+real target token of the step, on every device, divided by the step's real-token count: padding
+and uneven micro-batches or ranks never change a token's weight. That needs the step's token count
+before the first backward, hence manual optimization.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +15,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 from torchmetrics import SumMetric
 
-from losslab.losses import TokenLoss
+from losslab.losses import LOSSES, TokenLoss
 from losslab.model import GPT
+
+NONFINITE_POLICIES = ("skip", "stop")
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -22,6 +30,19 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def nonfinite_cause(loss_name: str) -> str:
+    """The likely cause of a non-finite loss or gradient with the loss implementation ``loss_name``."""
+    if loss_name == "naive":
+        return (
+            "naive computes exp(logits) unshifted, which overflows float32 for logits above ~88: "
+            "use loss=logsumexp, cross_entropy or fused, or lower the learning rate"
+        )
+    return (
+        "the logits or the weights diverged: lower the learning rate (optimizer.lr), lengthen the "
+        "warm-up (schedule.warmup_steps) or clip harder (step.gradient_clip_val)"
+    )
 
 
 class GPTLightningModule(L.LightningModule):
@@ -34,6 +55,10 @@ class GPTLightningModule(L.LightningModule):
         optimizer: a factory ``optimizer(param_groups) -> Optimizer`` (a partial of AdamW).
         weight_decay: applied to matrices and embeddings, not to biases and LayerNorm weights.
         warmup_steps, max_steps, min_lr_ratio: the learning-rate schedule (see warmup_cosine).
+        gradient_clip_val: clip the gradient's global norm to this; ``None`` for no clipping.
+        nonfinite: what a step whose loss or gradient is not finite does, without ever updating
+            the weights: ``"skip"`` it (it still counts as a step, and ``train/skipped_steps``
+            counts it) or ``"stop"`` training with an error that names the step and the likely cause.
         token_bytes: byte length of every token id, for bits per byte.
         tokenizer: a picklable description of the tokenizer, stored in checkpoints so that
             ``scripts/generate.py`` needs nothing but the checkpoint.
@@ -48,10 +73,15 @@ class GPTLightningModule(L.LightningModule):
         warmup_steps: int = 100,
         max_steps: int = 1000,
         min_lr_ratio: float = 0.1,
+        gradient_clip_val: float | None = 1.0,
+        nonfinite: str = "skip",
         token_bytes: Tensor | None = None,
         tokenizer: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite={nonfinite!r}: choose one of {', '.join(NONFINITE_POLICIES)}")
+        self.automatic_optimization = False
         self.model = model
         self.loss_fn = loss(reduction="sum", return_z_loss=True)
         self.optimizer_factory = optimizer
@@ -59,10 +89,14 @@ class GPTLightningModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.max_steps = max_steps
         self.min_lr_ratio = min_lr_ratio
+        self.gradient_clip_val = gradient_clip_val
+        self.nonfinite = nonfinite
         self.tokenizer = tokenizer
         if token_bytes is None:
             token_bytes = torch.ones(model.vocab_size, dtype=torch.long)
         self.register_buffer("token_bytes", token_bytes.long(), persistent=False)
+        # a buffer, so that checkpoints keep the count and a resumed run counts on
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.val_nll = SumMetric()
         self.val_tokens = SumMetric()
         self.val_bytes = SumMetric()
@@ -75,17 +109,52 @@ class GPTLightningModule(L.LightningModule):
         n_tokens = (targets != self.loss_fn.ignore_index).sum()
         return total - z_loss, z_loss, n_tokens
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        nll, z_loss, n_tokens = self.loss_sums(batch)
-        n = n_tokens.clamp(min=1)
-        loss = (nll + z_loss) / n
-        mean_nll = nll.detach() / n
-        self.log("train/loss", mean_nll, prog_bar=True)
-        self.log("train/ppl", torch.exp(mean_nll))
-        self.log("lr", self.optimizers().param_groups[0]["lr"])
+    def training_step(self, batch: list[dict[str, Tensor]], batch_idx: int) -> None:
+        """One optimizer step over the micro-batches in ``batch``."""
+        optimizer = self.optimizers()
+        strategy = self.trainer.strategy
+        ignore_index = self.loss_fn.ignore_index
+        n_tokens = sum((micro["targets"] != ignore_index).sum() for micro in batch)
+        n_tokens = strategy.reduce(n_tokens, reduce_op="sum").clamp(min=1)
+        # DDP averages the ranks' gradients: scaling by the world size turns that into their sum.
+        scale = self.trainer.world_size / n_tokens
+        sums = []
+        for i, micro in enumerate(batch):
+            with optimizer.toggle_model(sync_grad=i == len(batch) - 1):  # all-reduce once, at the end
+                nll, z_loss, _ = self.loss_sums(micro)
+                self.manual_backward((nll + z_loss) * scale)
+            sums.append(torch.stack([nll.detach(), z_loss]))
+        nll, z_loss = strategy.reduce(torch.stack(sums).sum(0), reduce_op="sum") / n_tokens
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
+        # The loss sums and the gradients are all-reduced, so every rank takes the same branch.
+        if torch.isfinite(nll + z_loss) and torch.isfinite(norm):
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        else:
+            self.skip_step(nll + z_loss, norm)
+            # With no gradient, the optimizer leaves every weight and its own state as they are,
+            # while the step still counts (max_steps, the schedule, checkpoints) as in a GradScaler skip.
+            optimizer.zero_grad(set_to_none=True)
+        self.log("lr", optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        optimizer.zero_grad()
+        self.lr_schedulers().step()
+        self.log("train/loss", nll, prog_bar=True)
+        self.log("train/ppl", torch.exp(nll))
+        self.log("train/grad_norm", norm)
+        self.log("train/skipped_steps", self.skipped_steps.float())
         if self.loss_fn.z_loss > 0:
-            self.log("train/z_loss", z_loss / n)
-        return loss
+            self.log("train/z_loss", z_loss)
+
+    def skip_step(self, loss: Tensor, norm: Tensor) -> None:
+        """Count a step with a non-finite loss or gradient, or raise under ``nonfinite="stop"``."""
+        if self.nonfinite == "stop":
+            name = next(name for name, cls in LOSSES.items() if type(self.loss_fn) is cls)
+            raise FloatingPointError(
+                f"step {self.global_step}: the loss is {loss.item():.6g} and the gradient norm "
+                f"{norm.item():.6g} with loss={name}; the weights were not updated. Likely cause: "
+                f"{nonfinite_cause(name)}. step.nonfinite=skip skips such steps instead."
+            )
+        self.skipped_steps += 1
 
     def on_validation_epoch_start(self) -> None:
         for metric in (self.val_nll, self.val_tokens, self.val_bytes):
@@ -106,9 +175,6 @@ class GPTLightningModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
         self.log("val/bpb", nll / math.log(2) / n_bytes.clamp(min=1))
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.log("train/grad_norm", grad_norm(self.model, norm_type=2)["grad_2.0_norm_total"])
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []

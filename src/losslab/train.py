@@ -25,7 +25,7 @@ OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=T
 
 def build_module(cfg: DictConfig) -> tuple[GPTDataModule, GPTLightningModule]:
     """The data (set up: tokenizer trained, token files written) and the module ``cfg`` describes."""
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, accumulate=cfg.step.accumulate)
     datamodule.setup("fit")
     model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
     module = GPTLightningModule(
@@ -35,6 +35,8 @@ def build_module(cfg: DictConfig) -> tuple[GPTDataModule, GPTLightningModule]:
         max_steps=cfg.trainer.max_steps,
         token_bytes=datamodule.token_bytes,
         tokenizer=pickle.dumps(datamodule.tokenizer),
+        gradient_clip_val=cfg.step.gradient_clip_val,
+        nonfinite=cfg.step.nonfinite,
         **cfg.schedule,
     )
     return datamodule, module

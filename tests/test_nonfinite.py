@@ -1,0 +1,79 @@
+"""A step whose loss or gradient is not finite never updates the weights: by config it is skipped
+and counted, or training stops with a message that names the step, the loss and the likely cause."""
+
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+from steps import ACCUMULATED, NanGradient, fit, parameters_of, step_batches, tiny_module
+from torch import Tensor
+
+from losslab.lightning_module import GPTLightningModule
+
+ADAMW = partial(torch.optim.AdamW, lr=1e-2)
+
+
+class Snapshots(L.Callback):
+    """The parameters before training and after every step."""
+
+    def __init__(self) -> None:
+        self.parameters: list[Tensor] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: GPTLightningModule) -> None:
+        self.parameters.append(parameters_of(pl_module))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: GPTLightningModule, *args) -> None:
+        self.parameters.append(parameters_of(pl_module))
+
+
+def overflowing_naive(nonfinite: str) -> GPTLightningModule:
+    """``naive`` with an LM head so large that float32 logits pass 88 and exp overflows."""
+    module = tiny_module("naive", optimizer=ADAMW, nonfinite=nonfinite)
+    with torch.no_grad():
+        module.model.lm_head.weight.mul_(1000)
+    return module
+
+
+def test_an_overflowing_naive_loss_skips_every_step_and_counts_them():
+    micro_batches, _ = step_batches(ACCUMULATED)
+    module, snapshots = overflowing_naive("skip"), Snapshots()
+    trainer = fit(module, [micro_batches] * 3, precision="32-true", callbacks=[snapshots])
+    assert torch.isnan(trainer.callback_metrics["train/loss"])
+    assert all(torch.equal(p, snapshots.parameters[0]) for p in snapshots.parameters[1:])
+    assert not module.optimizers().optimizer.state  # AdamW's moments untouched too
+    assert trainer.global_step == 3  # skipped steps still count, for max_steps and the schedule
+    assert int(module.skipped_steps) == 3 and trainer.callback_metrics["train/skipped_steps"] == 3
+
+
+def test_a_nan_gradient_skips_its_step_and_training_goes_on():
+    micro_batches, _ = step_batches(ACCUMULATED)
+    module, snapshots = tiny_module(optimizer=ADAMW), Snapshots()
+    trainer = fit(module, [micro_batches] * 2, callbacks=[NanGradient(step=0), snapshots])
+    before, after_skip, after_step = snapshots.parameters
+    assert torch.equal(after_skip, before) and not torch.equal(after_step, after_skip)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert int(module.skipped_steps) == 1
+
+
+def test_stop_on_an_overflowing_naive_loss_names_the_step_the_loss_and_the_cause():
+    micro_batches, _ = step_batches(ACCUMULATED)
+    module = overflowing_naive("stop")
+    before = parameters_of(module)
+    message = r"step 0: the loss is nan .* with loss=naive; the weights were not updated\. .*overflows float32 for logits above ~88"
+    with pytest.raises(FloatingPointError, match=message):
+        fit(module, [micro_batches], precision="32-true")
+    assert torch.equal(parameters_of(module), before)
+
+
+def test_stop_on_a_nan_gradient_keeps_the_weights_of_the_last_good_step():
+    micro_batches, _ = step_batches(ACCUMULATED)
+    module, snapshots = tiny_module(optimizer=ADAMW, nonfinite="stop"), Snapshots()
+    with pytest.raises(FloatingPointError, match=r"step 1: the loss is [\d.]+ and the gradient norm nan with loss=cross_entropy"):
+        fit(module, [micro_batches] * 3, callbacks=[NanGradient(step=1), snapshots])
+    assert len(snapshots.parameters) == 2 and torch.equal(parameters_of(module), snapshots.parameters[-1])
+
+
+def test_an_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="nonfinite='ignore': choose one of skip, stop"):
+        tiny_module(nonfinite="ignore")
