@@ -24,7 +24,10 @@ is the token that position ``t`` predicts, ``-100`` where there is none), in one
 - ``padded``: one document (or a piece of a long one) per row, padded on the right, plus an
   ``attention_mask``.
 
-A training batch is a list of ``accumulate`` such batches, the micro-batches of one optimizer step.
+The training order is resumable: each epoch's order is a pure function of the seed and the epoch
+(:class:`EpochSampler`), and the training loader (:class:`ResumableDataLoader`) is checkpointed by
+Lightning's fit loop with the number of batches it has handed out, so a resumed run continues the
+epoch exactly where the checkpoint left it.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import json
 import re
 import urllib.request
 import warnings
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -48,7 +51,7 @@ import tiktoken
 import torch
 from pydoc_data.topics import topics
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 from losslab.losses import shift_labels
@@ -300,13 +303,6 @@ def pad_batch(rows: list[Tensor], pad_id: int) -> dict[str, Tensor]:
     return {"input_ids": input_ids, "targets": targets, "attention_mask": attention_mask}
 
 
-def micro_batches(
-    rows: list[Any], batch_size: int, collate: Callable[[list[Any]], dict[str, Tensor]]
-) -> list[dict[str, Tensor]]:
-    """One optimizer step's ``rows`` as consecutive micro-batches of ``batch_size`` rows each."""
-    return [collate(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
-
-
 def count_targets(batch: dict[str, Tensor]) -> int:
     """How many tokens of ``batch`` are predicted (the loss's token count)."""
     return int((batch["targets"] != IGNORE_INDEX).sum())
@@ -319,6 +315,76 @@ def check_split_size(corpus: str, split: str, tokens: TokenSplit, context_length
             f"the {split} split of corpus {corpus!r} has {len(tokens.tokens)} tokens, fewer than "
             f"context_length + 1 = {context_length + 1}: use a smaller context_length or more data"
         )
+
+
+class EpochSampler(Sampler[int]):
+    """A random order of ``n_items`` indices that is a pure function of ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` at the start of every epoch (as for a ``DistributedSampler``),
+    so a resumed run draws the same order for the epoch it stopped in as the run it resumes.
+
+    Args:
+        n_items: the dataset's length.
+        num_samples: indices per epoch; ``n_items`` unless given.
+        replacement: draw with replacement (any ``num_samples``) or permute (``num_samples <= n_items``).
+        seed: the order's seed.
+    """
+
+    def __init__(self, n_items: int, num_samples: int | None = None, replacement: bool = False, seed: int = 0) -> None:
+        self.n_items = n_items
+        self.num_samples = n_items if num_samples is None else num_samples
+        if not replacement and self.num_samples > n_items:
+            raise ValueError(f"num_samples={self.num_samples} > n_items={n_items} needs replacement=True")
+        self.replacement = replacement
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.replacement:
+            order = rng.integers(self.n_items, size=self.num_samples)
+        else:
+            order = rng.permutation(self.n_items)[: self.num_samples]
+        return iter(order.tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning's fit loop saves in checkpoints and restores on resume.
+
+    Its state is the epoch of the current pass (its sampler's ``epoch``, which Lightning sets
+    through ``set_epoch``) and how many batches the pass has handed out. Once restored, a pass of
+    that same epoch skips as many batches, reading and dropping them; a pass of a later epoch
+    (the checkpoint was saved at the end of an epoch) starts from the beginning. With a sampler
+    whose order is fixed for each epoch (:class:`EpochSampler`), the resumed pass goes on with the
+    batches the interrupted run would have trained on next, whatever the batching or the workers.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = {"epoch": 0, "batches": 0}  # of the current pass
+        self.resume_at: dict[str, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = getattr(self.sampler, "epoch", 0)
+        skip = self.resume_at["batches"] if self.resume_at and self.resume_at["epoch"] == epoch else 0
+        self.resume_at = None
+        self.position = {"epoch": epoch, "batches": 0}
+        for batch in super().__iter__():
+            self.position["batches"] += 1
+            if self.position["batches"] > skip:
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.position)
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.resume_at = dict(state_dict)
 
 
 def evenly_spaced(dataset: Dataset, n: int) -> Dataset:
@@ -340,8 +406,6 @@ class GPTDataModule(L.LightningDataModule):
         ranks_path: for ``gpt2``, a local ``r50k_base.tiktoken`` instead of tiktoken's cache.
         context_length: tokens per row (``T``).
         batch_size: rows per batch.
-        accumulate: micro-batches per training batch (gradient accumulation): an optimizer step
-            trains on ``batch_size * accumulate`` rows per device.
         mode: ``packed`` or ``padded`` (see the module's docstring).
         val_fraction: the share of documents held out for validation.
         val_batches: at most this many validation batches, taken evenly over the split.
@@ -362,7 +426,6 @@ class GPTDataModule(L.LightningDataModule):
         ranks_path: str | None = None,
         context_length: int = 256,
         batch_size: int = 32,
-        accumulate: int = 1,
         mode: str = "packed",
         val_fraction: float = 0.1,
         val_batches: int | None = None,
@@ -373,8 +436,6 @@ class GPTDataModule(L.LightningDataModule):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-        if accumulate < 1:
-            raise ValueError(f"accumulate={accumulate} must be at least 1 micro-batch per step")
         self.save_hyperparameters()
         self.cache_dir = Path(cache_dir).expanduser()
         self.tokenizer: tiktoken.Encoding | None = None
@@ -413,16 +474,15 @@ class GPTDataModule(L.LightningDataModule):
             return DocumentRows(tokens.tokens, tokens.offsets, context_length)
         return PackedWindows(tokens.tokens, context_length, stride=1 if split == "train" else context_length)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         dataset = self.datasets["train"]
-        generator = torch.Generator().manual_seed(self.hparams.seed)
         if self.hparams.mode == "padded":
-            sampler = RandomSampler(dataset, generator=generator)
+            sampler = EpochSampler(len(dataset), seed=self.hparams.seed)
         else:
             # an epoch draws as many windows as it takes to see about every token once
             n_windows = len(dataset) // self.hparams.context_length + 1
-            sampler = RandomSampler(dataset, replacement=True, num_samples=n_windows, generator=generator)
-        return self.loader(dataset, sampler, accumulate=self.hparams.accumulate)
+            sampler = EpochSampler(len(dataset), num_samples=n_windows, replacement=True, seed=self.hparams.seed)
+        return self.loader(dataset, sampler, loader_class=ResumableDataLoader)
 
     def val_dataloader(self) -> DataLoader:
         dataset = self.datasets["val"]
@@ -431,22 +491,18 @@ class GPTDataModule(L.LightningDataModule):
         return self.loader(dataset)
 
     def loader(
-        self, dataset: Dataset, sampler: RandomSampler | None = None, accumulate: int | None = None
+        self, dataset: Dataset, sampler: Sampler | None = None, loader_class: type[DataLoader] = DataLoader
     ) -> DataLoader:
-        """Batches of ``batch_size`` rows; with ``accumulate``, lists of that many batches."""
-        collate = default_collate
-        if self.hparams.mode == "padded":
-            collate = partial(pad_batch, pad_id=self.tokenizer.eot_token)
-        batch_size = self.hparams.batch_size
-        if accumulate is not None:
-            collate = partial(micro_batches, batch_size=batch_size, collate=collate)
-            batch_size *= accumulate
-        return DataLoader(
+        collate = partial(pad_batch, pad_id=self.tokenizer.eot_token) if self.hparams.mode == "padded" else None
+        return loader_class(
             dataset,
-            batch_size=batch_size,
+            batch_size=self.hparams.batch_size,
             sampler=sampler,
             collate_fn=collate,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
+            # Starting a pass draws the workers' base seed from this generator rather than from the
+            # global RNG, so a resumed run, which starts passes at other points, keeps its random stream.
+            generator=torch.Generator().manual_seed(self.hparams.seed),
         )
 
