@@ -24,6 +24,8 @@ is the token that position ``t`` predicts, ``-100`` where there is none), in one
 - ``padded``: one document (or a piece of a long one) per row, padded on the right, plus an
   ``attention_mask``.
 
+A training batch is a list of ``accumulate`` such batches, the micro-batches of one optimizer step.
+
 The training order is resumable: each epoch's order is a pure function of the seed and the epoch
 (:class:`EpochSampler`), and the training loader (:class:`ResumableDataLoader`) is checkpointed by
 Lightning's fit loop with the number of batches it has handed out, so a resumed run continues the
@@ -39,7 +41,7 @@ import json
 import re
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -51,7 +53,7 @@ import tiktoken
 import torch
 from pydoc_data.topics import topics
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 from tqdm import tqdm
 
 from losslab.losses import shift_labels
@@ -303,6 +305,13 @@ def pad_batch(rows: list[Tensor], pad_id: int) -> dict[str, Tensor]:
     return {"input_ids": input_ids, "targets": targets, "attention_mask": attention_mask}
 
 
+def micro_batches(
+    rows: list[Any], batch_size: int, collate: Callable[[list[Any]], dict[str, Tensor]]
+) -> list[dict[str, Tensor]]:
+    """One optimizer step's ``rows`` as consecutive micro-batches of ``batch_size`` rows each."""
+    return [collate(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
+
+
 def count_targets(batch: dict[str, Tensor]) -> int:
     """How many tokens of ``batch`` are predicted (the loss's token count)."""
     return int((batch["targets"] != IGNORE_INDEX).sum())
@@ -406,6 +415,8 @@ class GPTDataModule(L.LightningDataModule):
         ranks_path: for ``gpt2``, a local ``r50k_base.tiktoken`` instead of tiktoken's cache.
         context_length: tokens per row (``T``).
         batch_size: rows per batch.
+        accumulate: micro-batches per training batch (gradient accumulation): an optimizer step
+            trains on ``batch_size * accumulate`` rows per device.
         mode: ``packed`` or ``padded`` (see the module's docstring).
         val_fraction: the share of documents held out for validation.
         val_batches: at most this many validation batches, taken evenly over the split.
@@ -426,6 +437,7 @@ class GPTDataModule(L.LightningDataModule):
         ranks_path: str | None = None,
         context_length: int = 256,
         batch_size: int = 32,
+        accumulate: int = 1,
         mode: str = "packed",
         val_fraction: float = 0.1,
         val_batches: int | None = None,
@@ -436,6 +448,8 @@ class GPTDataModule(L.LightningDataModule):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+        if accumulate < 1:
+            raise ValueError(f"accumulate={accumulate} must be at least 1 micro-batch per step")
         self.save_hyperparameters()
         self.cache_dir = Path(cache_dir).expanduser()
         self.tokenizer: tiktoken.Encoding | None = None
@@ -482,7 +496,7 @@ class GPTDataModule(L.LightningDataModule):
             # an epoch draws as many windows as it takes to see about every token once
             n_windows = len(dataset) // self.hparams.context_length + 1
             sampler = EpochSampler(len(dataset), num_samples=n_windows, replacement=True, seed=self.hparams.seed)
-        return self.loader(dataset, sampler, loader_class=ResumableDataLoader)
+        return self.loader(dataset, sampler, loader_class=ResumableDataLoader, accumulate=self.hparams.accumulate)
 
     def val_dataloader(self) -> DataLoader:
         dataset = self.datasets["val"]
@@ -491,12 +505,23 @@ class GPTDataModule(L.LightningDataModule):
         return self.loader(dataset)
 
     def loader(
-        self, dataset: Dataset, sampler: Sampler | None = None, loader_class: type[DataLoader] = DataLoader
+        self,
+        dataset: Dataset,
+        sampler: Sampler | None = None,
+        loader_class: type[DataLoader] = DataLoader,
+        accumulate: int | None = None,
     ) -> DataLoader:
-        collate = partial(pad_batch, pad_id=self.tokenizer.eot_token) if self.hparams.mode == "padded" else None
+        """Batches of ``batch_size`` rows; with ``accumulate``, lists of that many batches."""
+        collate = default_collate
+        if self.hparams.mode == "padded":
+            collate = partial(pad_batch, pad_id=self.tokenizer.eot_token)
+        batch_size = self.hparams.batch_size
+        if accumulate is not None:
+            collate = partial(micro_batches, batch_size=batch_size, collate=collate)
+            batch_size *= accumulate
         return loader_class(
             dataset,
-            batch_size=self.hparams.batch_size,
+            batch_size=batch_size,
             sampler=sampler,
             collate_fn=collate,
             num_workers=self.hparams.num_workers,
