@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+
+CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 class StepStats(L.Callback):
@@ -17,7 +21,10 @@ class StepStats(L.Callback):
     assumes a fixed batch size; here only the step itself (forward, backward, optimizer) is
     timed, and the tokens are the real target tokens of all the step's micro-batches, so padding
     never counts.
-    Peak memory is the accelerator's peak allocation on CUDA, the process's peak RSS on CPU.
+    Peak memory is the step's own: the accelerator's peak allocation on CUDA, the process's peak
+    RSS on CPU, both reset before each step (on CPU only where Linux's ``/proc/self/clear_refs``
+    allows it; elsewhere the process's peak so far), so that the runs of a sweep that share one
+    process each report their own.
     """
 
     def __init__(self, ignore_index: int = -100) -> None:
@@ -27,6 +34,10 @@ class StepStats(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        elif CLEAR_REFS.exists():
+            with contextlib.suppress(OSError):
+                CLEAR_REFS.write_text("5")  # resets the peak RSS that getrusage reports
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
