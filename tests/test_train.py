@@ -1,5 +1,7 @@
 """End-to-end: every config option composes, and a few-step run per loss trains and logs."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,19 @@ def test_unknown_loss_and_too_long_context_are_clear_errors(tmp_path, cache_dir)
         train(make_config(tmp_path, cache_dir, ["+loss.bogus=1"]))
     with pytest.raises(ValueError, match="sequence length 64 is longer than the model's context_length 32"):
         train(make_config(tmp_path, cache_dir, ["data.context_length=64"]))
+
+
+def test_ddp_on_two_cpu_processes_trains_logs_and_checkpoints_once(tmp_path, cache_dir):
+    # A real `python train.py trainer=ddp`: Lightning starts rank 1 by running the same command again.
+    paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={cache_dir}"]
+    command = [sys.executable, str(CONF.parent / "train.py"), "trainer=ddp", *TINY, *paths]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "Starting with 2 processes" in run.stderr and run.stdout.count("Logs: ") == 1
+    events = (tmp_path / "run").rglob("events.out.tfevents.*")  # named ...<host>.<pid>.<n>
+    assert len({file.name.split(".")[-2] for file in events}) == 1  # one process wrote them: rank 0
+    curves = scalars(tmp_path / "run")
+    assert len(curves["train/loss"]) == 6 and len(curves["val/loss"]) == 3
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-step6.ckpt", "last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 6

@@ -169,7 +169,8 @@ class GPTLightningModule(L.LightningModule):
         self.val_bytes.update(self.token_bytes[targets[real]].sum())
 
     def on_validation_epoch_end(self) -> None:
-        # Token-weighted over the whole validation set: exp(total NLL / total tokens).
+        # Token-weighted over the whole validation set: exp(total NLL / total tokens). Under DDP
+        # the metrics sum over the ranks themselves, so the values are already global.
         nll, tokens, n_bytes = (m.compute() for m in (self.val_nll, self.val_tokens, self.val_bytes))
         loss = nll / tokens.clamp(min=1)
         self.log("val/loss", loss, prog_bar=True)

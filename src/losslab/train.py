@@ -53,7 +53,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         log_dir = Path(logger.log_dir)
-        print(f"Logs: {log_dir}\nView them: tensorboard --logdir {log_dir.parent}")
+        if trainer.is_global_zero:
+            print(f"Logs: {log_dir}\nView them: tensorboard --logdir {log_dir.parent}")
 
     if cfg.ckpt_path is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the curve's first point
