@@ -1,0 +1,116 @@
+"""Sweeps: a multirun's runs under one TensorBoard root, compare_runs.py on it, Optuna and SLURM configs."""
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_module
+from hydra.utils import get_class
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+import losslab.train  # noqa: F401  (registers the ${uid:} resolver of the run and sweep folders)
+from losslab.compare import read_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP_FOLDER = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}")
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory) -> dict[str, Path]:
+    """A sweep of two losses and an Optuna search of two trials, started together in one log folder."""
+    root = tmp_path_factory.mktemp("sweeps")
+    common = ["experiment=tiny", f"paths.log_dir={root / 'logs'}", f"paths.cache_dir={root / 'cache'}"]
+    commands = {
+        "losses": ["-m", "loss=naive,fused"],
+        "optuna": ["hparams_search=optuna", "hydra.sweeper.n_trials=2"],
+    }
+    started = {
+        name: subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *overrides, *common],
+            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for name, overrides in commands.items()
+    }
+    for name, process in started.items():
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, f"{name} sweep failed:\n{output[-4000:]}"
+    folders = sorted((root / "logs" / "multiruns").iterdir())
+    assert len(folders) == 2, folders  # never one folder for both
+    optuna = [f for f in folders if (f / "optimization_results.yaml").is_file()]
+    assert len(optuna) == 1, folders
+    return {"optuna": optuna[0], "losses": next(f for f in folders if f not in optuna)}
+
+
+def hparams_of(run_dir: Path) -> dict[str, float | str]:
+    """The options that a run's HPARAMS tab shows."""
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    session = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {key: value.string_value or value.number_value for key, value in session.hparams.items()}
+
+
+def test_sweeps_started_together_get_their_own_folders(sweeps):
+    assert all(SWEEP_FOLDER.fullmatch(folder.name) for folder in sweeps.values())
+    assert sweeps["losses"] != sweeps["optuna"]
+
+
+def test_folder_suffix_is_drawn_per_config_so_sweeps_in_one_second_differ(tmp_path):
+    overrides = [f"paths.log_dir={tmp_path}"]
+    with initialize_config_module(config_module="losslab.conf", version_base="1.3"):
+        first, second = (compose("train", overrides, return_hydra_config=True) for _ in range(2))
+    assert first.hydra.sweep.dir != second.hydra.sweep.dir
+    assert first.hydra.run.dir != second.hydra.run.dir
+    assert first.hydra.sweep.dir == first.hydra.sweep.dir  # one value per config: its jobs share it
+
+
+def test_a_sweep_logs_its_runs_under_one_root_named_by_their_overrides(sweeps):
+    runs = read_runs(sweeps["losses"])
+    assert sorted(runs) == ["experiment=tiny,loss=fused", "experiment=tiny,loss=naive"]
+    for name, curves in runs.items():
+        for tag in ["train/loss", "val/ppl", "perf/tokens_per_sec", "perf/peak_memory_mib", "hp/val_loss", "hp/val_bpb"]:
+            assert tag in curves, (name, tag)
+        assert curves["hp/val_loss"][-1].value == pytest.approx(curves["val/loss"][-1].value)
+        options = hparams_of(sweeps["losses"] / name)
+        assert options["loss/name"] == name.removeprefix("experiment=tiny,loss=")
+        assert options["data/tokenizer"] == "bytes" and options["model/vocab_size"] == 257
+        assert (sweeps["losses"] / name / ".hydra" / "config.yaml").is_file()
+
+
+def test_compare_runs_writes_a_table_and_a_figure(sweeps, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "compare_runs.py"), str(sweeps["losses"]), "--out", str(tmp_path)],
+        capture_output=True, text=True, check=True,
+    )
+    table = (tmp_path / "compare.md").read_text()
+    assert table in result.stdout
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [row.split(" | ")[0] for row in rows] == ["| `loss=fused`", "| `loss=naive`"]
+    assert all(row.endswith("| no |") for row in rows)  # no non-finite step
+    assert "all with `experiment=tiny`" in table
+    assert (tmp_path / "compare.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_optuna_search_reports_its_best_trial(sweeps):
+    results = yaml.safe_load((sweeps["optuna"] / "optimization_results.yaml").read_text())
+    trials = read_runs(sweeps["optuna"])
+    assert len(trials) == 2 and all(name.startswith(("trial0_", "trial1_")) for name in trials)
+    final_losses = [curves["val/loss"][-1].value for curves in trials.values()]
+    assert math.isfinite(results["best_value"])
+    assert results["best_value"] == pytest.approx(min(final_losses))  # the objective: final val/loss
+    assert set(results["best_params"]) == {"optimizer.lr", "optimizer.weight_decay", "schedule.warmup_steps"}
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", f"paths.log_dir={tmp_path}"]
+    with initialize_config_module(config_module="losslab.conf", version_base="1.3"):
+        cfg = compose("train", overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert get_class(launcher._target_).__name__ == "SlurmLauncher"
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1
+    assert launcher.submitit_folder.startswith(cfg.hydra.sweep.dir)
