@@ -26,3 +26,14 @@ def test_bench_losses_writes_a_table_json_and_chart(tmp_path):
     assert {row["impl"] for row in report["results"]} == {"fused", "floor"}
     assert all(row["time_s"] > 0 and row["peak_mib"] >= 0 for row in report["results"])
     assert next(tmp_path.glob("*.png")).stat().st_size > 10_000
+
+
+def test_bench_train_compares_lightning_with_a_plain_loop(tmp_path):
+    out = run_script(
+        "bench_train.py", "--steps", "4", "--skip", "1", "--rounds", "1",
+        "tokenizer=bytes", "model.n_layer=1", "model.n_embd=32", "model.context_length=32", "data.batch_size=4",
+        cwd=tmp_path,
+    )
+    ratio = float(out.rsplit("Lightning / plain = ", 1)[1])
+    assert ratio > 0
+    assert "| plain PyTorch |" in out and "| Lightning |" in out

@@ -1,0 +1,117 @@
+"""Tokens per second of the Lightning training step against a plain PyTorch loop.
+
+Both arms run in this process on the same config (Hydra overrides as arguments): the same data
+loader, model initialisation, loss, batch and optimizer, with gradient clipping and the learning
+rate schedule. The plain loop is what a user would write by hand; the Lightning arm is
+``Trainer.fit`` as ``train.py`` runs it (TensorBoard logging and the step statistics on,
+validation, checkpoints and the progress bar off). The arms alternate, ``--rounds`` times each,
+and the medians are compared:
+
+    python scripts/bench_train.py --steps 60 --rounds 3 loss=fused
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from losslab.data import count_targets
+from losslab.train import build_module
+
+
+class Stopwatch(L.Callback):
+    """Times the training steps after the first ``skip`` (warm-up) and counts their tokens."""
+
+    def __init__(self, skip: int) -> None:
+        self.skip = skip
+        self.tokens = 0
+        self.start = 0.0
+        self.elapsed = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.skip:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx >= self.skip:
+            self.tokens += sum(count_targets(micro) for micro in batch)
+            self.elapsed = time.perf_counter() - self.start
+
+
+def lightning_tokens_per_sec(cfg, steps: int, skip: int) -> float:
+    L.seed_everything(cfg.seed)
+    datamodule, module = build_module(cfg)
+    stopwatch = Stopwatch(skip)
+    with tempfile.TemporaryDirectory() as logs:
+        trainer = instantiate(
+            cfg.trainer,
+            max_steps=steps,
+            limit_val_batches=0,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            logger=TensorBoardLogger(logs, name="", version=""),
+            callbacks=[stopwatch, instantiate(cfg.callbacks.step_stats)],
+        )
+        trainer.fit(module, datamodule=datamodule)
+    return stopwatch.tokens / stopwatch.elapsed
+
+
+def plain_tokens_per_sec(cfg, steps: int, skip: int) -> float:
+    """The same step written by hand: token-weighted loss over the micro-batches, clip, step."""
+    L.seed_everything(cfg.seed)
+    datamodule, module = build_module(cfg)
+    optimizers = module.configure_optimizers()
+    optimizer, schedule = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+    module.train()
+    tokens, start = 0, 0.0
+    for step, micro_batches in enumerate(datamodule.train_dataloader()):
+        if step == skip:
+            start = time.perf_counter()
+        n_tokens = sum(count_targets(micro) for micro in micro_batches)
+        for micro in micro_batches:
+            nll, z_loss, _ = module.loss_sums(micro)
+            ((nll + z_loss) / max(n_tokens, 1)).backward()
+        if module.gradient_clip_val is not None:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), module.gradient_clip_val)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        if step >= skip:
+            tokens += n_tokens
+        if step + 1 == steps:
+            break
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60, help="training steps per arm and round")
+    parser.add_argument("--skip", type=int, default=10, help="warm-up steps left out of the timing")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
+    args = parser.parse_args()
+    with initialize_config_module(config_module="losslab.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["paths.root_dir=.", "paths.output_dir=.", *args.overrides])
+
+    results: dict[str, list[float]] = {"plain PyTorch": [], "Lightning": []}
+    for round_ in range(args.rounds):
+        results["plain PyTorch"].append(plain_tokens_per_sec(cfg, args.steps, args.skip))
+        results["Lightning"].append(lightning_tokens_per_sec(cfg, args.steps, args.skip))
+        print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} tok/s" for k, v in results.items()))
+    plain, lightning = (statistics.median(v) for v in results.values())
+    print("\n| loop | tokens/s (median) |\n|---|---|")
+    print(f"| plain PyTorch | {plain:,.0f} |\n| Lightning | {lightning:,.0f} |")
+    print(f"\nLightning / plain = {lightning / plain:.3f}")
+
+
+if __name__ == "__main__":
+    main()
