@@ -1,0 +1,228 @@
+"""Exact resume: runs killed with SIGKILL, mid-training or mid-save, then resumed from their
+last.ckpt, end with the same weights and log the same losses as a run never interrupted."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train import TINY
+
+from losslab.checkpointing import AtomicCheckpointIO, RNGState
+from losslab.data import EpochSampler, ResumableDataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_STEPS = 24
+# Dropout draws from the global RNG, so the resumed runs need its state; last.ckpt every 3 steps
+# and val every 5 meet at step 15; the corpus makes epochs of 4 steps, so the runs cross epoch ends
+# and resume both mid-epoch (step 3) and from an epoch's last step (12).
+RESUME = TINY + [
+    "data=text",
+    "model.dropout=0.1",
+    "trainer.deterministic=true",
+    f"trainer.max_steps={MAX_STEPS}",
+    "trainer.val_check_interval=5",
+    "callbacks.last_checkpoint.every_n_train_steps=3",
+]
+# train.py with os.replace pausing before it renames a checkpoint over an existing last.ckpt:
+# the window in which a kill finds a complete temporary file and the old checkpoint.
+PAUSED_SAVE = """
+import os, sys, time
+from pathlib import Path
+
+rename = os.replace
+
+def paused_rename(src, dst):
+    if Path(dst).name == "last.ckpt" and Path(dst).exists():
+        Path(f"{dst}.paused").touch()
+        time.sleep(600)
+    rename(src, dst)
+
+os.replace = paused_rename
+sys.argv[0] = "train.py"
+from losslab.train import main
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    words = "the cat sat on a mat and dog ran far away from home".split()
+    rng = random.Random(0)
+    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(15)) for _ in range(10))
+    (root / "corpus.txt").write_text(text)
+    return root
+
+
+def start(root: Path, name: str, overrides: list[str], script: list[str] | None = None) -> subprocess.Popen:
+    """``python train.py`` (or ``script``) on the test corpus, writing to ``root/name``."""
+    paths = [f"paths.root_dir={root}", f"paths.output_dir={root / name}", f"paths.cache_dir={root / 'cache'}"]
+    command = [sys.executable, *(script or [str(REPO / "train.py")]), *RESUME, f"data.path={root / 'corpus.txt'}", *paths, *overrides]
+    (root / name).mkdir()
+    with open(root / name / "stderr.txt", "w") as stderr:
+        return subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def failure(root: Path, name: str) -> str:
+    return f"run {name} failed:\n" + (root / name / "stderr.txt").read_text()[-4000:]
+
+
+def run(root: Path, name: str, overrides: list[str] = ()) -> Path:
+    """Run to the end; returns the run's last.ckpt."""
+    assert start(root, name, list(overrides)).wait(timeout=600) == 0, failure(root, name)
+    return last_checkpoint(root, name)
+
+
+def last_checkpoint(root: Path, name: str) -> Path:
+    return root / name / "checkpoints" / "last.ckpt"
+
+
+def checkpoint_step(path: Path) -> int:
+    return torch.load(path, weights_only=True)["global_step"] if path.exists() else -1
+
+
+def kill_after_checkpoint(root: Path, name: str, step: int, overrides: list[str] = ()) -> Path:
+    """Start a run and SIGKILL it, mid-training, once its last.ckpt holds ``step`` or later."""
+    process = start(root, name, list(overrides))
+    last = last_checkpoint(root, name)
+    deadline = time.monotonic() + 600
+    while checkpoint_step(last) < step:  # saves are atomic: last.ckpt is whole whenever it is read
+        assert process.poll() is None, failure(root, name)
+        assert time.monotonic() < deadline, f"run {name} never saved step {step}"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, f"run {name} ended before it was killed"
+    return last
+
+
+def logged(run_dir: Path, tag: str) -> dict[int, float]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
+
+
+def assert_same_run(root: Path, expected_run: str, runs: list[str]) -> None:
+    """``runs``, each resumed from the one before, end with the weights of ``expected_run`` and
+    logged what it logged at the same steps."""
+    expected, got = (torch.load(last_checkpoint(root, name), weights_only=True)["state_dict"] for name in (expected_run, runs[-1]))
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    for tag in ["train/loss", "val/loss"]:
+        expected = logged(root / expected_run, tag)
+        for name in runs:
+            got = logged(root / name, tag)
+            assert got == {step: expected[step] for step in got}, (name, tag)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(root) -> str:
+    run(root, "uninterrupted")
+    return "uninterrupted"
+
+
+def test_runs_killed_mid_training_resume_exactly(root, uninterrupted):
+    first = kill_after_checkpoint(root, "killed", step=3)
+    second = kill_after_checkpoint(root, "killed-again", step=12, overrides=[f"ckpt_path={first}"])
+    last = run(root, "finished", [f"ckpt_path={second}"])
+
+    assert checkpoint_step(last) == MAX_STEPS
+    assert_same_run(root, uninterrupted, ["killed", "killed-again", "finished"])
+    # the last run logged every step after the one it resumed from
+    assert sorted(logged(root / "finished", "train/loss")) == list(range(checkpoint_step(second), MAX_STEPS))
+
+
+def test_a_kill_during_a_save_keeps_the_previous_checkpoint(root, uninterrupted):
+    name = "killed-saving"
+    process = start(root, name, [], script=["-c", PAUSED_SAVE])
+    last = last_checkpoint(root, name)
+    deadline = time.monotonic() + 600
+    while not Path(f"{last}.paused").exists():
+        assert process.poll() is None, failure(root, name)
+        assert time.monotonic() < deadline, "the run never saved a second checkpoint"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    assert checkpoint_step(last) == 3  # the first save, whole
+    assert torch.load(f"{last}.tmp", weights_only=True)["global_step"] == 6  # the killed save, never renamed
+    run(root, "finished-after-save", [f"ckpt_path={last}"])
+    assert_same_run(root, uninterrupted, [name, "finished-after-save"])
+
+
+# The pieces, in process
+
+
+def test_epoch_sampler_order_is_a_function_of_seed_and_epoch():
+    def order(seed, epoch, **options):
+        sampler = EpochSampler(10, seed=seed, **options)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert sorted(order(0, 0)) == list(range(10))
+    assert order(0, 1) == order(0, 1) != order(0, 0) != order(1, 0)
+    drawn = order(0, 0, num_samples=25, replacement=True)
+    assert len(drawn) == 25 and set(drawn) <= set(range(10))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_restored_loader_goes_on_where_it_stopped(num_workers):
+    def loader():
+        sampler = EpochSampler(50, seed=3)
+        return sampler, ResumableDataLoader(list(range(50)), batch_size=4, sampler=sampler, num_workers=num_workers)
+
+    sampler, full = loader()
+    sampler.set_epoch(2)
+    expected = [batch.tolist() for batch in full]
+    sampler, interrupted = loader()
+    sampler.set_epoch(2)
+    batches = iter(interrupted)
+    seen = [next(batches).tolist() for _ in range(5)]
+    state = interrupted.state_dict()
+    assert state == {"epoch": 2, "batches": 5}
+
+    sampler, restored = loader()
+    restored.load_state_dict(state)
+    sampler.set_epoch(2)
+    assert seen + [batch.tolist() for batch in restored] == expected
+    sampler.set_epoch(3)  # the epoch after: from its start
+    assert len(list(restored)) == len(expected)
+    # a state saved at the end of an epoch does not skip into the next one
+    sampler, restored = loader()
+    restored.load_state_dict({"epoch": 2, "batches": len(expected)})
+    sampler.set_epoch(3)
+    assert len(list(restored)) == len(expected)
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+    with pytest.raises(Exception):
+        io.save_checkpoint({"step": 2, "unpicklable": lambda: None}, path)
+    assert io.load_checkpoint(path, weights_only=True) == {"step": 1}
+
+
+def test_random_states_come_back_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    torch.save(RNGState().state_dict(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    callback = RNGState()
+    callback.load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
+    callback.on_train_start(None, None)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
