@@ -199,11 +199,17 @@ def cache_is_valid(meta_path: Path) -> bool:
     """Whether the files that ``meta_path`` describes are there with their recorded size and sha256."""
     if not meta_path.exists():
         return False
-    records = json.loads(meta_path.read_text())["files"]
-    paths = {meta_path.parent / file: record for file, record in records.items()}
-    if all(path.exists() and file_record(path) == record for path, record in paths.items()):
+    try:
+        records = json.loads(meta_path.read_text())["files"]
+        paths = {meta_path.parent / file: record for file, record in records.items()}
+    except (ValueError, KeyError, AttributeError):  # the description itself is damaged
+        paths = None
+    if paths and all(path.exists() and file_record(path) == record for path, record in paths.items()):
         return True
-    warnings.warn(f"the token cache {meta_path.with_suffix('.*')} does not match its checksums: rebuilding it")
+    warnings.warn(
+        f"the token cache {meta_path.with_suffix('.*')} is damaged (its files or their description "
+        "do not match the sizes and checksums recorded): rebuilding it"
+    )
     return False
 
 

@@ -200,3 +200,18 @@ class GPTLightningModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gpt_config"] = self.model.config
         checkpoint["tokenizer"] = self.tokenizer
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checked before Lightning loads the weights, which for another shape fails with a size-mismatch
+        # trace. Dropout changes no weight: a run may resume with another.
+        saved = checkpoint.get("gpt_config", {})
+        differing = [
+            f"{name}={saved[name]!r} there, {value!r} here"
+            for name, value in self.model.config.items()
+            if name != "dropout" and name in saved and saved[name] != value
+        ]
+        if differing:
+            raise ValueError(
+                f"the checkpoint holds another model ({'; '.join(differing)}): resume with the model "
+                "and tokenizer it was trained with (model.*=..., tokenizer=...), or drop ckpt_path to start anew"
+            )
