@@ -1,12 +1,12 @@
 """Exact resume: runs killed with SIGKILL, mid-training or mid-save, then resumed from their
 last.ckpt, end with the same weights and log the same losses as a run never interrupted."""
 
-import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,17 +89,24 @@ def checkpoint_step(path: Path) -> int:
     return torch.load(path, weights_only=True)["global_step"] if path.exists() else -1
 
 
+def kill_when(root: Path, name: str, process: subprocess.Popen, ready: Callable[[], bool]) -> None:
+    """SIGKILL run ``name`` as soon as ``ready()``; fail if it ends, or is not ready in 10 minutes."""
+    deadline = time.monotonic() + 600
+    try:
+        while not ready():
+            assert process.poll() is None, failure(root, name)
+            assert time.monotonic() < deadline, f"run {name} took too long"
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, f"run {name} ended before it was killed"
+
+
 def kill_after_checkpoint(root: Path, name: str, step: int, overrides: list[str] = ()) -> Path:
     """Start a run and SIGKILL it, mid-training, once its last.ckpt holds ``step`` or later."""
-    process = start(root, name, list(overrides))
     last = last_checkpoint(root, name)
-    deadline = time.monotonic() + 600
-    while checkpoint_step(last) < step:  # saves are atomic: last.ckpt is whole whenever it is read
-        assert process.poll() is None, failure(root, name)
-        assert time.monotonic() < deadline, f"run {name} never saved step {step}"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, f"run {name} ended before it was killed"
+    # saves are atomic: last.ckpt is whole whenever it is read
+    kill_when(root, name, start(root, name, list(overrides)), lambda: checkpoint_step(last) >= step)
     return last
 
 
@@ -112,10 +119,12 @@ def logged(run_dir: Path, tag: str) -> dict[int, float]:
 def assert_same_run(root: Path, expected_run: str, runs: list[str]) -> None:
     """``runs``, each resumed from the one before, end with the weights of ``expected_run`` and
     logged what it logged at the same steps."""
-    expected, got = (torch.load(last_checkpoint(root, name), weights_only=True)["state_dict"] for name in (expected_run, runs[-1]))
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), name
+    expected_weights, weights = (
+        torch.load(last_checkpoint(root, name), weights_only=True)["state_dict"] for name in (expected_run, runs[-1])
+    )
+    assert expected_weights.keys() == weights.keys()
+    for name in weights:
+        assert torch.equal(expected_weights[name], weights[name]), name
     for tag in ["train/loss", "val/loss"]:
         expected = logged(root / expected_run, tag)
         for name in runs:
@@ -142,15 +151,8 @@ def test_runs_killed_mid_training_resume_exactly(root, uninterrupted):
 
 def test_a_kill_during_a_save_keeps_the_previous_checkpoint(root, uninterrupted):
     name = "killed-saving"
-    process = start(root, name, [], script=["-c", PAUSED_SAVE])
     last = last_checkpoint(root, name)
-    deadline = time.monotonic() + 600
-    while not Path(f"{last}.paused").exists():
-        assert process.poll() is None, failure(root, name)
-        assert time.monotonic() < deadline, "the run never saved a second checkpoint"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when(root, name, start(root, name, [], script=["-c", PAUSED_SAVE]), Path(f"{last}.paused").exists)
 
     assert checkpoint_step(last) == 3  # the first save, whole
     assert torch.load(f"{last}.tmp", weights_only=True)["global_step"] == 6  # the killed save, never renamed
