@@ -79,6 +79,7 @@ def test_a_sweep_logs_its_runs_under_one_root_named_by_their_overrides(sweeps):
         options = hparams_of(sweeps["losses"] / name)
         assert options["loss/name"] == name.removeprefix("experiment=tiny,loss=")
         assert options["data/tokenizer"] == "bytes" and options["model/vocab_size"] == 257
+        assert options["trainer/precision"] == "32-true" and options["step/accumulate"] == 1
         assert (sweeps["losses"] / name / ".hydra" / "config.yaml").is_file()
 
 

@@ -13,6 +13,7 @@ import argparse
 import itertools
 import math
 import statistics
+import textwrap
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -131,7 +132,7 @@ def plot_curves(runs: dict[str, Curves], path: str | Path, dpi: int = 100) -> No
     common, names = split_names(list(runs))
     figure = Figure(figsize=(4.2 * len(PLOTS), 4.0), layout="constrained")
     if common:
-        figure.suptitle(common, fontsize="small")
+        figure.suptitle(textwrap.fill(common.replace(",", " "), 150), fontsize="small")
     axes = figure.subplots(1, len(PLOTS))
     for ax, (tag, title) in zip(axes, PLOTS.items()):
         # Line styles as well as colours: runs that train the same model draw the same curve.

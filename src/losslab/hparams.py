@@ -31,7 +31,8 @@ def chosen_options(cfg: DictConfig, vocab_size: int) -> DictConfig:
             "data": {key: data[key] for key in ("corpus", "tokenizer", "batch_size", "mode")},
             "optimizer": without_targets(resolved["optimizer"]),
             "schedule": resolved["schedule"],
-            "trainer": {key: trainer[key] for key in ("precision", "max_steps")},
+            "step": resolved["step"],
+            "trainer": {key: trainer[key] for key in ("precision", "max_steps", "devices")},
             "seed": resolved["seed"],
         }
     )
