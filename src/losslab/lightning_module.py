@@ -125,11 +125,15 @@ class GPTLightningModule(L.LightningModule):
                 self.manual_backward((nll + z_loss) * scale)
             sums.append(torch.stack([nll.detach(), z_loss]))
         nll, z_loss = strategy.reduce(torch.stack(sums).sum(0), reduce_op="sum") / n_tokens
-        norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
-        # The loss sums and the gradients are all-reduced, so every rank takes the same branch.
-        if torch.isfinite(nll + z_loss) and torch.isfinite(norm):
-            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        # torch's clipping, not self.clip_gradients: Lightning refuses that with a fused optimizer
+        # under bf16-mixed (it guards fp16 loss scaling, which we do not use). It also returns the
+        # norm before clipping, so the norm is computed once.
+        if self.gradient_clip_val is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
         else:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.gradient_clip_val)
+        # The loss sums and the gradients are all-reduced, so every rank takes the same branch.
+        if not (torch.isfinite(nll + z_loss) and torch.isfinite(norm)):
             self.skip_step(nll + z_loss, norm)
             # With no gradient, the optimizer leaves every weight and its own state as they are,
             # while the step still counts (max_steps, the schedule, checkpoints) as in a GradScaler skip.
