@@ -24,7 +24,7 @@ SWEEP_FOLDER = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}")
 def sweeps(tmp_path_factory) -> dict[str, Path]:
     """A sweep of two losses and an Optuna search of two trials, started together in one log folder."""
     root = tmp_path_factory.mktemp("sweeps")
-    common = ["experiment=tiny", f"paths.log_dir={root / 'logs'}", f"paths.cache_dir={root / 'cache'}"]
+    common = ["experiment=tiny"]  # the default paths: logs/ and .cache/ under the working directory
     commands = {
         "losses": ["-m", "loss=naive,fused"],
         "optuna": ["hparams_search=optuna", "hydra.sweeper.n_trials=2"],
