@@ -41,7 +41,6 @@ def tiny_module(loss: str = "cross_entropy", optimizer: Any = None, nonfinite: s
         # SGD's step is the gradient times the learning rate, so a wrongly weighted gradient shows;
         # Adam's first step, about lr * sign(gradient), would hide it.
         optimizer=optimizer or partial(torch.optim.SGD, lr=LR),
-        weight_decay=0.0,
         warmup_steps=0,
         gradient_clip_val=None,
         nonfinite=nonfinite,

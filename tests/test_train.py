@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from losslab.generate import generate, load_checkpoint
 from losslab.losses import LOSSES
-from losslab.train import train
+from losslab.train import build_module, train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -141,3 +141,10 @@ def test_ddp_on_two_cpu_processes_trains_logs_and_checkpoints_once(tmp_path, cac
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best-step6.ckpt", "last.ckpt"]
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_weight_decay_from_the_optimizer_config_reaches_matrices_only(tmp_path, cache_dir):
+    _, module = build_module(make_config(tmp_path, cache_dir, ["optimizer.weight_decay=0.05"]))
+    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])

@@ -53,14 +53,15 @@ class GPTLightningModule(L.LightningModule):
         loss: a factory ``loss(**options) -> TokenLoss`` (a partial of ``build_loss``); the
             module asks it for ``reduction="sum"`` and normalises by the real-token count itself.
         optimizer: a factory ``optimizer(param_groups) -> Optimizer`` (a partial of AdamW).
-        weight_decay: applied to matrices and embeddings, not to biases and LayerNorm weights.
+            Its ``weight_decay`` applies to matrices and embeddings; biases and LayerNorm weights
+            get none.
         warmup_steps, max_steps, min_lr_ratio: the learning-rate schedule (see warmup_cosine).
         gradient_clip_val: clip the gradient's global norm to this; ``None`` for no clipping.
         nonfinite: what a step whose loss or gradient is not finite does, without ever updating
             the weights: ``"skip"`` it (it still counts as a step, and ``train/skipped_steps``
             counts it) or ``"stop"`` training with an error that names the step and the likely cause.
         token_bytes: byte length of every token id, for bits per byte.
-        tokenizer: a picklable description of the tokenizer, stored in checkpoints so that
+        tokenizer: the pickled ``tiktoken.Encoding``, stored in checkpoints so that
             ``scripts/generate.py`` needs nothing but the checkpoint.
     """
 
@@ -69,14 +70,13 @@ class GPTLightningModule(L.LightningModule):
         model: GPT,
         loss: Callable[..., TokenLoss],
         optimizer: Callable[..., torch.optim.Optimizer],
-        weight_decay: float = 0.1,
         warmup_steps: int = 100,
         max_steps: int = 1000,
         min_lr_ratio: float = 0.1,
         gradient_clip_val: float | None = 1.0,
         nonfinite: str = "skip",
         token_bytes: Tensor | None = None,
-        tokenizer: dict[str, Any] | None = None,
+        tokenizer: bytes | None = None,
     ) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
@@ -85,7 +85,6 @@ class GPTLightningModule(L.LightningModule):
         self.model = model
         self.loss_fn = loss(reduction="sum", return_z_loss=True)
         self.optimizer_factory = optimizer
-        self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.max_steps = max_steps
         self.min_lr_ratio = min_lr_ratio
@@ -188,7 +187,7 @@ class GPTLightningModule(L.LightningModule):
                 (decay if param.dim() >= 2 else no_decay).append(param)
         optimizer = self.optimizer_factory(
             [
-                {"params": decay, "weight_decay": self.weight_decay},
+                {"params": decay},  # the optimizer's own weight_decay
                 {"params": no_decay, "weight_decay": 0.0},
             ]
         )
