@@ -101,8 +101,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             loss_tok = h.new_empty(n, dtype=chunks.acc_dtype)
             z_tok = torch.zeros_like(loss_tok)
             lse = torch.empty_like(loss_tok)
-            grad_h = h.new_empty(h.shape) if grads_now and needs_grad_hidden else None
-            grad_w = torch.zeros(w.shape, dtype=chunks.acc_dtype, device=w.device) if grads_now and needs_grad_weight else None
+            grad_h, grad_w = chunks.new_grads(grads_now and needs_grad_hidden, grads_now and needs_grad_weight)
             for rows in chunks:
                 logits, dcap = chunks.logits(rows)
                 loss_tok[rows], z_tok[rows], lse[rows], shifted, norm = chunks.loss(logits, rows)
@@ -139,8 +138,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             chunks = _Chunks(h, w, t, ctx.options, ctx.chunk_size)
             upstream = grad_loss.reshape(-1)
             upstream = (upstream if ctx.all_kept else upstream[kept]).to(chunks.acc_dtype)
-            grad_h = chunks.h.new_empty(chunks.h.shape) if needs_grad_hidden else None
-            grad_w = torch.zeros(chunks.w.shape, dtype=chunks.acc_dtype, device=chunks.w.device) if needs_grad_weight else None
+            grad_h, grad_w = chunks.new_grads(needs_grad_hidden, needs_grad_weight)
             with torch.autocast(grad_loss.device.type, enabled=False):
                 for rows in chunks:
                     logits, dcap = chunks.logits(rows)
@@ -188,6 +186,12 @@ class _Chunks:
     def __iter__(self):
         for start in range(0, self.h.shape[0], self.chunk_size):
             yield slice(start, start + self.chunk_size)
+
+    def new_grads(self, hidden: bool, weight: bool) -> tuple[Tensor | None, Tensor | None]:
+        """Buffers for the gradients asked for: hidden's, and weight's accumulator (zeros)."""
+        grad_h = self.h.new_empty(self.h.shape) if hidden else None
+        grad_w = torch.zeros(self.w.shape, dtype=self.acc_dtype, device=self.w.device) if weight else None
+        return grad_h, grad_w
 
     def logits(self, rows: slice) -> tuple[Tensor, Tensor | None]:
         """The chunk's (soft-capped) logits in the accumulation dtype, and the cap's derivative."""
