@@ -11,6 +11,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from losslab.data import count_targets
+
 CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
@@ -27,8 +29,7 @@ class StepStats(L.Callback):
     process each report their own.
     """
 
-    def __init__(self, ignore_index: int = -100) -> None:
-        self.ignore_index = ignore_index
+    def __init__(self) -> None:
         self._start = 0.0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -48,7 +49,7 @@ class StepStats(L.Callback):
         else:
             peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
         step_time = time.perf_counter() - self._start
-        tokens = sum(int((micro["targets"] != self.ignore_index).sum()) for micro in batch)
+        tokens = sum(count_targets(micro) for micro in batch)
         pl_module.log_dict(
             {
                 "perf/step_time_s": step_time,
