@@ -56,6 +56,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 from tqdm import tqdm
 
+from losslab.files import replaced_atomically
 from losslab.losses import shift_labels
 from losslab.tokenizers import build_tokenizer, text_digest, token_byte_lengths, tokenizer_fingerprint
 
@@ -215,13 +216,14 @@ def cache_is_valid(meta_path: Path) -> bool:
 
 def write_token_split(documents: list[str], enc: tiktoken.Encoding, folder: Path, name: str) -> None:
     """Tokenize ``documents`` into ``folder/<name>.bin`` and ``.offsets.npy``, then describe them in ``.json``."""
-    folder.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(enc.n_vocab)
     lengths = write_tokens(documents, enc, folder / f"{name}.bin", dtype, desc=f"tokenizing {name}")
-    np.save(folder / f"{name}.offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    with replaced_atomically(folder / f"{name}.offsets.npy") as file:
+        np.save(file, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     files = [f"{name}.bin", f"{name}.offsets.npy"]
     meta = {"dtype": dtype.name, "files": {file: file_record(folder / file) for file in files}}
-    (folder / f"{name}.json").write_text(json.dumps(meta, indent=2))
+    with replaced_atomically(folder / f"{name}.json") as file:
+        file.write(json.dumps(meta, indent=2).encode())
 
 
 def write_tokens(
@@ -229,15 +231,13 @@ def write_tokens(
 ) -> list[int]:
     """Write each document's tokens and ``<|endoftext|>`` to ``path``; return how many tokens each took."""
     lengths = []
-    tmp = path.with_suffix(".tmp")  # renamed at the end: a process may still map the old file
-    with open(tmp, "wb") as file, tqdm(total=len(documents), desc=desc, unit="doc") as progress:
+    with replaced_atomically(path) as file, tqdm(total=len(documents), desc=desc, unit="doc") as progress:
         for start in range(0, len(documents), TOKENIZE_CHUNK):
             chunk = documents[start : start + TOKENIZE_CHUNK]
             rows = [ids + [enc.eot_token] for ids in enc.encode_ordinary_batch(chunk)]
             np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype).tofile(file)
             lengths += [len(row) for row in rows]
             progress.update(len(chunk))
-    tmp.replace(path)
     return lengths
 
 

@@ -26,6 +26,8 @@ import regex
 import tiktoken
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
+from losslab.files import replaced_atomically
+
 TOKENIZERS = ("gpt2", "bpe", "bytes")
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
@@ -108,11 +110,9 @@ def bpe_tokenizer(
 
 def save_ranks(ranks: dict[bytes, int], path: Path) -> None:
     """Write ranks in tiktoken's ``.tiktoken`` format, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = [base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks.items()]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(b"".join(lines))
-    tmp.replace(path)
+    with replaced_atomically(path) as file:
+        file.write(b"".join(lines))
 
 
 def load_ranks(path: Path, expected_sha256: str | None = None) -> dict[bytes, int]:
