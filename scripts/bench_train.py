@@ -78,8 +78,7 @@ def plain_tokens_per_sec(cfg, steps: int, skip: int) -> float:
             start = time.perf_counter()
         n_tokens = sum(count_targets(micro) for micro in micro_batches)
         for micro in micro_batches:
-            nll, z_loss, _ = module.loss_sums(micro)
-            ((nll + z_loss) / max(n_tokens, 1)).backward()
+            (module.loss_sums(micro).loss / max(n_tokens, 1)).backward()
         if module.gradient_clip_val is not None:
             torch.nn.utils.clip_grad_norm_(module.parameters(), module.gradient_clip_val)
         optimizer.step()

@@ -1,4 +1,5 @@
-"""Compare a sweep's runs: ``python scripts/compare_runs.py logs/multiruns/<sweep>`` (see --help)."""
+"""Compare runs: ``python scripts/compare_runs.py logs/multiruns/<sweep>``, or runs chosen by path
+or glob, ``python scripts/compare_runs.py 'logs/runs/2026-12-*' logs/runs/<run>`` (see --help)."""
 
 from losslab.compare import main
 

@@ -1,20 +1,50 @@
-"""Paths to the read-only material in ../shared (the corpus and GPT-2's ranks); never copy it here."""
+"""Paths to the read-only material in the shared folder (the corpus and GPT-2's ranks); never copy it here.
 
+The shared folder is ``$LOSSLAB_SHARED``, else ``../shared`` beside the repository. A test whose
+material is not there is skipped, with a reason that says where to put it.
+"""
+
+import os
 from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+pytest_plugins = ["pytester"]  # tests/test_shared_material.py runs pytest on small test files
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_folder() -> Path:
+    """The folder of read-only test material: ``$LOSSLAB_SHARED``, else ``../shared`` beside the repository."""
+    return Path(os.environ.get("LOSSLAB_SHARED", REPO.parent / "shared")).expanduser()
+
+
+def shared_material(relative_path: str, what: str) -> Path:
+    """``relative_path`` in the shared folder; skips the test when nothing is there."""
+    path = shared_folder() / relative_path
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        pytest.skip(
+            f"needs {what} at {path}: put it there or set LOSSLAB_SHARED=<a folder holding "
+            "data/tinyshakespeare.txt and tiktoken_cache/>"
+        )
+    return path
 
 
 @pytest.fixture
 def tiktoken_cache(monkeypatch: pytest.MonkeyPatch) -> Path:
     """tiktoken's cache holding GPT-2's ranks, set as TIKTOKEN_CACHE_DIR."""
-    cache = SHARED / "tiktoken_cache"
+    cache = shared_material("tiktoken_cache", "a tiktoken cache holding GPT-2's ranks")
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
     return cache
 
 
 @pytest.fixture
 def shakespeare_path() -> Path:
-    return SHARED / "data" / "tinyshakespeare.txt"
+    """tiny Shakespeare (karpathy/char-rnn's input.txt)."""
+    return shared_material("data/tinyshakespeare.txt", "tiny Shakespeare")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Token files and trained tokenizers, shared by the tests' runs."""
+    return tmp_path_factory.mktemp("cache")

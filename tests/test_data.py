@@ -13,6 +13,7 @@ from losslab.data import (
     cached_token_split,
     count_targets,
     load_documents,
+    paragraphs,
     split_documents,
     token_dtype,
 )
@@ -31,16 +32,23 @@ def write(path, text: str):
     return path
 
 
+def lines_without_blank_ones(n_lines: int) -> str:
+    """``n_lines`` lines of about 60 characters, none of them blank."""
+    return "".join(f"{i:03d} the quick brown fox jumps over the lazy dog, {i % 7} times\n" for i in range(n_lines))
+
+
 def test_pydoc_is_one_document_per_topic():
     documents = load_documents("pydoc")
     assert len(documents) == 79
     assert any(doc.startswith("The \"if\" statement") for doc in documents)
+    assert load_documents("pydoc", max_document_chars=100) == documents  # topics are never cut
 
 
 def test_shakespeare_from_a_local_copy(shakespeare_path, tmp_path):
     documents = load_documents("shakespeare", shakespeare_path)
     assert documents[0] == "First Citizen:\nBefore we proceed any further, hear me speak."
     assert len(documents) > 7000
+    assert documents == load_documents("shakespeare", shakespeare_path, max_document_chars=10**9)  # no speech cut
     dm = make_datamodule(tmp_path, corpus="shakespeare", path=str(shakespeare_path), tokenizer="bytes")
     n_tokens = len(dm.datasets["train"].tokens) + len(dm.datasets["val"].tokens)
     assert n_tokens == sum(len(doc.encode()) for doc in documents) + len(documents)  # a byte each, and an <|endoftext|>
@@ -79,6 +87,36 @@ def test_corpus_errors(tmp_path):
         load_documents("wikipedia")
 
 
+def test_text_without_blank_lines_is_cut_into_documents_and_trains(tmp_path):
+    notes = write(tmp_path / "notes.txt", lines_without_blank_ones(300))
+    documents = load_documents("text", notes)
+    assert len(documents) > 1 and all(len(doc) <= 4096 for doc in documents)
+    assert "\n".join(documents).strip() == notes.read_text().strip()  # cut at line ends only
+    dm = make_datamodule(tmp_path, corpus="text", path=str(notes), tokenizer="bytes")
+    eot = dm.tokenizer.eot_token
+    assert {split: int((dataset.tokens == eot).sum()) for split, dataset in dm.datasets.items()} == {
+        "train": len(documents) - 1,
+        "val": 1,
+    }
+    assert next(iter(dm.train_dataloader()))[0]["input_ids"].shape == (4, 32)
+    assert next(iter(dm.val_dataloader()))["input_ids"].shape == (4, 32)
+    smaller = make_datamodule(tmp_path, corpus="text", path=str(notes), tokenizer="bytes", max_document_chars=1000)
+    n_documents = sum(int((dataset.tokens == eot).sum()) for dataset in smaller.datasets.values())
+    assert n_documents == len(load_documents("text", notes, max_document_chars=1000)) > len(documents)
+
+
+def test_paragraphs_longer_than_the_maximum_are_cut_at_line_ends():
+    assert paragraphs("one\ntwo\n\nthree", max_chars=7) == ["one\ntwo", "three"]  # at most the maximum: whole
+    assert paragraphs("one\ntwo\nsix", max_chars=7) == ["one\ntwo", "six"]  # each piece takes the lines that fit
+    assert paragraphs("a\nb\nc\nd\ne", max_chars=3) == ["a\nb", "c\nd", "e"]
+    assert paragraphs("the long line\nok", max_chars=9) == ["the long", "line\nok"]  # a long line: at whitespace
+    assert paragraphs("lines cut\nhere", max_chars=5) == ["lines", "cut", "here"]  # whitespace right at the maximum
+    assert paragraphs("abcdefghijkl", max_chars=5) == ["abcde", "fghij", "kl"]  # no whitespace: at the maximum
+    assert paragraphs("a\n\nb\nb\n   ", max_chars=2) == ["a", "b", "b"]  # no piece of whitespace only
+    with pytest.raises(ValueError, match="max_document_chars=0 must be at least 1"):
+        paragraphs("text", max_chars=0)
+
+
 def test_non_utf8_bytes_are_replaced_with_a_warning(tmp_path):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("café\n\nok".encode("latin-1"))
@@ -92,7 +130,21 @@ def test_split_is_deterministic_spread_and_disjoint():
     assert splits == split_documents(documents, 0.1)
     assert splits["val"] == [f"document {i}" for i in range(9, 100, 10)]
     assert sorted(splits["train"] + splits["val"]) == sorted(documents)
-    with pytest.raises(ValueError, match="1 document"):
+
+
+def test_ten_or_more_documents_split_as_every_tenth_goes_to_val():
+    documents = [f"document {i}" for i in range(100)]
+    for n in range(10, 100):
+        assert split_documents(documents[:n], 0.1)["val"] == documents[9:n:10]
+    assert split_documents(documents[:12], 0.25)["val"] == ["document 3", "document 7", "document 11"]
+
+
+def test_fewer_than_ten_documents_give_val_the_last():
+    documents = [f"document {i}" for i in range(9)]
+    for n in range(2, 10):
+        assert split_documents(documents[:n], 0.1) == {"train": documents[: n - 1], "val": [documents[n - 1]]}
+    assert split_documents(documents[:5], 0.5)["val"] == ["document 1", "document 3"]  # crossings: only they go to val
+    with pytest.raises(ValueError, match="1 document.*blank lines.*data.max_document_chars"):
         split_documents(["one"], 0.1)
 
 

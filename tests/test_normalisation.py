@@ -10,6 +10,8 @@ import torch
 from steps import ACCUMULATED, LR, ddp_steps, fit, parameters_of, step_batches, tiny_module
 from torch import Tensor
 
+from losslab.data import count_targets
+
 STEPS_SCRIPT = Path(__file__).with_name("steps.py")
 
 
@@ -23,8 +25,7 @@ def union_step(union: dict[str, Tensor]) -> tuple[Tensor, float]:
 def mean_of_means_step(micro_batches: list[dict[str, Tensor]]) -> Tensor:
     """The parameters after an SGD step on the mean of the micro-batches' mean losses: the bug."""
     module = tiny_module().double()
-    sums = [module.loss_sums(micro) for micro in micro_batches]
-    torch.stack([nll / n_tokens for nll, _, n_tokens in sums]).mean().backward()
+    torch.stack([module.loss_sums(micro).loss / count_targets(micro) for micro in micro_batches]).mean().backward()
     with torch.no_grad():
         for param in module.parameters():
             param -= LR * param.grad

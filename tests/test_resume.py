@@ -146,7 +146,7 @@ def test_runs_killed_mid_training_resume_exactly(root, uninterrupted):
     assert checkpoint_step(last) == MAX_STEPS
     assert_same_run(root, uninterrupted, ["killed", "killed-again", "finished"])
     # the last run logged every step after the one it resumed from
-    assert sorted(logged(root / "finished", "train/loss")) == list(range(checkpoint_step(second), MAX_STEPS))
+    assert sorted(logged(root / "finished", "train/loss")) == list(range(checkpoint_step(second) + 1, MAX_STEPS + 1))
 
 
 def test_a_kill_during_a_save_keeps_the_previous_checkpoint(root, uninterrupted):

@@ -91,7 +91,7 @@ def test_compare_runs_writes_a_table_and_a_figure(sweeps, tmp_path):
     table = (tmp_path / "compare.md").read_text()
     assert table in result.stdout
     rows = [line for line in table.splitlines() if line.startswith("| `")]
-    assert [row.split(" | ")[0] for row in rows] == ["| `loss=fused`", "| `loss=naive`"]
+    assert sorted(row.split(" | ")[0] for row in rows) == ["| `loss=fused`", "| `loss=naive`"]
     assert all(row.endswith("| no |") for row in rows)  # no non-finite step
     assert "all with `experiment=tiny`" in table
     assert (tmp_path / "compare.png").read_bytes().startswith(b"\x89PNG")

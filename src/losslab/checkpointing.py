@@ -1,4 +1,5 @@
-"""What exact resume needs beyond Lightning's own checkpoint: atomic writes and the random states.
+"""The run's checkpoints: ``last.ckpt`` to resume, the best by ``val/loss``, written whole or not at
+all, with the random states that exact resume needs.
 
 Lightning's checkpoint already holds the weights, the optimizer and scheduler states and the
 loops' progress; the training loader's position is in it too (losslab.data.ResumableDataLoader).
@@ -19,6 +20,11 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from losslab.lightning_module import reached_max_steps
+
+
+KEEP = ("both", "last", "best")
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Saves a checkpoint whole or not at all, on the local file system.
@@ -26,7 +32,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     The checkpoint goes to ``<name>.tmp`` beside its path, is synced to disk, then renamed over
     the path, and the rename is synced too: a run killed during a save (or the machine losing
     power) leaves the previous checkpoint as it was.
+
+    A checkpoint of the same step as the one saved just before it in the same folder (``last.ckpt``
+    and the best, when the last validation is the best) is a hard link to that file: the same
+    weights, optimizer state and position, stored once. Replacing ``last.ckpt`` later gives it a
+    new file and leaves the link with the old one.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.previous: tuple[int, Path] | None = None  # the step and path of the last save
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -34,16 +49,62 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
+        step = checkpoint.get("global_step")
+        if not self.link_previous(step, path, tmp):
+            with open(tmp, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
         os.replace(tmp, path)
+        self.previous = (step, path)
         folder = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(folder)
         finally:
             os.close(folder)
+
+    def link_previous(self, step: int | None, path: Path, tmp: Path) -> bool:
+        """Hard-link ``tmp`` to the previous save when it holds the same step in the same folder."""
+        if self.previous is None or step is None:
+            return False
+        previous_step, previous_path = self.previous
+        if previous_step != step or previous_path == path or previous_path.parent != path.parent:
+            return False
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(previous_path, tmp)
+        except OSError:  # gone, or a file system without hard links: write it out instead
+            return False
+        return True
+
+
+def check_keep(keep: str) -> str:
+    if keep not in KEEP:
+        raise ValueError(f"keep_checkpoints={keep!r}: choose one of {', '.join(KEEP)}")
+    return keep
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Keeps ``dirpath/best-step<N>.ckpt``, the checkpoint of the lowest finite ``val/loss``.
+
+    A NaN or infinite validation loss is never the best (Lightning's own ``ModelCheckpoint`` takes
+    one as the first best when it has none). With ``keep="last"`` it keeps nothing.
+    """
+
+    def __init__(self, dirpath: _PATH, keep: str = "both") -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename="best-step{step}",
+            auto_insert_metric_name=False,
+            monitor="val/loss",
+            mode="min",
+            save_top_k=0 if check_keep(keep) == "last" else 1,
+        )
+
+    def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
+        if current is None or not torch.isfinite(current):
+            return False
+        return super().check_monitor_top_k(trainer, current)
 
 
 # ModelCheckpoint warns that, under manual optimization, a step's checkpoint holds the weights
@@ -52,22 +113,29 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """Saves ``dirpath/last.ckpt`` every ``every_n_train_steps`` steps and at the end of training.
+    """Saves ``dirpath/last.ckpt`` every ``every_n_train_steps`` steps and when training ends.
 
     A plain ``ModelCheckpoint(save_last=True)`` saves at the end only when it has saved nothing
     before, so a run whose last step is not a multiple of ``every_n_train_steps`` would end with
-    an older ``last.ckpt``.
+    an older ``last.ckpt``. With ``keep="best"``, ``last.ckpt`` is still written during training
+    (a killed run resumes from it) and removed once the run has reached its last step.
     """
 
-    def __init__(self, dirpath: _PATH, every_n_train_steps: int) -> None:
-        super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_top_k=0, save_last=True)
-        self.every_n_train_steps = every_n_train_steps
+    def __init__(self, dirpath: _PATH, every_n_train_steps: int, keep: str = "both") -> None:
+        super().__init__(
+            dirpath=dirpath,
+            every_n_train_steps=every_n_train_steps,
+            save_top_k=0,
+            save_last=True,
+            enable_version_counter=False,  # always last.ckpt, never last-v1.ckpt
+        )
+        self.keep = check_keep(keep)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.last_model_path and trainer.global_step % self.every_n_train_steps != 0:
-            trainer.save_checkpoint(self.last_model_path)
-        else:
-            super().on_train_end(trainer, pl_module)
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.keep == "best" and reached_max_steps(trainer) and self.last_model_path:
+            trainer.strategy.remove_checkpoint(self.last_model_path)
 
 
 class RNGState(L.Callback):

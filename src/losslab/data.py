@@ -9,8 +9,11 @@ A corpus is a list of documents:
 - ``text``: your own UTF-8 files (``path``: a file, a folder of ``*.txt`` files or a glob), one
   paragraph per document.
 
-Paragraphs and speeches are separated by blank lines. Every ``1 / val_fraction``-th document goes
-to validation, so both splits cover the whole corpus, and the tokenizer learns from ``train`` only.
+Paragraphs and speeches are separated by blank lines; one longer than ``max_document_chars`` is cut
+at line ends into pieces of at most that many characters, so text without blank lines still makes
+many documents. Every ``1 / val_fraction``-th document goes to validation (the last document when
+there are fewer than ``1 / val_fraction``), so both splits cover the whole corpus, and the
+tokenizer learns from ``train`` only.
 
 Each split is tokenized once into ``cache_dir/tokens``: ``<name>.bin`` holds the documents'
 tokens back to back, each followed by ``<|endoftext|>``; ``<name>.offsets.npy`` where each document
@@ -66,6 +69,8 @@ IGNORE_INDEX = -100
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 BLANK_LINES = re.compile(r"\n\s*\n")
+LAST_WHITESPACE = re.compile(r"\s(?=\S*$)")
+MAX_DOCUMENT_CHARS = 4096  # above tiny Shakespeare's longest speech (3,080), which stays whole
 TOKENIZE_CHUNK = 1024  # documents per encode_ordinary_batch call
 
 
@@ -73,18 +78,25 @@ TOKENIZE_CHUNK = 1024  # documents per encode_ordinary_batch call
 
 
 def load_documents(
-    corpus: str, path: str | Path | None = None, cache_dir: str | Path = "cache"
+    corpus: str,
+    path: str | Path | None = None,
+    cache_dir: str | Path = "cache",
+    max_document_chars: int = MAX_DOCUMENT_CHARS,
 ) -> list[str]:
-    """The documents of ``corpus``, one of :data:`CORPORA`; ``cache_dir`` keeps downloads."""
+    """The documents of ``corpus``, one of :data:`CORPORA`; ``cache_dir`` keeps downloads.
+
+    ``shakespeare`` and ``text`` documents are :func:`paragraphs` of at most ``max_document_chars``
+    characters; ``pydoc`` topics are kept whole, whatever their length.
+    """
     if corpus == "pydoc":
         documents = [topics[name] for name in sorted(topics)]
     elif corpus == "shakespeare":
         file = Path(path) if path is not None else download_shakespeare(Path(cache_dir) / "corpora")
-        documents = paragraphs(read_text(file))
+        documents = paragraphs(read_text(file), max_document_chars)
     elif corpus == "text":
         if path is None:
             raise ValueError("the text corpus needs data.path=<a file, a folder of .txt files or a glob>")
-        documents = [doc for file in text_files(path) for doc in paragraphs(read_text(file))]
+        documents = [doc for file in text_files(path) for doc in paragraphs(read_text(file), max_document_chars)]
     else:
         raise ValueError(f"unknown corpus {corpus!r}: choose one of {', '.join(CORPORA)}")
     if not documents:
@@ -146,25 +158,70 @@ def read_text(path: Path) -> str:
         return data.decode("utf-8", errors="replace")
 
 
-def paragraphs(text: str) -> list[str]:
-    """The blank-line separated parts of ``text`` that hold more than whitespace."""
-    return [part for part in BLANK_LINES.split(text) if part.strip()]
+def paragraphs(text: str, max_chars: int = MAX_DOCUMENT_CHARS) -> list[str]:
+    """The blank-line separated parts of ``text`` that hold more than whitespace, those longer than
+    ``max_chars`` characters cut into pieces by :func:`cut_paragraph`."""
+    if max_chars < 1:
+        raise ValueError(f"max_document_chars={max_chars} must be at least 1 character")
+    return [piece for part in BLANK_LINES.split(text) for piece in cut_paragraph(part, max_chars) if piece.strip()]
+
+
+def cut_paragraph(paragraph: str, max_chars: int) -> list[str]:
+    """``paragraph`` itself when it has at most ``max_chars`` characters, else cut at line ends into
+    pieces of at most ``max_chars``: each piece takes the next lines while they fit, and a line
+    longer than ``max_chars`` is first cut by :func:`cut_line`."""
+    if len(paragraph) <= max_chars:
+        return [paragraph]
+    short_lines = [part for line in paragraph.split("\n") for part in cut_line(line, max_chars)]
+    pieces: list[str] = []
+    lines: list[str] = []  # the lines of the piece being filled
+    size = 0  # its characters, with the newlines between its lines
+    for line in short_lines:
+        if lines and size + 1 + len(line) > max_chars:  # 1: the newline before the line
+            pieces.append("\n".join(lines))
+            lines = []
+        size = size + 1 + len(line) if lines else len(line)
+        lines.append(line)
+    pieces.append("\n".join(lines))
+    return pieces
+
+
+def cut_line(line: str, max_chars: int) -> list[str]:
+    """``line`` in pieces of at most ``max_chars`` characters, each cut at the last whitespace that
+    keeps it within the maximum (that whitespace is dropped), or at the maximum when there is none."""
+    pieces = []
+    start = 0  # of the rest of the line
+    while len(line) - start > max_chars:
+        head = line[start : start + max_chars + 1]
+        whitespace = LAST_WHITESPACE.search(head)
+        if whitespace and whitespace.start() > 0:
+            pieces.append(head[: whitespace.start()])
+            start += whitespace.start() + 1
+        else:
+            pieces.append(head[:max_chars])
+            start += max_chars
+    pieces.append(line[start:])
+    return pieces
 
 
 def split_documents(documents: list[str], val_fraction: float) -> dict[str, list[str]]:
     """``{"train": ..., "val": ...}``: document ``i`` goes to val when ``i * val_fraction`` crosses
-    an integer, so val gets every ``1 / val_fraction``-th document, spread over the corpus."""
+    an integer, so val gets every ``1 / val_fraction``-th document, spread over the corpus; a corpus
+    of fewer documents than ``1 / val_fraction``, where no ``i`` crosses one, gives val its last."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1")
+    if len(documents) < 2:
+        raise ValueError(
+            f"{len(documents)} document(s) cannot be split into train and val, which need one each: "
+            "separate documents with blank lines, add more text, or lower data.max_document_chars "
+            "(paragraphs longer than it are cut into several documents)"
+        )
     splits: dict[str, list[str]] = {"train": [], "val": []}
     for i, document in enumerate(documents):
         to_val = int((i + 1) * val_fraction) > int(i * val_fraction)
         splits["val" if to_val else "train"].append(document)
-    if not splits["train"] or not splits["val"]:
-        raise ValueError(
-            f"{len(documents)} document(s) cannot be split with val_fraction={val_fraction}: "
-            "give more documents (they are separated by blank lines) or change val_fraction"
-        )
+    if not splits["val"]:
+        splits["val"].append(splits["train"].pop())
     return splits
 
 
@@ -425,6 +482,8 @@ class GPTDataModule(L.LightningDataModule):
             trains on ``batch_size * accumulate`` rows per device.
         mode: ``packed`` or ``padded`` (see the module's docstring).
         val_fraction: the share of documents held out for validation.
+        max_document_chars: for ``shakespeare`` and ``text``, paragraphs longer than this many
+            characters are cut at line ends into documents of at most this size.
         val_batches: at most this many validation batches, taken evenly over the split.
         num_workers: DataLoader worker processes.
         cache_dir: where downloads, trained tokenizers and token files are kept.
@@ -446,6 +505,7 @@ class GPTDataModule(L.LightningDataModule):
         accumulate: int = 1,
         mode: str = "packed",
         val_fraction: float = 0.1,
+        max_document_chars: int = MAX_DOCUMENT_CHARS,
         val_batches: int | None = None,
         num_workers: int = 0,
         cache_dir: str | Path = "cache",
@@ -472,7 +532,8 @@ class GPTDataModule(L.LightningDataModule):
         if self.tokenizer is not None:
             return
         hp = self.hparams
-        documents = split_documents(load_documents(hp.corpus, hp.path, self.cache_dir), hp.val_fraction)
+        all_documents = load_documents(hp.corpus, hp.path, self.cache_dir, hp.max_document_chars)
+        documents = split_documents(all_documents, hp.val_fraction)
         self.tokenizer = build_tokenizer(
             hp.tokenizer,
             vocab_size=hp.vocab_size,

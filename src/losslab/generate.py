@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import tiktoken
@@ -50,14 +51,27 @@ def generate(
     return [tokenizer.decode(row.tolist()) for row in out]
 
 
+def at_least(minimum: float, kind: Callable[[str], float] = int) -> Callable[[str], float]:
+    """An argparse ``type``: the argument as ``kind`` (int or float), refused below ``minimum``."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not value >= minimum:  # not `<`, which lets nan through
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" names the type by it
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a .ckpt file written by train.py")
     parser.add_argument("--prompt", default="\n", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 samples greedily")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 for all")
-    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=200, help="tokens to add to the prompt, >= 1")
+    parser.add_argument("--temperature", type=at_least(0, float), default=0.8, help=">= 0; 0 samples greedily")
+    parser.add_argument("--top-k", type=at_least(0), default=50, help="sample among the k likeliest tokens; 0 for all")
+    parser.add_argument("--num-samples", type=at_least(1), default=1, help="continuations to sample, >= 1")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     model, tokenizer = load_checkpoint(args.checkpoint)

@@ -18,17 +18,27 @@ import torch
 from torch import Tensor
 from torchmetrics import SumMetric
 
-from losslab.losses import LOSSES, TokenLoss
+from losslab.losses import LOSSES, LossParts, TokenLoss
 from losslab.model import GPT
 
 NONFINITE_POLICIES = ("skip", "stop")
 
 
-def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to ``min_lr_ratio``."""
+class NonFiniteStepError(FloatingPointError):
+    """A step's loss or gradient was not finite, with ``nonfinite="stop"``."""
+
+
+def reached_max_steps(trainer: L.Trainer) -> bool:
+    """Whether training has taken ``trainer.max_steps`` steps (``-1``: no such limit)."""
+    return 0 <= trainer.max_steps <= trainer.global_step
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at
+    ``total_steps``, where it stays."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -55,7 +65,7 @@ class GPTLightningModule(L.LightningModule):
         optimizer: a factory ``optimizer(param_groups) -> Optimizer`` (a partial of AdamW).
             Its ``weight_decay`` applies to matrices and embeddings; biases and LayerNorm weights
             get none.
-        warmup_steps, max_steps, min_lr_ratio: the learning-rate schedule (see warmup_cosine).
+        warmup_steps, total_steps, min_lr_ratio: the learning-rate schedule (see warmup_cosine).
         gradient_clip_val: clip the gradient's global norm to this; ``None`` for no clipping.
         nonfinite: what a step whose loss or gradient is not finite does, without ever updating
             the weights: ``"skip"`` it (it still counts as a step, and ``train/skipped_steps``
@@ -63,6 +73,12 @@ class GPTLightningModule(L.LightningModule):
         token_bytes: byte length of every token id, for bits per byte.
         tokenizer: the pickled ``tiktoken.Encoding``, stored in checkpoints so that
             ``scripts/generate.py`` needs nothing but the checkpoint.
+        tokenizer_id: what tells the tokenizer apart from others (name, vocabulary size and
+            a hash of its tokens), stored in checkpoints so that resuming with another one is refused.
+
+    The metrics are the model's own: ``train/loss``, ``val/loss`` and every ``*/ppl`` and ``*/bpb``
+    are its negative log-likelihood of the targets, without label smoothing or z-loss; the
+    training objective, when it differs, is ``train/objective``. A NaN stays a NaN.
     """
 
     def __init__(
@@ -71,42 +87,41 @@ class GPTLightningModule(L.LightningModule):
         loss: Callable[..., TokenLoss],
         optimizer: Callable[..., torch.optim.Optimizer],
         warmup_steps: int = 100,
-        max_steps: int = 1000,
+        total_steps: int = 1000,
         min_lr_ratio: float = 0.1,
         gradient_clip_val: float | None = 1.0,
         nonfinite: str = "skip",
         token_bytes: Tensor | None = None,
         tokenizer: bytes | None = None,
+        tokenizer_id: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={nonfinite!r}: choose one of {', '.join(NONFINITE_POLICIES)}")
         self.automatic_optimization = False
         self.model = model
-        self.loss_fn = loss(reduction="sum", return_z_loss=True)
+        self.loss_fn = loss(reduction="sum", return_parts=True)
         self.optimizer_factory = optimizer
-        self.warmup_steps = warmup_steps
-        self.max_steps = max_steps
-        self.min_lr_ratio = min_lr_ratio
+        self.schedule = {"warmup_steps": warmup_steps, "total_steps": total_steps, "min_lr_ratio": min_lr_ratio}
         self.gradient_clip_val = gradient_clip_val
         self.nonfinite = nonfinite
         self.tokenizer = tokenizer
+        self.tokenizer_id = tokenizer_id
         if token_bytes is None:
             token_bytes = torch.ones(model.vocab_size, dtype=torch.long)
         self.register_buffer("token_bytes", token_bytes.long(), persistent=False)
         # a buffer, so that checkpoints keep the count and a resumed run counts on
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
-        self.val_nll = SumMetric()
-        self.val_tokens = SumMetric()
-        self.val_bytes = SumMetric()
+        # nan_strategy="disable": torchmetrics would otherwise drop NaN values, and the validation
+        # of a diverged model would sum to a perfect 0.
+        self.val_nll = SumMetric(nan_strategy="disable")
+        self.val_tokens = SumMetric(nan_strategy="disable")
+        self.val_bytes = SumMetric(nan_strategy="disable")
 
-    def loss_sums(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Summed cross-entropy, summed z-loss and the number of real target tokens of a batch."""
-        targets = batch["targets"]
+    def loss_sums(self, batch: dict[str, Tensor]) -> LossParts:
+        """The objective, NLL and z-loss of a batch, each summed over its real target tokens."""
         hidden = self.model.hidden_states(batch["input_ids"])
-        total, z_loss = self.loss_fn(hidden, self.model.lm_head.weight, targets)
-        n_tokens = (targets != self.loss_fn.ignore_index).sum()
-        return total - z_loss, z_loss, n_tokens
+        return self.loss_fn(hidden, self.model.lm_head.weight, batch["targets"])
 
     def training_step(self, batch: list[dict[str, Tensor]], batch_idx: int) -> None:
         """One optimizer step over the micro-batches in ``batch``."""
@@ -120,10 +135,10 @@ class GPTLightningModule(L.LightningModule):
         sums = []
         for i, micro in enumerate(batch):
             with optimizer.toggle_model(sync_grad=i == len(batch) - 1):  # all-reduce once, at the end
-                nll, z_loss, _ = self.loss_sums(micro)
-                self.manual_backward((nll + z_loss) * scale)
-            sums.append(torch.stack([nll.detach(), z_loss]))
-        nll, z_loss = strategy.reduce(torch.stack(sums).sum(0), reduce_op="sum") / n_tokens
+                parts = self.loss_sums(micro)
+                self.manual_backward(parts.loss * scale)
+            sums.append(torch.stack([parts.loss.detach(), parts.nll, parts.z_loss]))
+        objective, nll, z_loss = strategy.reduce(torch.stack(sums).sum(0), reduce_op="sum") / n_tokens
         # torch's clipping, not self.clip_gradients: Lightning refuses that with a fused optimizer
         # under bf16-mixed (it guards fp16 loss scaling, which we do not use). It also returns the
         # norm before clipping, so the norm is computed once.
@@ -132,8 +147,8 @@ class GPTLightningModule(L.LightningModule):
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.gradient_clip_val)
         # The loss sums and the gradients are all-reduced, so every rank takes the same branch.
-        if not (torch.isfinite(nll + z_loss) and torch.isfinite(norm)):
-            self.skip_step(nll + z_loss, norm)
+        if not (torch.isfinite(objective) and torch.isfinite(norm)):
+            self.skip_step(objective, norm)
             # With no gradient, the optimizer leaves every weight and its own state as they are,
             # while the step still counts (max_steps, the schedule, checkpoints) as in a GradScaler skip.
             optimizer.zero_grad(set_to_none=True)
@@ -141,18 +156,29 @@ class GPTLightningModule(L.LightningModule):
         optimizer.step()
         optimizer.zero_grad()
         self.lr_schedulers().step()
+        # Logged at the number of steps taken, as validation and the checkpoints' names are: step k
+        # is the loss of the k-th step's batch (Lightning would log it at k - 1).
+        self.log("step", float(self.global_step))
         self.log("train/loss", nll, prog_bar=True)
         self.log("train/ppl", torch.exp(nll))
+        if self.loss_fn.label_smoothing > 0 or self.loss_fn.z_loss > 0:
+            self.log("train/objective", objective)
         self.log("train/grad_norm", norm)
         self.log("train/skipped_steps", self.skipped_steps.float())
         if self.loss_fn.z_loss > 0:
             self.log("train/z_loss", z_loss)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Asking to stop at the last step makes Lightning validate once more before it ends, so that
+        # the run's final metrics (hp/*, the Optuna objective, compare's val loss) are of that step.
+        if reached_max_steps(self.trainer):
+            self.trainer.should_stop = True
+
     def skip_step(self, loss: Tensor, norm: Tensor) -> None:
         """Count a step with a non-finite loss or gradient, or raise under ``nonfinite="stop"``."""
         if self.nonfinite == "stop":
             name = next(name for name, cls in LOSSES.items() if type(self.loss_fn) is cls)
-            raise FloatingPointError(
+            raise NonFiniteStepError(
                 f"step {self.global_step}: the loss is {loss.item():.6g} and the gradient norm "
                 f"{norm.item():.6g} with loss={name}; the weights were not updated. Likely cause: "
                 f"{nonfinite_cause(name)}. step.nonfinite=skip skips such steps instead."
@@ -164,11 +190,10 @@ class GPTLightningModule(L.LightningModule):
             metric.reset()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        nll, _, n_tokens = self.loss_sums(batch)
         targets = batch["targets"]
         real = targets != self.loss_fn.ignore_index
-        self.val_nll.update(nll.float())
-        self.val_tokens.update(n_tokens)
+        self.val_nll.update(self.loss_sums(batch).nll.float())
+        self.val_tokens.update(real.sum())
         self.val_bytes.update(self.token_bytes[targets[real]].sum())
 
     def on_validation_epoch_end(self) -> None:
@@ -179,6 +204,7 @@ class GPTLightningModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
         self.log("val/bpb", nll / math.log(2) / n_bytes.clamp(min=1))
+        self.log("step", float(self.global_step))  # after that many steps; 0 before training
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
@@ -191,10 +217,7 @@ class GPTLightningModule(L.LightningModule):
                 {"params": no_decay, "weight_decay": 0.0},
             ]
         )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: warmup_cosine(step, self.warmup_steps, self.max_steps, self.min_lr_ratio),
-        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, **self.schedule))
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": schedule, "interval": "step"},
@@ -203,18 +226,34 @@ class GPTLightningModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gpt_config"] = self.model.config
         checkpoint["tokenizer"] = self.tokenizer
+        checkpoint["tokenizer_id"] = self.tokenizer_id
+        checkpoint["schedule"] = self.schedule
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Checked before Lightning loads the weights, which for another shape fails with a size-mismatch
-        # trace. Dropout changes no weight: a run may resume with another.
-        saved = checkpoint.get("gpt_config", {})
-        differing = [
-            f"{name}={saved[name]!r} there, {value!r} here"
-            for name, value in self.model.config.items()
-            if name != "dropout" and name in saved and saved[name] != value
-        ]
-        if differing:
-            raise ValueError(
-                f"the checkpoint holds another model ({'; '.join(differing)}): resume with the model "
-                "and tokenizer it was trained with (model.*=..., tokenizer=...), or drop ckpt_path to start anew"
-            )
+    def check_resumable(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model shape, tokenizer or learning-rate schedule, naming
+        what differs (Lightning would load another shape with a size-mismatch trace, and another
+        tokenizer or schedule without a word). Dropout changes no weight: a run may resume with another."""
+        model = {name: value for name, value in self.model.config.items() if name != "dropout"}
+        check_same("model", checkpoint.get("gpt_config", {}), model, "the model it was trained with (model.*=...)")
+        check_same("tokenizer", checkpoint.get("tokenizer_id") or {}, self.tokenizer_id or {}, "its tokenizer and corpus (tokenizer=..., data=...)")
+        check_same(
+            "learning-rate schedule",
+            checkpoint.get("schedule", {}),
+            self.schedule,
+            "its schedule (schedule.*=...; to train a finished run further at its final learning rate, "
+            "set schedule.total_steps to its trainer.max_steps)",
+        )
+
+
+def check_same(what: str, saved: dict[str, Any], here: dict[str, Any], fix: str) -> None:
+    """Refuse a checkpoint whose ``saved`` settings differ from ``here`` in a key both have."""
+    differing = [
+        f"{name}={saved[name]!r} there, {value!r} here"
+        for name, value in here.items()
+        if name in saved and saved[name] != value
+    ]
+    if differing:
+        raise ValueError(
+            f"the checkpoint holds another {what} ({'; '.join(differing)}): resume with {fix}, "
+            "or drop ckpt_path to start anew"
+        )

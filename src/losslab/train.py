@@ -5,64 +5,174 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import pickle
 import secrets
+import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from losslab.config_checks import ConfigError, check_config, check_overrides
 from losslab.data import GPTDataModule
 from losslab.hparams import HParamsTab, chosen_options
 from losslab.lightning_module import GPTLightningModule
+from losslab.run_status import STATUS_FILE, GracefulInterrupt, RunStatus
+from losslab.tokenizers import tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def run_dir(ckpt_path: str | None, branch: bool, new_dir: str) -> str:
+    """The folder a run writes to: when it resumes a checkpoint of a run's ``checkpoints/``
+    (and ``branch`` is false), that run's folder, so that it goes on in one place; else ``new_dir``."""
+    if ckpt_path is None or branch:
+        return new_dir
+    checkpoint = Path(ckpt_path)
+    if checkpoint.parent.name == "checkpoints" and (checkpoint.parent.parent / ".hydra").is_dir():
+        return str(checkpoint.parent.parent)
+    return new_dir
+
 
 # ${uid:}, the random suffix of run and sweep folders (conf/hydra/default.yaml). Cached, so that
 # a sweep's jobs share it: Hydra copies the sweep config's resolver cache into each job's config.
 OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True)
+OmegaConf.register_new_resolver("run_dir", run_dir)
+
+
+@dataclass
+class RunOutcome:
+    """What ``train`` returns: how the run ended (see :mod:`losslab.run_status`), at which step,
+    with which final metrics, in which folder."""
+
+    status: str
+    step: int
+    max_steps: int
+    metrics: dict[str, float]
+    folder: Path
 
 
 def build_module(cfg: DictConfig) -> tuple[GPTDataModule, GPTLightningModule]:
     """The data (set up: tokenizer trained, token files written) and the module ``cfg`` describes."""
     datamodule = instantiate(cfg.data, accumulate=cfg.step.accumulate)
     datamodule.setup("fit")
+    tokenizer = datamodule.tokenizer
     model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
     module = GPTLightningModule(
         model=model,
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optimizer),
-        max_steps=cfg.trainer.max_steps,
+        warmup_steps=cfg.schedule.warmup_steps,
+        total_steps=cfg.schedule.total_steps or cfg.trainer.max_steps,
+        min_lr_ratio=cfg.schedule.min_lr_ratio,
         token_bytes=datamodule.token_bytes,
-        tokenizer=pickle.dumps(datamodule.tokenizer),
+        tokenizer=pickle.dumps(tokenizer),
+        tokenizer_id={"name": tokenizer.name, "n_vocab": tokenizer.n_vocab, "sha256": tokenizer_fingerprint(tokenizer)},
         gradient_clip_val=cfg.step.gradient_clip_val,
         nonfinite=cfg.step.nonfinite,
-        **cfg.schedule,
     )
     return datamodule, module
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Train as ``cfg`` says; returns the final metrics (``val/loss`` among them)."""
+def train(cfg: DictConfig) -> RunOutcome:
+    """Train as ``cfg`` says. A run that fails before it starts training leaves no folder behind."""
+    folder = Path(cfg.paths.output_dir)
+    new_folder = not folder.exists() or all(path.name in (".hydra", "train.log") for path in folder.iterdir())
+    try:
+        check_config(cfg)
+        return fit(cfg, folder)
+    except BaseException:
+        if new_folder and not (folder / STATUS_FILE).exists() and rank_zero_only.rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def fit(cfg: DictConfig, folder: Path) -> RunOutcome:
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build_module(cfg)
-    logger = instantiate(cfg.logger)
+    purge = {}
+    if cfg.ckpt_path:
+        checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        module.check_resumable(checkpoint)
+        # A resumed run continues in its folder: TensorBoard hides the events logged there after
+        # the checkpoint's step, which the resumed run logs again.
+        purge = {"purge_step": checkpoint["global_step"] + 1}
+    logger = instantiate(cfg.logger, **purge)
+    status = RunStatus(folder)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    callbacks.append(HParamsTab(chosen_options(cfg, datamodule.vocab_size)))
+    callbacks += [HParamsTab(chosen_options(cfg, datamodule.vocab_size)), status, GracefulInterrupt()]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        log_dir = Path(logger.log_dir)
         if trainer.is_global_zero:
-            print(f"Logs: {log_dir}\nView them: tensorboard --logdir {log_dir.parent}")
+            log.info(f"Logs: {folder}\nView them: tensorboard --logdir {folder.parent}")
 
     if cfg.ckpt_path is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the curve's first point
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    outcome = RunOutcome(status.status, trainer.global_step, trainer.max_steps, metrics, folder)
+    if trainer.is_global_zero:
+        log.info(summary(outcome, status.message))
+    return outcome
+
+
+def summary(outcome: RunOutcome, message: str) -> str:
+    """What the run achieved, in a line or two."""
+    metrics = outcome.metrics
+    values = ", ".join(
+        f"{name} {metrics[name]:.4f}" for name in ("val/loss", "val/ppl", "val/bpb") if name in metrics
+    )
+    where = f"step {outcome.step}/{outcome.max_steps}"
+    if outcome.status == "finished":
+        return f"Finished at {where}: {values}."
+    if outcome.status == "diverged":
+        return f"Diverged: at {where} {values}; {message}."
+    last = outcome.folder / "checkpoints" / "last.ckpt"
+    return f"Interrupted at {where} ({values}); {last} holds it. Resume it with:\n  {resume_command(last)}"
+
+
+def resume_command(checkpoint: Path) -> str:
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else ["<the same overrides>"]
+    kept = [override for override in overrides if not override.startswith("ckpt_path=")]
+    return " ".join(["python train.py", *kept, f"ckpt_path={checkpoint}"])
+
+
+def route_library_logs() -> None:
+    """Lightning's messages and Python's warnings go where Hydra sends ours: the terminal and the
+    run's train.log (Lightning gives its loggers a handler of their own when imported first)."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        library_log = logging.getLogger(name)
+        library_log.handlers.clear()
+        library_log.propagate = True
+    logging.captureWarnings(True)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://losslab.conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    return metrics.get("val/loss")
+def run(cfg: DictConfig) -> float:
+    """One Hydra job; returns the final val/loss (the Optuna objective: NaN fails the trial)."""
+    route_library_logs()
+    try:
+        outcome = train(cfg)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")  # one line, not a traceback: the fix is in the message
+    if outcome.status == "interrupted":
+        sys.exit(130)  # as a shell reports Ctrl-C; a sweep stops there too
+    return outcome.metrics.get("val/loss", math.nan)
+
+
+def main() -> None:
+    """``python train.py [overrides]``: checks the command line's keys, then runs Hydra."""
+    problem = check_overrides(sys.argv[1:])
+    if problem:
+        sys.exit(f"error: {problem}")
+    run()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from losslab.losses import build_loss
+from losslab.losses import LossParts, build_loss
 
 IMPLEMENTATIONS = ("naive", "logsumexp", "cross_entropy", "fused")
 LOGITS_IMPLEMENTATIONS = ("naive", "logsumexp", "cross_entropy")
@@ -27,7 +27,8 @@ ALL_OPTIONS = dict(label_smoothing=0.1, z_loss=0.01, softcap=5.0)  # every optio
 def reference_from_logits(
     logits, targets, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None
 ):
-    """``(loss, z_loss)`` of ``logits (..., V)`` against ``targets (...)``, in ``logits``' dtype."""
+    """:class:`LossParts` ``(loss, nll, z_loss)`` of ``logits (..., V)`` against ``targets (...)``,
+    in ``logits``' dtype: ``nll`` is the cross-entropy without label smoothing or z-loss."""
     flat = logits.reshape(-1, logits.shape[-1])
     if softcap is not None:
         flat = softcap * torch.tanh(flat / softcap)
@@ -36,8 +37,8 @@ def reference_from_logits(
     ce = F.cross_entropy(
         flat, flat_targets, reduction="none", ignore_index=ignore_index, label_smoothing=label_smoothing
     )
+    nll = F.cross_entropy(flat, flat_targets, reduction="none", ignore_index=ignore_index)
     z = torch.where(kept, z_loss * torch.logsumexp(flat, dim=-1).square(), torch.zeros_like(ce))
-    per_token, per_token_z = (ce + z).reshape(targets.shape), z.reshape(targets.shape)
     n_kept = int(kept.sum())
 
     def reduce(values):
@@ -48,7 +49,7 @@ def reference_from_logits(
         # Every token ignored: the mean is 0, still connected to the graph (zero gradients).
         return values.sum() / n_kept if n_kept else values.sum() * 0.0
 
-    return reduce(per_token), reduce(per_token_z)
+    return LossParts(*(reduce(t.reshape(targets.shape)) for t in (ce + z, nll, z)))
 
 
 def reference_loss(hidden, weight, targets, **options):
@@ -65,30 +66,31 @@ def torch_bf16_loss(hidden, weight, targets, **options):
 
 class Result(NamedTuple):
     loss: torch.Tensor
+    nll: torch.Tensor
     z_loss: torch.Tensor
     grad_hidden: torch.Tensor
     grad_weight: torch.Tensor
 
 
 def evaluate(loss_fn, hidden, weight, targets, upstream=None, autocast=False):
-    """Loss, z-loss and the gradients of ``sum(upstream * loss)`` for fresh leaves ``hidden, weight``.
+    """Loss, NLL, z-loss and the gradients of ``sum(upstream * loss)`` for fresh leaves ``hidden, weight``.
 
-    ``loss_fn(hidden, weight, targets)`` returns ``(loss, z_loss)``: an implementation built with
-    ``return_z_loss=True`` or one of the reference functions above.
+    ``loss_fn(hidden, weight, targets)`` returns :class:`LossParts`: an implementation built with
+    ``return_parts=True`` or one of the reference functions above.
     """
     hidden = hidden.detach().clone().requires_grad_()
     weight = weight.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss, z_loss = loss_fn(hidden, weight, targets)
+        loss, nll, z_loss = loss_fn(hidden, weight, targets)
     if upstream is None:
         upstream = torch.ones_like(loss)
     loss.backward(upstream.to(loss.dtype))
-    return Result(loss.detach(), z_loss.detach(), hidden.grad, weight.grad)
+    return Result(loss.detach(), nll.detach(), z_loss.detach(), hidden.grad, weight.grad)
 
 
 def build(name, **options):
-    """An implementation that returns ``(loss, z_loss)``."""
-    return build_loss(name, return_z_loss=True, **options)
+    """An implementation that returns :class:`LossParts` ``(loss, nll, z_loss)``."""
+    return build_loss(name, return_parts=True, **options)
 
 
 def make_inputs(shape, d, vocab, *, seed=0, logit_std=3.0, ignore_index=None, dtype=torch.float32):
@@ -149,7 +151,7 @@ def assert_results_within(got, expected, loss_tol, grad_tol):
     Each tolerance is ``(absolute, relative to the largest magnitude of the expected value)``.
     """
     for field in Result._fields:
-        atol, rtol = loss_tol if field in ("loss", "z_loss") else grad_tol
+        atol, rtol = loss_tol if field in LossParts._fields else grad_tol
         got_value, expected_value = getattr(got, field), getattr(expected, field)
         assert got_value.shape == expected_value.shape, f"{field}: shape {tuple(got_value.shape)}"
         assert_within(got_value, expected_value, atol, rtol, field)
@@ -162,7 +164,7 @@ def assert_bf16_within(got, expected, torch_bf16, loss_slack, grad_slack):
     implementation may lose no more precision than it, beyond the slack.
     """
     for field in Result._fields:
-        slack = loss_slack if field in ("loss", "z_loss") else grad_slack
+        slack = loss_slack if field in LossParts._fields else grad_slack
         got_value, expected_value = getattr(got, field), getattr(expected, field)
         assert got_value.shape == expected_value.shape, field
         error = norm_error(got_value, expected_value)

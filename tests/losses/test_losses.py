@@ -120,11 +120,12 @@ def test_float64_under_bf16_autocast_stays_float64(name):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
-def test_returned_z_loss_is_detached(name, reduction):
+def test_returned_nll_and_z_loss_are_detached(name, reduction):
     hidden, weight, targets = make_inputs((3, 5), 8, 11)
-    loss, z_loss = build(name, z_loss=0.01, reduction=reduction)(hidden.requires_grad_(), weight, targets)
-    assert loss.requires_grad and not z_loss.requires_grad
-    assert torch.all(z_loss > 0) and torch.all(loss > z_loss)
+    options = dict(z_loss=0.01, label_smoothing=0.1, reduction=reduction)
+    loss, nll, z_loss = build(name, **options)(hidden.requires_grad_(), weight, targets)
+    assert loss.requires_grad and not nll.requires_grad and not z_loss.requires_grad
+    assert torch.all(z_loss > 0) and torch.all(loss > z_loss) and torch.all(nll > 0)
 
 
 # --- no-grad path -------------------------------------------------------------------------------
@@ -139,15 +140,17 @@ def test_no_grad_gives_the_same_value(name, reduction):
     weight.requires_grad_()
     loss_fn = build(name, **options)
     with torch.no_grad():
-        loss, z_loss = loss_fn(hidden, weight, targets)
-    with_grad, with_grad_z = loss_fn(hidden, weight, targets)
+        loss, nll, z_loss = loss_fn(hidden, weight, targets)
+    with_grad, with_grad_nll, with_grad_z = loss_fn(hidden, weight, targets)
 
     assert not loss.requires_grad and with_grad.requires_grad
     torch.testing.assert_close(loss, with_grad.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(nll, with_grad_nll, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(z_loss, with_grad_z, rtol=1e-6, atol=1e-6)
-    expected, expected_z = reference_loss(hidden.detach(), weight.detach(), targets, **options)
-    assert_within(loss, expected, *TOLERANCES["float32"]["loss"], "loss under no_grad")
-    assert_within(z_loss, expected_z, *TOLERANCES["float32"]["loss"], "z-loss under no_grad")
+    expected = reference_loss(hidden.detach(), weight.detach(), targets, **options)
+    assert_within(loss, expected.loss, *TOLERANCES["float32"]["loss"], "loss under no_grad")
+    assert_within(nll, expected.nll, *TOLERANCES["float32"]["loss"], "NLL under no_grad")
+    assert_within(z_loss, expected.z_loss, *TOLERANCES["float32"]["loss"], "z-loss under no_grad")
 
 
 FLOP_CASES = {  # id: (reduction, hidden requires grad, weight requires grad, run backward, forward matmuls)
@@ -206,7 +209,7 @@ def test_all_ignored_gives_zero_and_zero_grads(name, reduction, options_id, auto
 
     assert got.loss.shape == (targets.shape if reduction == "none" else ())
     assert torch.all(got.loss == 0), f"loss {got.loss}"  # NaN fails this too
-    assert torch.all(got.z_loss == 0), f"z-loss {got.z_loss}"
+    assert torch.all(got.nll == 0) and torch.all(got.z_loss == 0), f"NLL {got.nll}, z-loss {got.z_loss}"
     assert torch.all(got.grad_hidden == 0) and torch.all(got.grad_weight == 0)
 
 

@@ -13,7 +13,7 @@ OPTIONS = dict(
     z_loss=1e-4,
     softcap=30.0,
     check_targets=False,
-    return_z_loss=True,
+    return_parts=True,
 )
 INVALID = {  # id: (option, value, text the message must hold)
     "reduction=avg": ("reduction", "avg", "avg"),

@@ -13,7 +13,7 @@ import inspect
 
 from torch import nn
 
-from losslab.losses.base import LogitsLoss, TokenLoss
+from losslab.losses.base import LogitsLoss, LossParts, TokenLoss
 from losslab.losses.cross_entropy import CrossEntropyLoss
 from losslab.losses.fused import FusedLinearCrossEntropyLoss
 from losslab.losses.labels import shift_labels
@@ -52,4 +52,4 @@ def build_loss(name: str, **options) -> TokenLoss:
     return LOSSES[name](**options)
 
 
-__all__ = ["LOSSES", "LogitsLoss", "TokenLoss", "build_loss", "loss_options", "shift_labels"]
+__all__ = ["LOSSES", "LogitsLoss", "LossParts", "TokenLoss", "build_loss", "loss_options", "shift_labels"]

@@ -13,10 +13,26 @@ plus PaLM's z-loss and Gemma-2's logit soft-capping.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
 REDUCTIONS = ("mean", "sum", "none")
+
+
+class LossParts(NamedTuple):
+    """What a loss built with ``return_parts=True`` returns, each with the loss's reduction.
+
+    ``loss`` is the training objective (label smoothing and z-loss included), the one to
+    differentiate; ``nll`` is the model's own negative log-likelihood of the targets (neither),
+    the number that perplexity and bits per byte are made of; ``z_loss`` is the z-loss part of
+    ``loss``. ``nll`` and ``z_loss`` are detached: they are for logging.
+    """
+
+    loss: Tensor
+    nll: Tensor
+    z_loss: Tensor
 
 
 def loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,8 +53,7 @@ class TokenLoss(nn.Module):
         softcap: when set to ``c``, logits become ``c * tanh(logits / c)`` before anything else.
         check_targets: raise ``ValueError`` for target ids outside ``[0, V)`` (other than
             ``ignore_index``). It costs a device sync; turn it off for speed once data is trusted.
-        return_z_loss: return ``(loss, z_loss)`` instead of ``loss``; ``z_loss`` is the z-loss
-            part of ``loss``, detached, for logging.
+        return_parts: return :class:`LossParts` ``(loss, nll, z_loss)`` instead of ``loss``.
     """
 
     def __init__(
@@ -49,7 +64,7 @@ class TokenLoss(nn.Module):
         z_loss: float = 0.0,
         softcap: float | None = None,
         check_targets: bool = True,
-        return_z_loss: bool = False,
+        return_parts: bool = False,
     ) -> None:
         super().__init__()
         if reduction not in REDUCTIONS:
@@ -66,7 +81,7 @@ class TokenLoss(nn.Module):
         self.z_loss = z_loss
         self.softcap = softcap
         self.check_targets = check_targets
-        self.return_z_loss = return_z_loss
+        self.return_parts = return_parts
 
     def extra_repr(self) -> str:
         return (
@@ -121,15 +136,15 @@ class TokenLoss(nn.Module):
             return total
         return total / valid.sum().clamp(min=1)
 
-    def finish(self, loss: Tensor, z_loss: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        return (loss, z_loss.detach()) if self.return_z_loss else loss
+    def finish(self, loss: Tensor, nll: Tensor, z_loss: Tensor) -> Tensor | LossParts:
+        return LossParts(loss, nll.detach(), z_loss.detach()) if self.return_parts else loss
 
 
 class LogitsLoss(TokenLoss):
     """Base of the implementations that materialise the full logits ``hidden @ weight.T``.
 
-    Subclasses implement :meth:`token_loss`, the per-token cross-entropy (with label smoothing)
-    of float32 logits ``(N, V)`` against in-range targets ``(N,)``.
+    Subclasses implement :meth:`token_loss`: the per-token cross-entropy of float32 logits
+    ``(N, V)`` against in-range targets ``(N,)``, with label smoothing and without.
     """
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor):
@@ -144,15 +159,15 @@ class LogitsLoss(TokenLoss):
         logits = self.apply_softcap(logits)
         flat_targets = targets.reshape(-1).long()
         valid = flat_targets != self.ignore_index
-        per_token = self.token_loss(logits, flat_targets.masked_fill(~valid, 0))
-        per_token = per_token.masked_fill(~valid, 0.0)
+        per_token, nll = self.token_loss(logits, flat_targets.masked_fill(~valid, 0))
+        per_token, nll = per_token.masked_fill(~valid, 0.0), nll.detach().masked_fill(~valid, 0.0)
         z_term = torch.zeros_like(per_token)
         if self.z_loss > 0:
             z_term = (self.z_loss * torch.logsumexp(logits, dim=-1).square()).masked_fill(~valid, 0.0)
             per_token = per_token + z_term
-        shape = targets.shape
-        loss = self.reduce(per_token.reshape(shape), valid)
-        return self.finish(loss, self.reduce(z_term.reshape(shape), valid))
+        loss, nll, z_term = (self.reduce(t.reshape(targets.shape), valid) for t in (per_token, nll, z_term))
+        return self.finish(loss, nll, z_term)
 
-    def token_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def token_loss(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loss, nll)`` per token: with label smoothing, and the plain negative log-likelihood."""
         raise NotImplementedError

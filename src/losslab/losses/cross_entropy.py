@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -11,7 +12,9 @@ from losslab.losses.base import LogitsLoss
 class CrossEntropyLoss(LogitsLoss):
     """``torch.nn.functional.cross_entropy`` per token: the reference every other one must match."""
 
-    def token_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(
-            logits, targets, reduction="none", label_smoothing=self.label_smoothing
-        )
+    def token_loss(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        loss = F.cross_entropy(logits, targets, reduction="none", label_smoothing=self.label_smoothing)
+        if self.label_smoothing == 0:
+            return loss, loss
+        with torch.no_grad():  # the log-likelihood is for logging: no second graph
+            return loss, F.cross_entropy(logits, targets, reduction="none")

@@ -58,7 +58,7 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
         if torch.is_autocast_enabled(device_type) and compute_dtype != torch.float64:
             compute_dtype = torch.get_autocast_dtype(device_type)
         grad_enabled = torch.is_grad_enabled()
-        loss, z_loss = _FusedLinearCrossEntropy.apply(
+        loss, nll, z_loss = _FusedLinearCrossEntropy.apply(
             hidden,
             weight,
             targets,
@@ -68,7 +68,7 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
             grad_enabled and hidden.requires_grad,
             grad_enabled and weight.requires_grad,
         )
-        return self.finish(loss, z_loss)
+        return self.finish(loss, nll, z_loss)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -83,7 +83,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         compute_dtype: torch.dtype,
         needs_grad_hidden: bool,
         needs_grad_weight: bool,
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         with torch.autocast(hidden.device.type, enabled=False):
             flat_hidden = hidden.reshape(-1, hidden.shape[-1])
             flat_targets = targets.reshape(-1)
@@ -99,26 +99,25 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             row_scale = 1.0 / max(n, 1) if options.reduction == "mean" else 1.0
             chunks = _Chunks(h, w, t, options, chunk_size)
             loss_tok = h.new_empty(n, dtype=chunks.acc_dtype)
+            nll_tok = torch.empty_like(loss_tok)
             z_tok = torch.zeros_like(loss_tok)
             lse = torch.empty_like(loss_tok)
             grad_h, grad_w = chunks.new_grads(grads_now and needs_grad_hidden, grads_now and needs_grad_weight)
             for rows in chunks:
                 logits, dcap = chunks.logits(rows)
-                loss_tok[rows], z_tok[rows], lse[rows], shifted, norm = chunks.loss(logits, rows)
+                loss_tok[rows], nll_tok[rows], z_tok[rows], lse[rows], shifted, norm = chunks.loss(logits, rows)
                 if grads_now:
                     scale = torch.full_like(norm, row_scale)
                     grad_logits = chunks.grad_logits_(shifted, norm, rows, lse[rows], scale, dcap)
                     chunks.accumulate(grad_logits, rows, grad_h, grad_w)
 
             if options.reduction == "none":
-                loss = _scatter(loss_tok, kept, targets.shape, all_kept)
-                z_loss = _scatter(z_tok, kept, targets.shape, all_kept)
+                loss, nll, z_loss = (_scatter(t, kept, targets.shape, all_kept) for t in (loss_tok, nll_tok, z_tok))
             else:
                 divisor = max(n, 1) if options.reduction == "mean" else 1
-                loss = loss_tok.sum() / divisor
-                z_loss = z_tok.sum() / divisor
+                loss, nll, z_loss = (t.sum() / divisor for t in (loss_tok, nll_tok, z_tok))
 
-        ctx.mark_non_differentiable(z_loss)
+        ctx.mark_non_differentiable(nll, z_loss)
         ctx.needs_grads = (needs_grad_hidden, needs_grad_weight)
         ctx.hidden_meta = (hidden.shape, hidden.dtype, weight.dtype)
         ctx.all_kept = all_kept
@@ -127,10 +126,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         elif needs_grad_hidden or needs_grad_weight:  # reduction="none": recompute in backward
             ctx.options, ctx.chunk_size = options, chunk_size
             ctx.save_for_backward(h, w, t, lse, kept)
-        return loss, z_loss
+        return loss, nll, z_loss
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_z_loss: Tensor):
+    def backward(ctx, grad_loss: Tensor, _grad_nll: Tensor, _grad_z_loss: Tensor):
         needs_grad_hidden, needs_grad_weight = ctx.needs_grads
         hidden_shape, hidden_dtype, weight_dtype = ctx.hidden_meta
         if hasattr(ctx, "options"):
@@ -208,8 +207,9 @@ class _Chunks:
         dcap = 1 - logits.square()
         return logits.mul_(cap), dcap
 
-    def loss(self, logits: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Per-token loss (z-loss included), z-loss and logsumexp of a chunk's logits.
+    def loss(self, logits: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Per-token loss (label smoothing and z-loss included), plain NLL, z-loss and logsumexp
+        of a chunk's logits.
 
         Also returns ``exp(logits - max)`` (computed in place, in ``logits``' memory) and its row
         sums, from which the softmax follows without a second ``exp``.
@@ -221,11 +221,10 @@ class _Chunks:
         shifted = logits.sub_(row_max[:, None]).exp_()
         norm = shifted.sum(dim=1)
         lse = row_max + norm.log()
-        loss = lse - target_logit
-        if eps > 0:
-            loss = (1 - eps) * loss + eps * (lse - mean_logit)
+        nll = lse - target_logit
+        loss = nll if eps == 0 else (1 - eps) * nll + eps * (lse - mean_logit)
         z_term = z * lse.square()
-        return loss + z_term, z_term, lse, shifted, norm
+        return loss + z_term, nll, z_term, lse, shifted, norm
 
     def grad_logits_(
         self, shifted: Tensor, norm: Tensor, rows: slice, lse: Tensor, scale: Tensor, dcap: Tensor | None

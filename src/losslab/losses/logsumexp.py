@@ -15,9 +15,9 @@ class LogSumExpLoss(LogitsLoss):
     the stable rewrite of ``naive`` that every real implementation uses.
     """
 
-    def token_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def token_loss(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
         nll = -log_probs.gather(-1, targets[:, None]).squeeze(-1)
         if self.label_smoothing == 0:
-            return nll
-        return self.mix_label_smoothing(nll, -log_probs.mean(dim=-1))
+            return nll, nll
+        return self.mix_label_smoothing(nll, -log_probs.mean(dim=-1)), nll

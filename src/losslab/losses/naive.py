@@ -20,10 +20,10 @@ class NaiveLoss(LogitsLoss):
     ``cross_entropy`` or ``fused`` for training; use this to see why they exist.
     """
 
-    def token_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def token_loss(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         exp = torch.exp(logits)
         probs = exp / exp.sum(dim=-1, keepdim=True)
         nll = -torch.log(probs.gather(-1, targets[:, None]).squeeze(-1))
         if self.label_smoothing == 0:
-            return nll
-        return self.mix_label_smoothing(nll, -torch.log(probs).mean(dim=-1))
+            return nll, nll
+        return self.mix_label_smoothing(nll, -torch.log(probs).mean(dim=-1)), nll

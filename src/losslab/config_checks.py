@@ -1,0 +1,436 @@
+"""Check a training config before any data work, so that a bad value fails in one line, at once.
+
+Two checks, for the two moments a config can be wrong:
+
+- :func:`check_overrides` reads the command line before Hydra composes it: an override of a key
+  that no file under ``conf/`` has (``model.n_layr=2``) gets "did you mean model.n_layer?"
+  instead of Hydra's advice to add it with ``+``.
+- :func:`check_config` reads the composed config: every value against what it must be
+  (``optimizer.lr=-0.01``), the values that must agree with each other (``data.vocab_size`` and
+  the tokenizer), and every key against what reads it (the ``_target_``'s signature, or for the
+  nodes that train.py reads itself, the keys of the files under ``conf/``).
+
+Both name the key, its value and the fix in one line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+from losslab.checkpointing import KEEP
+from losslab.data import CORPORA, MODES
+from losslab.lightning_module import NONFINITE_POLICIES
+from losslab.losses import LOSSES, build_loss, loss_options
+from losslab.tokenizers import TOKENIZERS
+
+if TYPE_CHECKING:
+    from importlib.abc import Traversable
+
+# The tokenizers whose vocabulary is fixed, with its size (<|endoftext|> included). bpe's is
+# data.vocab_size, which counts the 256 bytes and <|endoftext|> too, so it is at least 257.
+FIXED_VOCAB_SIZES = {"bytes": 257, "gpt2": 50257}
+BPE_MIN_VOCAB_SIZE = 257
+
+# Options of a `_target_` that losslab passes itself (a config value would be overridden or
+# clash), with what to set instead.
+SET_BY_LOSSLAB = {
+    "model.vocab_size": "the tokenizer sets it: choose tokenizer=... (and data.vocab_size for bpe)",
+    "loss.reduction": "the training step sums the loss and divides by the real tokens of the step",
+    "loss.return_parts": "the training step asks for the loss's parts to log them",
+    "data.accumulate": "use step.accumulate",
+    "trainer.accumulate_grad_batches": "the module optimizes manually: use step.accumulate",
+    "trainer.gradient_clip_val": "the module optimizes manually: use step.gradient_clip_val",
+    "trainer.logger": "choose logger=...",
+    "trainer.callbacks": "add a node under callbacks",
+}
+
+# Nodes whose every entry is an object to build, whatever its name: train.py builds each callback.
+OPEN_NODES = {"callbacks"}
+
+WHERE_KEYS_ARE = "python train.py --cfg job lists every key"
+# Hydra's flags that read configs from elsewhere than conf/.
+OTHER_CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first value or key of ``cfg`` that cannot work.
+
+    ``cfg`` is the composed training config. Nothing here reads the corpus or builds a tokenizer.
+    Values that cannot be resolved outside a Hydra run (``${hydra:...}``) are not checked.
+    """
+    problem = next(config_problems(cfg), None)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def check_overrides(overrides: list[str]) -> str | None:
+    """The first command-line override of a key that no file under ``conf/`` has, as a message.
+
+    ``overrides`` is ``sys.argv[1:]`` of ``python train.py``: flags (``-m``, ``--cfg job``) and
+    anything that is not ``key=value`` are skipped, and so are additions and deletions (``+``,
+    ``++``, ``~``), Hydra's own keys (``hydra.``, ``hydra/``) and group choices (``loss=fused``).
+    A key counts as known when any option of any group has it (``loss.chunk_size`` is fused's
+    only, yet known): which option was chosen is Hydra's to check. An unknown top-level key
+    (``foo=1``) is reported too. A key added with ``+`` is :func:`check_config`'s to judge, once
+    composed. With configs from elsewhere (``--config-dir``...) nothing is reported.
+    """
+    if any(arg.split("=", 1)[0] in OTHER_CONFIG_FLAGS for arg in overrides):
+        return None  # keys from files outside conf/: not ours to know
+    for override in overrides:
+        if override.startswith(("-", "+", "~")) or "=" not in override:
+            continue
+        key = override.split("=", 1)[0]
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or key in conf_groups() or "@" in key:
+            continue
+        if key not in conf_keys():
+            return f"unknown config key {key} (in {override}): {did_you_mean(key)}"
+    return None
+
+
+def did_you_mean(key: str) -> str:
+    """Where to look for the right key: the known key closest to ``key``, and where they all are."""
+    matches = difflib.get_close_matches(key, sorted(conf_keys()), n=1)
+    return f"did you mean {matches[0]}? ({WHERE_KEYS_ARE})" if matches else WHERE_KEYS_ARE
+
+
+# --- the files under conf/ -------------------------------------------------------------------
+
+
+def conf_files() -> Iterator[tuple[str, Traversable]]:
+    """``(group, file)`` for every YAML file under ``losslab.conf``; the top level's group is ""."""
+    folders = [("", files("losslab.conf"))]
+    while folders:
+        group, folder = folders.pop()
+        for entry in folder.iterdir():
+            if entry.is_dir():
+                folders.append((f"{group}/{entry.name}".lstrip("/"), entry))
+            elif entry.name.endswith(".yaml"):
+                yield group, entry
+
+
+@functools.cache
+def conf_groups() -> frozenset[str]:
+    """The config groups: ``data``, ``loss``, ``hydra/launcher``..."""
+    return frozenset(group for group, _ in conf_files() if group)
+
+
+@functools.cache
+def conf_keys() -> frozenset[str]:
+    """Every dotted key that some file under ``conf/`` sets, placed at the file's package."""
+    keys = set()
+    for group, file in conf_files():
+        text = file.read_text()
+        content = yaml.safe_load(text) or {}
+        content.pop("defaults", None)
+        keys |= dotted_keys(content, package(text, group))
+    # Hydra's own settings (hydra.run.dir...) are Hydra's to check; the job's config has none.
+    return frozenset(key for key in keys if key != "hydra" and not key.startswith("hydra."))
+
+
+def package(text: str, group: str) -> str:
+    """Where a file's keys go: its ``# @package`` header, else its group (``hydra/launcher`` ->
+    ``hydra.launcher``); ``_global_`` is the top level."""
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        if line.startswith("# @package "):
+            name = line.removeprefix("# @package ").strip()
+            return "" if name == "_global_" else name
+    return group.replace("/", ".")
+
+
+def dotted_keys(node: dict, prefix: str) -> set[str]:
+    """``prefix`` and the dotted path of every key in ``node``, nested ones included."""
+    keys = {prefix} if prefix else set()
+    for key, value in node.items():
+        path = join(prefix, str(key))
+        keys |= dotted_keys(value, path) if isinstance(value, dict) else {path}
+    return keys
+
+
+def join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+# --- the composed config ---------------------------------------------------------------------
+
+UNSET = object()  # a key that is absent, ??? (no value yet), or unresolvable outside a Hydra run
+
+
+def value_at(cfg: DictConfig, key: str) -> Any:
+    """The value at dotted ``key``, resolved, as plain Python (lists, dicts); or :data:`UNSET`."""
+    try:
+        value = OmegaConf.select(cfg, key, default=UNSET)
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+        return value
+    except InterpolationResolutionError:
+        return UNSET
+
+
+def shown(value: Any) -> str:
+    """``value`` as a user writes it on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def config_problems(cfg: DictConfig) -> Iterator[str]:
+    """What is wrong with ``cfg``, one line each: lazily, so that the later checks may assume
+    that the earlier ones passed (no n_head of 0 when n_embd is divided by it)."""
+    for rule in RULES:
+        problem = rule.problem(value_at(cfg, rule.key))
+        if problem:
+            yield problem
+    yield from unknown_keys(cfg, OmegaConf.to_container(cfg, resolve=False))
+    for check in RELATIONS:
+        problem = check(cfg)
+        if problem:
+            yield problem
+
+
+# --- one value at a time ---------------------------------------------------------------------
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def int_at_least(minimum: int) -> Callable[[Any], bool]:
+    return lambda value: is_int(value) and value >= minimum
+
+
+def are_betas(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(is_number(b) and 0 <= b < 1 for b in value)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``key`` must satisfy ``ok``; ``must_be`` says what it must be, ``example`` a good override."""
+
+    key: str
+    ok: Callable[[Any], bool]
+    must_be: str
+    example: str
+
+    def problem(self, value: Any) -> str | None:
+        if value is UNSET or self.ok(value):
+            return None
+        return f"{self.key}={shown(value)}: {self.must_be} (e.g. {self.example})"
+
+
+RULES = (
+    Rule("seed", is_int,
+         "the seed must be an int", "seed=1337"),
+    Rule("ckpt_path", lambda v: v is None or (isinstance(v, str) and Path(v).is_file()),
+         "no such file: give the path of a checkpoint", "ckpt_path=logs/runs/<run>/checkpoints/last.ckpt"),
+    Rule("branch", lambda v: isinstance(v, bool),
+         "branch must be true or false", "branch=true"),
+    Rule("keep_checkpoints", lambda v: v in KEEP,
+         f"the checkpoints to keep must be one of {', '.join(KEEP)}", "keep_checkpoints=last"),
+    Rule("optimizer.lr", lambda v: is_number(v) and v > 0,
+         "the learning rate must be > 0", "optimizer.lr=3e-3"),
+    Rule("optimizer.weight_decay", lambda v: is_number(v) and v >= 0,
+         "the weight decay must be >= 0 (0 turns it off)", "optimizer.weight_decay=0.1"),
+    Rule("optimizer.betas", are_betas,
+         "the betas must be two numbers in [0, 1)", "optimizer.betas=[0.9,0.95]"),
+    Rule("model.context_length", int_at_least(1),
+         "the model's context must be an int >= 1 token", "model.context_length=128"),
+    Rule("model.n_layer", int_at_least(1),
+         "the number of layers must be an int >= 1", "model.n_layer=4"),
+    Rule("model.n_head", int_at_least(1),
+         "the number of attention heads must be an int >= 1", "model.n_head=4"),
+    Rule("model.n_embd", int_at_least(1),
+         "the width must be an int >= 1", "model.n_embd=128"),
+    Rule("model.dropout", lambda v: is_number(v) and 0 <= v < 1,
+         "the dropout must be in [0, 1)", "model.dropout=0.1"),
+    Rule("model.bias", lambda v: isinstance(v, bool),
+         "bias must be true or false", "model.bias=false"),
+    Rule("data.corpus", lambda v: v in CORPORA,
+         f"the corpus must be one of {', '.join(CORPORA)}", "data=shakespeare"),
+    Rule("data.tokenizer", lambda v: v in TOKENIZERS,
+         f"the tokenizer must be one of {', '.join(TOKENIZERS)}", "tokenizer=bytes"),
+    Rule("data.ranks_path", lambda v: v is None or (isinstance(v, str) and Path(v).is_file()),
+         "no such file: give a local copy of GPT-2's ranks", "data.ranks_path=path/to/r50k_base.tiktoken"),
+    Rule("data.context_length", int_at_least(1),
+         "the rows' length must be an int >= 1 token", "data.context_length=128"),
+    Rule("data.batch_size", int_at_least(1),
+         "the batch size must be an int >= 1 row", "data.batch_size=16"),
+    Rule("data.mode", lambda v: v in MODES,
+         f"the mode must be one of {', '.join(MODES)}", "data.mode=padded"),
+    Rule("data.val_fraction", lambda v: is_number(v) and 0 < v < 1,
+         "the validation share must be in (0, 1)", "data.val_fraction=0.1"),
+    Rule("data.val_batches", lambda v: v is None or int_at_least(1)(v),
+         "the validation batches must be an int >= 1, or null for the whole split", "data.val_batches=20"),
+    Rule("data.max_document_chars", int_at_least(1),
+         "a document's longest piece must be an int >= 1 characters", "data.max_document_chars=4096"),
+    Rule("data.num_workers", int_at_least(0),
+         "the loader's workers must be an int >= 0", "data.num_workers=2"),
+    Rule("loss.name", lambda v: v in tuple(LOSSES),
+         f"no such loss: choose one of {', '.join(LOSSES)}", "loss=fused"),
+    Rule("trainer.max_steps", int_at_least(1),
+         "the run must train an int >= 1 steps", "trainer.max_steps=500"),
+    Rule("trainer.val_check_interval", int_at_least(1),
+         "validation runs every this many steps: an int >= 1", "trainer.val_check_interval=50"),
+    Rule("trainer.log_every_n_steps", int_at_least(1),
+         "logging runs every this many steps: an int >= 1", "trainer.log_every_n_steps=10"),
+    # Lightning also takes "auto", a list of device indices or -1 (every device); a count is >= 1.
+    Rule("trainer.devices", lambda v: not is_int(v) or v >= 1 or v == -1,
+         "the number of devices must be >= 1 (or -1 for all, or auto)", "trainer.devices=1"),
+    Rule("schedule.warmup_steps", int_at_least(0),
+         "the warm-up must be an int >= 0 steps", "schedule.warmup_steps=50"),
+    Rule("schedule.total_steps", lambda v: v is None or int_at_least(1)(v),
+         "the schedule's length must be an int >= 1 steps, or null for trainer.max_steps", "schedule.total_steps=500"),
+    Rule("schedule.min_lr_ratio", lambda v: is_number(v) and 0 <= v <= 1,
+         "the final learning rate's share of optimizer.lr must be in [0, 1]", "schedule.min_lr_ratio=0.1"),
+    Rule("step.accumulate", int_at_least(1),
+         "a step must take an int >= 1 micro-batches", "step.accumulate=2"),
+    Rule("step.gradient_clip_val", lambda v: v is None or (is_number(v) and v > 0),
+         "the clipping norm must be > 0, or null for no clipping", "step.gradient_clip_val=1.0"),
+    Rule("step.nonfinite", lambda v: v in NONFINITE_POLICIES,
+         f"a non-finite step must {' or '.join(NONFINITE_POLICIES)}", "step.nonfinite=stop"),
+)
+
+
+# --- every key against what reads it ---------------------------------------------------------
+
+
+def unknown_keys(cfg: DictConfig, node: dict, path: str = "") -> Iterator[str]:
+    """The keys of ``node`` (the part of ``cfg`` at ``path``, unresolved) that nothing reads.
+
+    A node with a ``_target_`` takes its target's arguments; another node, the keys that the
+    files under ``conf/`` give it. ``_target_``, ``_partial_`` and the like are Hydra's.
+    """
+    owner, options = node_options(node, path)
+    for key, value in node.items():
+        full = join(path, key)
+        if key.startswith("_"):
+            continue
+        if full in SET_BY_LOSSLAB:
+            yield f"{full}={shown(value_at(cfg, full))}: losslab sets this itself: {SET_BY_LOSSLAB[full]}"
+        elif options is not None and key not in options:
+            yield unknown_option(cfg, full, owner, options)
+        elif isinstance(value, dict):
+            yield from unknown_keys(cfg, value, full)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if is_target(item):
+                    yield from unknown_keys(cfg, item, f"{full}.{i}")
+
+
+def is_target(value: Any) -> bool:
+    """Whether ``value`` is a node that Hydra instantiates."""
+    return isinstance(value, dict) and "_target_" in value
+
+
+def node_options(node: dict, path: str) -> tuple[str, list[str] | None]:
+    """What reads ``node`` and the keys it takes; ``None`` when any key goes (``**kwargs``)."""
+    if path in OPEN_NODES:
+        return path, None
+    if not is_target(node):
+        prefix = f"{path}." if path else ""
+        children = {key.removeprefix(prefix) for key in conf_keys() if key.startswith(prefix)}
+        return path or "the config", [child for child in children if "." not in child]
+    target = get_object(node["_target_"])
+    if target is build_loss:
+        name = node.get("name")
+        if name not in LOSSES:
+            return f"loss {name!r}", None
+        return f"loss {name!r}", ["name", *(o for o in loss_options(name) if f"loss.{o}" not in SET_BY_LOSSLAB)]
+    parameters = inspect.signature(target).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return target.__name__, None
+    return target.__name__, [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def unknown_option(cfg: DictConfig, key: str, owner: str, options: list[str]) -> str:
+    """``model.n_layr=2: GPT has no option n_layr; did you mean model.n_layer?``"""
+    parent, _, name = key.rpartition(".")
+    matches = difflib.get_close_matches(name, options, n=1)
+    if matches:
+        fix = f"did you mean {join(parent, matches[0])}?"
+    else:
+        fix = f"it takes {', '.join(sorted(options))}" if options else "it takes no options"
+    return f"{key}={shown(value_at(cfg, key))}: {owner} has no option {name}; {fix}"
+
+
+# --- values that must agree ------------------------------------------------------------------
+# Each returns what is wrong, or None; they run once every value alone is right.
+
+
+def heads_divide_width(cfg: DictConfig) -> str | None:
+    n_embd, n_head = value_at(cfg, "model.n_embd"), value_at(cfg, "model.n_head")
+    if n_embd is UNSET or n_head is UNSET or n_embd % n_head == 0:
+        return None
+    return (
+        f"model.n_embd={n_embd} is not a multiple of model.n_head={n_head}: each head takes "
+        f"n_embd / n_head dimensions (e.g. model.n_embd={max(1, round(n_embd / n_head)) * n_head})"
+    )
+
+
+def rows_fit_the_model(cfg: DictConfig) -> str | None:
+    rows, model = value_at(cfg, "data.context_length"), value_at(cfg, "model.context_length")
+    if rows is UNSET or model is UNSET or rows <= model:
+        return None
+    return (
+        f"data.context_length={rows} is longer than model.context_length={model}: use "
+        f"data.context_length<={model} or a model with a longer context (model.context_length={rows})"
+    )
+
+
+def vocab_size_fits_the_tokenizer(cfg: DictConfig) -> str | None:
+    tokenizer, vocab_size = value_at(cfg, "data.tokenizer"), value_at(cfg, "data.vocab_size")
+    if tokenizer is UNSET or vocab_size is UNSET:
+        return None
+    if tokenizer == "bpe":
+        if is_int(vocab_size) and vocab_size >= BPE_MIN_VOCAB_SIZE:
+            return None
+        return (
+            f"data.vocab_size={shown(vocab_size)}: tokenizer=bpe needs an int >= {BPE_MIN_VOCAB_SIZE} "
+            "(256 bytes and <|endoftext|>, then the merges) (e.g. data.vocab_size=4096)"
+        )
+    size = FIXED_VOCAB_SIZES[tokenizer]
+    if vocab_size is None or vocab_size == size:
+        return None
+    return (
+        f"data.vocab_size={shown(vocab_size)} does not apply to tokenizer={tokenizer}, which has "
+        f"{size} tokens: drop data.vocab_size"
+    )
+
+
+def loss_builds(cfg: DictConfig) -> str | None:
+    """The loss's own checks of its option values (label_smoothing in [0, 1]...)."""
+    loss = value_at(cfg, "loss")
+    if loss is UNSET:
+        return None
+    options = {key: value for key, value in loss.items() if not key.startswith("_")}
+    try:
+        build_loss(**options)
+    except (ValueError, TypeError) as error:
+        return f"loss={options['name']}: {error}"
+    return None
+
+
+RELATIONS = (heads_divide_width, rows_fit_the_model, vocab_size_fits_the_tokenizer, loss_builds)

@@ -1,0 +1,62 @@
+"""Logged numbers mean what their names say: a diverged run shows NaN and is never the best,
+validation and perplexity are the model's own NLL, and the final metrics are of the last step."""
+
+import json
+import logging
+import math
+
+import pytest
+from test_train import make_config, scalars
+
+from losslab.train import train
+
+# The user's report: naive with a huge learning rate and no clipping diverges at once.
+DIVERGING = [
+    "loss=naive",
+    "optimizer.lr=100",
+    "step.gradient_clip_val=null",
+    "trainer.max_steps=20",
+    "trainer.val_check_interval=10",
+]
+
+
+def test_a_diverged_run_logs_nan_keeps_no_best_and_says_it_diverged(tmp_path, cache_dir, caplog):
+    caplog.set_level(logging.INFO, logger="losslab")
+    outcome = train(make_config(tmp_path, cache_dir, DIVERGING))
+    curves = scalars(tmp_path / "run")
+    assert math.isfinite(curves["val/loss"][0])  # before training
+    for tag in ["val/loss", "val/ppl", "val/bpb"]:
+        assert all(math.isnan(value) for value in curves[tag][1:]), (tag, curves[tag])
+    assert math.isnan(curves["hp/val_loss"][-1])
+    assert math.isnan(outcome.metrics["val/loss"])  # the Optuna objective: NaN fails the trial
+    assert outcome.status == "diverged"
+    checkpoints = sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["last.ckpt"]  # no best-step<N>.ckpt of a NaN validation
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "diverged" and status["step"] == 20
+    assert "Diverged: at step 20/20 val/loss nan" in caplog.text
+
+
+def test_validation_and_perplexity_are_the_models_own_nll(tmp_path, cache_dir):
+    """With label smoothing and z-loss, the same initial weights give the same val/loss and
+    train/loss of the first step as without them; the objective is logged apart."""
+    plain = train(make_config(tmp_path / "plain", cache_dir, []))
+    smoothed = ["loss.label_smoothing=0.3", "loss.z_loss=0.01"]
+    train(make_config(tmp_path / "smoothed", cache_dir, smoothed))
+    plain, smoothed = scalars(tmp_path / "plain" / "run"), scalars(tmp_path / "smoothed" / "run")
+    for tag in ["val/loss", "val/ppl", "val/bpb", "train/loss", "train/ppl"]:
+        assert smoothed[tag][0] == pytest.approx(plain[tag][0], rel=1e-6), tag
+    assert smoothed["train/ppl"][0] == pytest.approx(math.exp(smoothed["train/loss"][0]), rel=1e-6)
+    assert smoothed["train/objective"][0] > smoothed["train/loss"][0] + 0.1  # smoothing costs more
+    assert "train/objective" not in plain
+
+
+def test_the_last_step_is_validated_and_is_what_the_run_reports(tmp_path, cache_dir):
+    outcome = train(make_config(tmp_path, cache_dir, ["trainer.max_steps=8"]))
+    steps = scalars(tmp_path / "run", steps=True)
+    assert [step for step, _ in steps["val/loss"]] == [0, 3, 6, 8]  # every 3 steps, and the last
+    assert [step for step, _ in steps["train/loss"]] == list(range(1, 9))  # step k: the k-th step's loss
+    final = steps["val/loss"][-1][1]
+    assert steps["hp/val_loss"] == [(8, pytest.approx(final))]
+    assert outcome.metrics["val/loss"] == pytest.approx(final) and outcome.step == 8
+    assert (tmp_path / "run" / "checkpoints" / "best-step8.ckpt").exists()
