@@ -23,8 +23,14 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from losslab.data import count_targets
+from losslab.bench import markdown_table
+from losslab.targets import count_targets
 from losslab.train import build_module
+
+
+def step_tokens(micro_batches: list[dict], module: L.LightningModule) -> int:
+    """The target tokens a training step learns from, over its micro-batches."""
+    return int(sum(count_targets(micro["targets"], module.loss_fn.ignore_index) for micro in micro_batches))
 
 
 class Stopwatch(L.Callback):
@@ -42,7 +48,7 @@ class Stopwatch(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx >= self.skip:
-            self.tokens += sum(count_targets(micro) for micro in batch)
+            self.tokens += step_tokens(batch, pl_module)
             self.elapsed = time.perf_counter() - self.start
 
 
@@ -76,7 +82,7 @@ def plain_tokens_per_sec(cfg, steps: int, skip: int) -> float:
     for step, micro_batches in enumerate(datamodule.train_dataloader()):
         if step == skip:
             start = time.perf_counter()
-        n_tokens = sum(count_targets(micro) for micro in micro_batches)
+        n_tokens = step_tokens(micro_batches, module)
         for micro in micro_batches:
             (module.loss_sums(micro).loss / max(n_tokens, 1)).backward()
         if module.gradient_clip_val is not None:
@@ -106,10 +112,10 @@ def main() -> None:
         results["plain PyTorch"].append(plain_tokens_per_sec(cfg, args.steps, args.skip))
         results["Lightning"].append(lightning_tokens_per_sec(cfg, args.steps, args.skip))
         print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} tok/s" for k, v in results.items()))
-    plain, lightning = (statistics.median(v) for v in results.values())
-    print("\n| loop | tokens/s (median) |\n|---|---|")
-    print(f"| plain PyTorch | {plain:,.0f} |\n| Lightning | {lightning:,.0f} |")
-    print(f"\nLightning / plain = {lightning / plain:.3f}")
+    medians = {loop: statistics.median(values) for loop, values in results.items()}
+    rows = [[loop, f"{value:,.0f}"] for loop, value in medians.items()]
+    print("\n" + markdown_table(["loop", "tokens/s (median)"], rows))
+    print(f"Lightning / plain = {medians['Lightning'] / medians['plain PyTorch']:.3f}")
 
 
 if __name__ == "__main__":

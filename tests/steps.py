@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from losslab.data import pad_batch
 from losslab.lightning_module import GPTLightningModule
 from losslab.losses import build_loss
-from losslab.model import GPT
+from losslab.model import GPT, GPTConfig
 
 VOCAB = 37
 LR = 0.5
@@ -34,7 +34,7 @@ DDP_MICRO_BATCHES = [[16, 16, 16], [2], [3, 2], [5]]
 def tiny_module(loss: str = "cross_entropy", optimizer: Any = None, nonfinite: str = "skip") -> GPTLightningModule:
     """The same tiny GPT every call, trained with plain SGD unless ``optimizer`` says otherwise."""
     torch.manual_seed(0)
-    model = GPT(vocab_size=VOCAB, context_length=16, n_layer=1, n_head=2, n_embd=16)
+    model = GPT(GPTConfig(vocab_size=VOCAB, context_length=16, n_layer=1, n_head=2, n_embd=16))
     return GPTLightningModule(
         model=model,
         loss=partial(build_loss, loss),

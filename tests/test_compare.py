@@ -42,8 +42,13 @@ def hparams(folder: Path, loss: str = "fused", lr: float = 0.003, batch_size: in
     """A run's hparams.yaml as Lightning writes it: the resolved config, its own paths in it, and the
     data module's arguments again at the top level."""
     return {
-        "data": {"_target_": "losslab.data.GPTDataModule", "corpus": "pydoc", "path": None,
-                 "batch_size": batch_size, "cache_dir": "./.cache/losslab"},
+        "data": {
+            "_target_": "losslab.data.GPTDataModule",
+            "corpus": "pydoc",
+            "path": None,
+            "batch_size": batch_size,
+            "cache_dir": "./.cache/losslab",
+        },
         "loss": {"_target_": "losslab.losses.build_loss", "_partial_": True, "name": loss}
         | ({"chunk_size": None} if loss == "fused" else {}),  # an option of fused alone
         "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": lr, "betas": [0.9, 0.95]},
@@ -96,7 +101,10 @@ def test_the_status_column_says_how_each_run_ended(tmp_path):
     }
     # Their logged losses are finite: the status alone says that a step was not.
     assert {name for name, row in rows.items() if row["non-finite"] == "yes"} == {"`case=diverged`", "`case=stopped`"}
-    assert "- `case=crashed`, crashed at step 3/500: RuntimeError: CUDA out of memory" in (sweep / "compare.md").read_text()
+    assert (
+        "- `case=crashed`, crashed at step 3/500: RuntimeError: CUDA out of memory"
+        in (sweep / "compare.md").read_text()
+    )
 
 
 def test_runs_that_did_not_finish_are_never_ranked_first(tmp_path):
@@ -144,13 +152,18 @@ def test_a_path_that_matches_no_run_is_an_error_that_names_it(tmp_path, capsys, 
 
     assert exit.value.code == 2
     error = capsys.readouterr().err.splitlines()[-1]
-    assert error.endswith(f"error: no runs at {tmp_path / missing}: no folder there or below holds TensorBoard "
-                          "event files (events.out.tfevents.*)")
+    assert error.endswith(
+        f"error: no runs at {tmp_path / missing}: no folder there or below holds TensorBoard "
+        "event files (events.out.tfevents.*)"
+    )
 
 
 def test_timestamped_runs_are_named_by_the_settings_that_differ(tmp_path):
     runs = tmp_path / "logs" / "runs"
-    for name, loss, val_loss in [("2026-12-02_09-12-56_a1b2c3", "fused", 2.0), ("2026-12-02_09-30-00_d4e5f6", "naive", 2.1)]:
+    for name, loss, val_loss in [
+        ("2026-12-02_09-12-56_a1b2c3", "fused", 2.0),
+        ("2026-12-02_09-30-00_d4e5f6", "naive", 2.1),
+    ]:
         # Each hparams.yaml names the run's own folders: paths, no setting. Only fused has a chunk_size.
         write_run(runs / name, [val_loss], status("finished"), hparams(runs / name, loss=loss))
 

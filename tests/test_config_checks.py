@@ -56,28 +56,50 @@ def test_an_existing_checkpoint_path_passes(tmp_path):
 
 BAD = [
     ("optimizer.lr=-0.01", re.escape("optimizer.lr=-0.01: the learning rate must be > 0 (e.g. optimizer.lr=3e-3)")),
-    ("optimizer.weight_decay=-0.1", r"optimizer.weight_decay=-0.1: the weight decay must be >= 0 .*\(e.g. optimizer.weight_decay=0.1\)"),
+    (
+        "optimizer.weight_decay=-0.1",
+        r"optimizer.weight_decay=-0.1: the weight decay must be >= 0 .*\(e.g. optimizer.weight_decay=0.1\)",
+    ),
     ("optimizer.betas=[0.9,1.0]", re.escape("optimizer.betas=[0.9, 1.0]: the betas must be two numbers in [0, 1)")),
     ("data.batch_size=0", r"data.batch_size=0: the batch size must be an int >= 1 .*\(e.g. data.batch_size=16\)"),
-    ("model.context_length=0", r"model.context_length=0: the model's context must be an int >= 1"),
-    ("model.n_layer=0", r"model.n_layer=0: the number of layers must be an int >= 1"),
-    ("model.n_head=0", r"model.n_head=0: the number of attention heads must be an int >= 1"),
-    ("model.n_embd=0", r"model.n_embd=0: the width must be an int >= 1"),
-    ("model.n_embd=130", re.escape("model.n_embd=130 is not a multiple of model.n_head=4: each head takes n_embd / n_head dimensions (e.g. model.n_embd=128)")),
-    ("model.dropout=1.0", re.escape("model.dropout=1.0: the dropout must be in [0, 1)")),
+    ("model.context_length=0", r"model.context_length=0: must be an int >= 1"),
+    ("model.n_layer=0", r"model.n_layer=0: must be an int >= 1"),
+    ("model.n_head=0", r"model.n_head=0: must be an int >= 1"),
+    ("model.n_embd=0", r"model.n_embd=0: must be an int >= 1"),
+    (
+        "model.n_embd=130",
+        re.escape(
+            "model.n_embd=130 is not a multiple of n_head=4: each head takes n_embd / n_head dimensions (e.g. n_embd=128)"
+        ),
+    ),
+    ("model.dropout=1.0", re.escape("model.dropout=1.0: must be in [0, 1)")),
     ("data.context_length=0", r"data.context_length=0: the rows' length must be an int >= 1"),
-    ("data.context_length=256", re.escape("data.context_length=256 is longer than model.context_length=128: use data.context_length<=128 or a model with a longer context (model.context_length=256)")),
+    (
+        "data.context_length=256",
+        re.escape(
+            "data.context_length=256 is longer than model.context_length=128: use data.context_length<=128 or a model with a longer context (model.context_length=256)"
+        ),
+    ),
     ("trainer.max_steps=0", r"trainer.max_steps=0: the run must train an int >= 1 steps"),
-    ("trainer.val_check_interval=0.5", r"trainer.val_check_interval=0.5: validation runs every this many steps: an int >= 1"),
+    (
+        "trainer.val_check_interval=0.5",
+        r"trainer.val_check_interval=0.5: validation runs every this many steps: an int >= 1",
+    ),
     ("trainer.log_every_n_steps=0", r"trainer.log_every_n_steps=0: logging runs every this many steps: an int >= 1"),
     ("trainer.devices=0", r"trainer.devices=0: the number of devices must be >= 1"),
     ("schedule.warmup_steps=-1", r"schedule.warmup_steps=-1: the warm-up must be an int >= 0 steps"),
-    ("schedule.min_lr_ratio=1.5", re.escape("schedule.min_lr_ratio=1.5: the final learning rate's share of optimizer.lr must be in [0, 1]")),
+    (
+        "schedule.min_lr_ratio=1.5",
+        re.escape("schedule.min_lr_ratio=1.5: the final learning rate's share of optimizer.lr must be in [0, 1]"),
+    ),
     ("step.accumulate=0", r"step.accumulate=0: a step must take an int >= 1 micro-batches"),
     ("schedule.total_steps=0", r"schedule.total_steps=0: the schedule's length must be an int >= 1 steps, or null"),
     ("keep_checkpoints=all", r"keep_checkpoints=all: the checkpoints to keep must be one of both, last, best"),
     ("branch=maybe", r"branch=maybe: branch must be true or false"),
-    ("data=shakespeare data.max_document_chars=0", r"data.max_document_chars=0: a document's longest piece must be an int >= 1"),
+    (
+        "data=shakespeare data.max_document_chars=0",
+        r"data.max_document_chars=0: a document's longest piece must be an int >= 1",
+    ),
     ("step.gradient_clip_val=0", r"step.gradient_clip_val=0: the clipping norm must be > 0, or null for no clipping"),
     ("step.nonfinite=ignore", r"step.nonfinite=ignore: a non-finite step must skip or stop"),
     ("data.val_fraction=1.0", re.escape("data.val_fraction=1.0: the validation share must be in (0, 1)")),
@@ -85,22 +107,59 @@ BAD = [
     ("data.mode=stacked", r"data.mode=stacked: the mode must be one of packed, padded"),
     ("data.corpus=wiki", r"data.corpus=wiki: the corpus must be one of pydoc, shakespeare, text"),
     ("data.tokenizer=sentencepiece", r"data.tokenizer=sentencepiece: the tokenizer must be one of gpt2, bpe, bytes"),
-    ("tokenizer=bytes data.vocab_size=1000", re.escape("data.vocab_size=1000 does not apply to tokenizer=bytes, which has 257 tokens: drop data.vocab_size")),
-    ("tokenizer=gpt2 data.vocab_size=4096", re.escape("data.vocab_size=4096 does not apply to tokenizer=gpt2, which has 50257 tokens: drop data.vocab_size")),
+    (
+        "tokenizer=bytes data.vocab_size=1000",
+        re.escape("data.vocab_size=1000 does not apply to tokenizer=bytes, which has 257 tokens: drop data.vocab_size"),
+    ),
+    (
+        "tokenizer=gpt2 data.vocab_size=4096",
+        re.escape(
+            "data.vocab_size=4096 does not apply to tokenizer=gpt2, which has 50257 tokens: drop data.vocab_size"
+        ),
+    ),
     ("data.vocab_size=100", r"data.vocab_size=100: tokenizer=bpe needs an int >= 257 .*\(e.g. data.vocab_size=4096\)"),
     ("data.vocab_size=null", r"data.vocab_size=null: tokenizer=bpe needs an int >= 257"),
+    (
+        "loss.ignore_index=7",
+        re.escape(
+            "loss.ignore_index=7 is a token of the vocabulary (ids 0 to 4095): its real targets would be ignored too; use a negative id (e.g. loss.ignore_index=-100)"
+        ),
+    ),
     ("loss.name=nope", r"loss.name=nope: no such loss: choose one of naive, logsumexp, cross_entropy, fused"),
     ("loss.label_smoothing=2.0", re.escape("loss=cross_entropy: label_smoothing=2.0 must be in [0, 1]")),
-    ("+loss.chunk_size=64", r"loss.chunk_size=64: loss 'cross_entropy' has no option chunk_size; it takes check_targets, "),
-    ("ckpt_path=nope/last.ckpt", re.escape("ckpt_path=nope/last.ckpt: no such file: give the path of a checkpoint (e.g. ckpt_path=logs/runs/<run>/checkpoints/last.ckpt)")),
-    ("+model.n_layr=2", re.escape("model.n_layr=2: GPT has no option n_layr; did you mean model.n_layer?")),
-    ("+optimizer.weight_decy=0.1", re.escape("optimizer.weight_decy=0.1: AdamW has no option weight_decy; did you mean optimizer.weight_decay?")),
-    ("+trainer.max_step=5", re.escape("trainer.max_step=5: Trainer has no option max_step; did you mean trainer.max_steps?")),
-    ("+data.batchsize=8", re.escape("data.batchsize=8: GPTDataModule has no option batchsize; did you mean data.batch_size?")),
+    (
+        "+loss.chunk_size=64",
+        r"loss.chunk_size=64: loss 'cross_entropy' has no option chunk_size; it takes check_targets, ",
+    ),
+    (
+        "ckpt_path=nope/last.ckpt",
+        re.escape(
+            "ckpt_path=nope/last.ckpt: no such file: give the path of a checkpoint (e.g. ckpt_path=logs/runs/<run>/checkpoints/last.ckpt)"
+        ),
+    ),
+    ("+model.n_layr=2", re.escape("model.n_layr=2: GPTConfig has no option n_layr; did you mean model.n_layer?")),
+    (
+        "+optimizer.weight_decy=0.1",
+        re.escape("optimizer.weight_decy=0.1: AdamW has no option weight_decy; did you mean optimizer.weight_decay?"),
+    ),
+    (
+        "+trainer.max_step=5",
+        re.escape("trainer.max_step=5: Trainer has no option max_step; did you mean trainer.max_steps?"),
+    ),
+    (
+        "+data.batchsize=8",
+        re.escape("data.batchsize=8: GPTDataModule has no option batchsize; did you mean data.batch_size?"),
+    ),
     ("+step.acumulate=2", re.escape("step.acumulate=2: step has no option acumulate; did you mean step.accumulate?")),
-    ("+callbacks.rng_state.seed=1", re.escape("callbacks.rng_state.seed=1: RNGState has no option seed; it takes no options")),
+    (
+        "+callbacks.rng_state.seed=1",
+        re.escape("callbacks.rng_state.seed=1: RNGState has no option seed; it takes no options"),
+    ),
     ("+model.vocab_size=1000", r"model.vocab_size=1000: losslab sets this itself: the tokenizer sets it"),
-    ("+trainer.gradient_clip_val=1.0", r"trainer.gradient_clip_val=1.0: losslab sets this itself: .*use step.gradient_clip_val"),
+    (
+        "+trainer.gradient_clip_val=1.0",
+        r"trainer.gradient_clip_val=1.0: losslab sets this itself: .*use step.gradient_clip_val",
+    ),
 ]
 
 
@@ -137,12 +196,27 @@ def test_check_overrides_suggests_the_key_meant():
 
 def test_check_overrides_passes_what_hydra_handles():
     overrides = [
-        "loss=fused", "loss.chunk_size=64", "loss=naive,fused", "hydra/launcher=slurm", "experiment=tiny",
-        "trainer.max_steps=5", "seed=3", "hydra.run.dir=x", "+foo=1", "++trainer.foo=1", "~callbacks.progress_bar",
-        "-m", "--multirun", "--cfg", "job", "--info", "defaults",
+        "loss=fused",
+        "loss.chunk_size=64",
+        "loss=naive,fused",
+        "hydra/launcher=slurm",
+        "experiment=tiny",
+        "trainer.max_steps=5",
+        "seed=3",
+        "hydra.run.dir=x",
+        "+foo=1",
+        "++trainer.foo=1",
+        "~callbacks.progress_bar",
+        "-m",
+        "--multirun",
+        "--cfg",
+        "job",
+        "--info",
+        "defaults",
         "trainer.strategy.process_group_backend=nccl",  # nested, in trainer/ddp.yaml
         "trainer.precision=bf16-mixed",  # `# @package trainer` in precision/
-        "data.vocab_size=8192", "data.ranks_path=x",  # `# @package data` in tokenizer/
+        "data.vocab_size=8192",
+        "data.ranks_path=x",  # `# @package data` in tokenizer/
     ]
     assert check_overrides(overrides) is None
     assert check_overrides(["--config-dir", "mine", "mine.key=1"]) is None  # other configs: not ours to know

@@ -11,12 +11,12 @@ from losslab.data import (
     DocumentRows,
     GPTDataModule,
     cached_token_split,
-    count_targets,
     load_documents,
     paragraphs,
     split_documents,
     token_dtype,
 )
+from losslab.targets import count_targets
 
 
 def make_datamodule(tmp_path, **options) -> GPTDataModule:
@@ -40,7 +40,7 @@ def lines_without_blank_ones(n_lines: int) -> str:
 def test_pydoc_is_one_document_per_topic():
     documents = load_documents("pydoc")
     assert len(documents) == 79
-    assert any(doc.startswith("The \"if\" statement") for doc in documents)
+    assert any(doc.startswith('The "if" statement') for doc in documents)
     assert load_documents("pydoc", max_document_chars=100) == documents  # topics are never cut
 
 
@@ -190,7 +190,7 @@ def test_packed_batches(tmp_path):
     assert batch["input_ids"].shape == batch["targets"].shape == (4, 32)
     assert batch["input_ids"].dtype == batch["targets"].dtype == torch.long
     assert torch.equal(batch["input_ids"][:, 1:], batch["targets"][:, :-1])
-    assert count_targets(batch) == 4 * 32
+    assert count_targets(batch["targets"]) == 4 * 32
 
 
 def test_packed_training_order_follows_the_seed(tmp_path):
@@ -224,7 +224,7 @@ def test_padded_batches(tmp_path):
             assert torch.equal(target[: length - 1], row[1:length])
             assert (target[length - 1 :] == -100).all()
             assert eot not in row[: length - 1]  # an end-of-text only ever closes a row: no row spans documents
-        assert count_targets(batch) == int((lengths - 1).sum())
+        assert count_targets(batch["targets"]) == int((lengths - 1).sum())
 
 
 def test_accumulation_batches_are_the_micro_batches_of_one_step(tmp_path):

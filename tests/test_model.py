@@ -2,13 +2,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losslab.model import GPT
+from losslab.model import GPT, GPTConfig
 
 
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return GPT(vocab_size=101, context_length=16, n_layer=2, n_head=2, n_embd=32)
+    return GPT(GPTConfig(vocab_size=101, context_length=16, n_layer=2, n_head=2, n_embd=32))
 
 
 def test_forward_gives_logits_and_the_mean_loss(model):
@@ -37,7 +37,7 @@ def test_attention_is_causal(model):
 
 def test_gpt2_initialisation_and_size():
     torch.manual_seed(0)
-    gpt2 = GPT(vocab_size=50257, context_length=1024, n_layer=12, n_head=12, n_embd=768)
+    gpt2 = GPT(GPTConfig(vocab_size=50257, context_length=1024, n_layer=12, n_head=12, n_embd=768))
     assert gpt2.num_parameters(non_embedding=False) == 124_439_808  # GPT-2 small
     assert gpt2.wte.weight.std().item() == pytest.approx(0.02, rel=0.01)
     residual_std = gpt2.blocks[0].attn.proj.weight.std().item()
@@ -50,9 +50,17 @@ def test_too_long_sequence_is_a_clear_error(model):
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
-def test_token_id_outside_the_vocabulary_is_a_clear_error(model):
-    with pytest.raises(ValueError, match="token id 101 is out of range .* vocab_size=101"):
-        model(torch.full((1, 4), 101))
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(n_layer=0), "n_layer=0: must be an int >= 1"),
+        (dict(n_embd=130), r"n_embd=130 is not a multiple of n_head=4: .*\(e.g. n_embd=128\)"),
+        (dict(dropout=1.0), r"dropout=1.0: must be in \[0, 1\)"),
+    ],
+)
+def test_a_shape_that_cannot_work_is_refused_in_one_place(options, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(vocab_size=11, **options)
 
 
 def test_generate_extends_and_greedy_is_deterministic(model):

@@ -69,7 +69,9 @@ def test_stop_on_an_overflowing_naive_loss_names_the_step_the_loss_and_the_cause
 def test_stop_on_a_nan_gradient_keeps_the_weights_of_the_last_good_step():
     micro_batches, _ = step_batches(ACCUMULATED)
     module, snapshots = tiny_module(optimizer=ADAMW, nonfinite="stop"), Snapshots()
-    with pytest.raises(FloatingPointError, match=r"step 1: the loss is [\d.]+ and the gradient norm nan with loss=cross_entropy"):
+    with pytest.raises(
+        FloatingPointError, match=r"step 1: the loss is [\d.]+ and the gradient norm nan with loss=cross_entropy"
+    ):
         fit(module, [micro_batches] * 3, callbacks=[NanGradient(step=1), snapshots])
     assert len(snapshots.parameters) == 2 and torch.equal(parameters_of(module), snapshots.parameters[-1])
 

@@ -10,7 +10,7 @@ import torch
 from steps import ACCUMULATED, LR, ddp_steps, fit, parameters_of, step_batches, tiny_module
 from torch import Tensor
 
-from losslab.data import count_targets
+from losslab.targets import count_targets
 
 STEPS_SCRIPT = Path(__file__).with_name("steps.py")
 
@@ -25,7 +25,9 @@ def union_step(union: dict[str, Tensor]) -> tuple[Tensor, float]:
 def mean_of_means_step(micro_batches: list[dict[str, Tensor]]) -> Tensor:
     """The parameters after an SGD step on the mean of the micro-batches' mean losses: the bug."""
     module = tiny_module().double()
-    torch.stack([module.loss_sums(micro).loss / count_targets(micro) for micro in micro_batches]).mean().backward()
+    torch.stack(
+        [module.loss_sums(micro).loss / count_targets(micro["targets"]) for micro in micro_batches]
+    ).mean().backward()
     with torch.no_grad():
         for param in module.parameters():
             param -= LR * param.grad
@@ -45,7 +47,9 @@ def test_an_accumulated_step_equals_one_step_on_the_union():
 
 
 def test_a_ddp_step_equals_one_step_on_the_union_and_its_ranks_skip_together(tmp_path):
-    run = subprocess.run([sys.executable, str(STEPS_SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(STEPS_SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     _, union = ddp_steps()
     expected, expected_loss = union_step(union)

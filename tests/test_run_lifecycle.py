@@ -76,6 +76,7 @@ def test_ctrl_c_saves_the_step_reached_and_prints_how_to_resume(tmp_path):
         ("data.batch_size=0", "data.batch_size=0"),
         ("model.context_length=0", "model.context_length=0"),
         ("ckpt_path=nope/last.ckpt", "ckpt_path=nope/last.ckpt: no such file"),
+        ("loss.ignore_index=7", "loss.ignore_index=7 is a token of the vocabulary"),
     ],
 )
 def test_a_run_that_fails_before_training_says_why_and_leaves_no_folder(tmp_path, override, message):
@@ -104,17 +105,24 @@ def test_resuming_with_another_tokenizer_or_schedule_is_refused(tmp_path, cache_
     last = tmp_path / "first" / "run" / "checkpoints" / "last.ckpt"
 
     other_text = [*bpe, f"data.path={corpus['b']}", "trainer.max_steps=2", f"ckpt_path={last}"]
-    with pytest.raises(ValueError, match=r"the checkpoint holds another tokenizer \(name='bpe300-\w+' there, 'bpe300-\w+' here; sha256="):
+    with pytest.raises(
+        ValueError,
+        match=r"the checkpoint holds another tokenizer \(name='bpe300-\w+' there, 'bpe300-\w+' here; sha256=",
+    ):
         train(make_config(tmp_path / "other", cache_dir, other_text))
 
     longer = [*bpe, f"data.path={corpus['a']}", "trainer.max_steps=4", f"ckpt_path={last}"]
-    with pytest.raises(ValueError, match=r"another learning-rate schedule \(total_steps=2 there, 4 here\).*schedule.total_steps"):
+    with pytest.raises(
+        ValueError, match=r"another learning-rate schedule \(total_steps=2 there, 4 here\).*schedule.total_steps"
+    ):
         train(make_config(tmp_path / "longer", cache_dir, longer))
     outcome = train(make_config(tmp_path / "longer", cache_dir, [*longer, "schedule.total_steps=2"]))
     assert outcome.status == "finished" and outcome.step == 4
 
 
-@pytest.mark.parametrize("keep,kept", [("both", ["best-step6.ckpt", "last.ckpt"]), ("last", ["last.ckpt"]), ("best", ["best-step6.ckpt"])])
+@pytest.mark.parametrize(
+    "keep,kept", [("both", ["best-step6.ckpt", "last.ckpt"]), ("last", ["last.ckpt"]), ("best", ["best-step6.ckpt"])]
+)
 def test_keep_checkpoints_and_one_file_for_the_same_step(tmp_path, cache_dir, keep, kept):
     train(make_config(tmp_path, cache_dir, [f"keep_checkpoints={keep}"]))
     folder = tmp_path / "run" / "checkpoints"

@@ -18,8 +18,25 @@ def run_script(name: str, *args: str, cwd: Path) -> str:
 
 def test_bench_losses_writes_a_table_json_and_chart(tmp_path):
     out = run_script(
-        "bench_losses.py", "--tokens", "64", "--vocab", "256", "--dim", "16", "--dtypes", "float32",
-        "--impls", "fused", "floor", "--repeats", "1", "--warmup", "0", "--out-dir", str(tmp_path), cwd=tmp_path,
+        "bench_losses.py",
+        "--tokens",
+        "64",
+        "--vocab",
+        "256",
+        "--dim",
+        "16",
+        "--dtypes",
+        "float32",
+        "--impls",
+        "fused",
+        "floor",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--out-dir",
+        str(tmp_path),
+        cwd=tmp_path,
     )
     assert "| fused |" in out and "| matmul floor |" in out
     report = json.loads(next(tmp_path.glob("*.json")).read_text())
@@ -30,8 +47,18 @@ def test_bench_losses_writes_a_table_json_and_chart(tmp_path):
 
 def test_bench_train_compares_lightning_with_a_plain_loop(tmp_path):
     out = run_script(
-        "bench_train.py", "--steps", "4", "--skip", "1", "--rounds", "1",
-        "tokenizer=bytes", "model.n_layer=1", "model.n_embd=32", "model.context_length=32", "data.batch_size=4",
+        "bench_train.py",
+        "--steps",
+        "4",
+        "--skip",
+        "1",
+        "--rounds",
+        "1",
+        "tokenizer=bytes",
+        "model.n_layer=1",
+        "model.n_embd=32",
+        "model.context_length=32",
+        "data.batch_size=4",
         cwd=tmp_path,
     )
     ratio = float(out.rsplit("Lightning / plain = ", 1)[1])

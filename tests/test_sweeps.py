@@ -13,8 +13,8 @@ from hydra.utils import get_class
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-import losslab.train  # noqa: F401  (registers the ${uid:} resolver of the run and sweep folders)
 from losslab.compare import read_runs
+from losslab.train import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FOLDER = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}")
@@ -32,7 +32,10 @@ def sweeps(tmp_path_factory) -> dict[str, Path]:
     started = {
         name: subprocess.Popen(
             [sys.executable, str(ROOT / "train.py"), *overrides, *common],
-            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for name, overrides in commands.items()
     }
@@ -61,6 +64,7 @@ def test_sweeps_started_together_get_their_own_folders(sweeps):
 
 
 def test_folder_suffix_is_drawn_per_config_so_sweeps_in_one_second_differ(tmp_path):
+    register_resolvers()
     overrides = [f"paths.log_dir={tmp_path}"]
     with initialize_config_module(config_module="losslab.conf", version_base="1.3"):
         first, second = (compose("train", overrides, return_hydra_config=True) for _ in range(2))
@@ -73,7 +77,14 @@ def test_a_sweep_logs_its_runs_under_one_root_named_by_their_overrides(sweeps):
     runs = read_runs(sweeps["losses"])
     assert sorted(runs) == ["experiment=tiny,loss=fused", "experiment=tiny,loss=naive"]
     for name, curves in runs.items():
-        for tag in ["train/loss", "val/ppl", "perf/tokens_per_sec", "perf/peak_memory_mib", "hp/val_loss", "hp/val_bpb"]:
+        for tag in [
+            "train/loss",
+            "val/ppl",
+            "perf/tokens_per_sec",
+            "perf/peak_memory_mib",
+            "hp/val_loss",
+            "hp/val_bpb",
+        ]:
             assert tag in curves, (name, tag)
         assert curves["hp/val_loss"][-1].value == pytest.approx(curves["val/loss"][-1].value)
         options = hparams_of(sweeps["losses"] / name)
@@ -86,7 +97,9 @@ def test_a_sweep_logs_its_runs_under_one_root_named_by_their_overrides(sweeps):
 def test_compare_runs_writes_a_table_and_a_figure(sweeps, tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "compare_runs.py"), str(sweeps["losses"]), "--out", str(tmp_path)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     table = (tmp_path / "compare.md").read_text()
     assert table in result.stdout
@@ -108,6 +121,7 @@ def test_optuna_search_reports_its_best_trial(sweeps):
 
 
 def test_slurm_launcher_config_composes(tmp_path):
+    register_resolvers()
     overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", f"paths.log_dir={tmp_path}"]
     with initialize_config_module(config_module="losslab.conf", version_base="1.3"):
         cfg = compose("train", overrides, return_hydra_config=True)

@@ -1,9 +1,9 @@
 import time
+from pydoc_data.topics import topics
 
 import pytest
 import requests
 import tiktoken
-from pydoc_data.topics import topics
 
 from losslab import tokenizers
 from losslab.data import load_documents
@@ -48,7 +48,7 @@ def test_bpe_has_the_requested_size_and_round_trips_unseen_text():
     enc = build_tokenizer("bpe", vocab_size=300, train_text=SMALL_TEXT)
     assert enc.n_vocab == 300 and enc.eot_token == 299
     assert enc.decode(enc.encode_ordinary(UNSEEN)) == UNSEEN
-    assert len(enc.encode_ordinary("the while loop")) < len("the while loop".encode())
+    assert len(enc.encode_ordinary("the while loop")) < len(b"the while loop")
 
 
 def test_bpe_is_deterministic():

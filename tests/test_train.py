@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from losslab.generate import generate, load_checkpoint
 from losslab.losses import LOSSES
+from losslab.model import GPT
 from losslab.train import build_module, train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -55,7 +56,11 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "group,option",
-    [(g, o) for g in ["data", "tokenizer", "model", "loss", "precision", "optimizer", "trainer", "logger", "callbacks"] for o in options(g)],
+    [
+        (g, o)
+        for g in ["data", "tokenizer", "model", "loss", "precision", "optimizer", "trainer", "logger", "callbacks"]
+        for o in options(g)
+    ],
 )
 def test_every_config_option_composes_and_instantiates(tmp_path, cache_dir, group, option):
     overrides = [f"{group}={option}"]
@@ -69,7 +74,7 @@ def test_every_config_option_composes_and_instantiates(tmp_path, cache_dir, grou
     elif group == "loss":
         assert type(instantiate(cfg.loss)()) is LOSSES[option]
     elif group in {"model", "optimizer"}:
-        built = instantiate(cfg.model, vocab_size=11)
+        built = GPT(instantiate(cfg.model, vocab_size=11))
         if group == "optimizer":
             instantiate(cfg.optimizer)(built.parameters())
     elif group in {"trainer", "precision"}:
@@ -82,7 +87,16 @@ def test_every_config_option_composes_and_instantiates(tmp_path, cache_dir, grou
 def test_a_few_steps_per_loss_write_tensorboard_curves(tmp_path, cache_dir, loss):
     metrics = train(make_config(tmp_path, cache_dir, [f"loss={loss}"])).metrics
     curves = scalars(tmp_path / "run")
-    for tag in ["train/loss", "train/ppl", "val/loss", "val/ppl", "val/bpb", "lr", "train/grad_norm", "perf/tokens_per_sec"]:
+    for tag in [
+        "train/loss",
+        "train/ppl",
+        "val/loss",
+        "val/ppl",
+        "val/bpb",
+        "lr",
+        "train/grad_norm",
+        "perf/tokens_per_sec",
+    ]:
         assert tag in curves, tag
     assert len(curves["val/loss"]) == 3  # before training, and every 3 steps
     assert curves["val/ppl"][-1] < curves["val/ppl"][0]
@@ -91,16 +105,32 @@ def test_a_few_steps_per_loss_write_tensorboard_curves(tmp_path, cache_dir, loss
 
 
 def test_bf16_and_padded_mode_train(tmp_path, cache_dir):
-    metrics = train(make_config(tmp_path, cache_dir, ["precision=bf16", "data.mode=padded", "loss=fused", "loss.z_loss=1e-4"])).metrics
+    metrics = train(
+        make_config(tmp_path, cache_dir, ["precision=bf16", "data.mode=padded", "loss=fused", "loss.z_loss=1e-4"])
+    ).metrics
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
     assert "train/z_loss" in scalars(tmp_path / "run")
+
+
+def test_another_ignore_index_pads_with_it_and_trains_the_same(tmp_path, cache_dir):
+    padded = ["data.mode=padded", "trainer.max_steps=3"]
+    expected = train(make_config(tmp_path / "default", cache_dir, padded)).metrics
+    cfg = make_config(tmp_path / "other", cache_dir, [*padded, "loss.ignore_index=-1"])
+    datamodule, _ = build_module(cfg)
+    [batch] = next(iter(datamodule.train_dataloader()))
+    assert (batch["targets"][batch["attention_mask"] == 0] == -1).all()
+    assert train(cfg).metrics["val/loss"] == expected["val/loss"]
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path, cache_dir):
     train(make_config(tmp_path / "first", cache_dir, []))
     last = tmp_path / "first" / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 6
-    train(make_config(tmp_path / "resumed", cache_dir, ["trainer.max_steps=9", "schedule.total_steps=6", f"ckpt_path={last}"]))
+    train(
+        make_config(
+            tmp_path / "resumed", cache_dir, ["trainer.max_steps=9", "schedule.total_steps=6", f"ckpt_path={last}"]
+        )
+    )
     resumed = torch.load(tmp_path / "resumed" / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert resumed["global_step"] == 9
     steps = EventAccumulator(str(tmp_path / "resumed" / "run"))
@@ -113,11 +143,15 @@ def test_generation_from_a_checkpoint(tmp_path, cache_dir):
     model, tokenizer = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     samples = generate(model, tokenizer, "The ", max_new_tokens=20, num_samples=2)
     assert len(samples) == 2 and all(s.startswith("The ") for s in samples)
-    assert generate(model, tokenizer, "The ", max_new_tokens=20, seed=3) == generate(model, tokenizer, "The ", max_new_tokens=20, seed=3)
+    assert generate(model, tokenizer, "The ", max_new_tokens=20, seed=3) == generate(
+        model, tokenizer, "The ", max_new_tokens=20, seed=3
+    )
 
 
 def test_unknown_loss_and_too_long_context_are_clear_errors(tmp_path, cache_dir):
-    with pytest.raises(ValueError, match="loss.name=nope: no such loss: choose one of naive, logsumexp, cross_entropy, fused"):
+    with pytest.raises(
+        ValueError, match="loss.name=nope: no such loss: choose one of naive, logsumexp, cross_entropy, fused"
+    ):
         train(make_config(tmp_path, cache_dir, ["loss.name=nope"]))
     with pytest.raises(ValueError, match="loss.bogus=1: loss 'cross_entropy' has no option bogus"):
         train(make_config(tmp_path, cache_dir, ["+loss.bogus=1"]))

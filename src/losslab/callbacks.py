@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import resource
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-from losslab.data import count_targets
-
-CLEAR_REFS = Path("/proc/self/clear_refs")
+from losslab.memory import peak_rss_mib, reset_peak_rss
+from losslab.targets import count_targets
 
 
 class StepStats(L.Callback):
@@ -32,24 +28,27 @@ class StepStats(L.Callback):
     def __init__(self) -> None:
         self._start = 0.0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
             torch.cuda.reset_peak_memory_stats(pl_module.device)
-        elif CLEAR_REFS.exists():
-            with contextlib.suppress(OSError):
-                CLEAR_REFS.write_text("5")  # resets the peak RSS that getrusage reports
+        else:
+            reset_peak_rss()
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         device = pl_module.device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
         else:
-            peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+            peak_mib = peak_rss_mib()
         step_time = time.perf_counter() - self._start
-        tokens = sum(count_targets(micro) for micro in batch)
+        tokens = int(sum(count_targets(micro["targets"], pl_module.loss_fn.ignore_index) for micro in batch))
         pl_module.log_dict(
             {
                 "perf/step_time_s": step_time,

@@ -22,7 +22,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from losslab.lightning_module import reached_max_steps
 
-
 KEEP = ("both", "last", "best")
 
 
@@ -107,11 +106,6 @@ class BestCheckpoint(ModelCheckpoint):
         return super().check_monitor_top_k(trainer, current)
 
 
-# ModelCheckpoint warns that, under manual optimization, a step's checkpoint holds the weights
-# after its optimizer step: that is what resuming at the next step needs.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-
-
 class LastCheckpoint(ModelCheckpoint):
     """Saves ``dirpath/last.ckpt`` every ``every_n_train_steps`` steps and when training ends.
 
@@ -130,6 +124,13 @@ class LastCheckpoint(ModelCheckpoint):
             enable_version_counter=False,  # always last.ckpt, never last-v1.ckpt
         )
         self.keep = check_keep(keep)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # ModelCheckpoint warns that, under manual optimization, a step's checkpoint holds the
+        # weights after its optimizer step: that is what resuming at the next step needs.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+            super().on_train_batch_end(trainer, pl_module, *args)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:

@@ -111,7 +111,9 @@ def chosen_runs(patterns: list[str]) -> set[Path]:
     for pattern in patterns:
         found = {folder for match in matches(pattern) for folder in run_folders(match)}
         if not found:
-            raise ValueError(f"no runs at {pattern}: no folder there or below holds TensorBoard event files ({EVENT_FILES})")
+            raise ValueError(
+                f"no runs at {pattern}: no folder there or below holds TensorBoard event files ({EVENT_FILES})"
+            )
         folders |= found
     return folders
 
@@ -272,7 +274,9 @@ def split_names(names: list[str]) -> tuple[str, dict[str, str]]:
     them apart is what the sweep swept.
     """
     items = {name: name.split(",") for name in names}
-    common = [item for item in items[names[0]] if all(item in other for other in items.values())] if len(names) > 1 else []
+    common = (
+        [item for item in items[names[0]] if all(item in other for other in items.values())] if len(names) > 1 else []
+    )
     distinct = {name: ",".join(i for i in parts if i not in common) or name for name, parts in items.items()}
     return ",".join(common), distinct
 
@@ -364,8 +368,14 @@ def plot_curves(runs: dict[str, Run], path: str | Path, dpi: int = 100) -> None:
             events = run.curves.get(tag, [])
             steps, points = [e.step for e in events], [e.value for e in events]
             ax.plot(
-                steps, points, style, label=label, linewidth=1.2,
-                alpha=0.4 if unfinished else 1.0, marker="o" if unfinished else None, markersize=3,
+                steps,
+                points,
+                style,
+                label=label,
+                linewidth=1.2,
+                alpha=0.4 if unfinished else 1.0,
+                marker="o" if unfinished else None,
+                markersize=3,
             )
         ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)

@@ -19,7 +19,7 @@ import difflib
 import functools
 import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ from losslab.checkpointing import KEEP
 from losslab.data import CORPORA, MODES
 from losslab.lightning_module import NONFINITE_POLICIES
 from losslab.losses import LOSSES, build_loss, loss_options
+from losslab.model import GPTConfig
 from losslab.tokenizers import TOKENIZERS
 
 if TYPE_CHECKING:
@@ -195,7 +196,11 @@ def shown(value: Any) -> str:
 
 def config_problems(cfg: DictConfig) -> Iterator[str]:
     """What is wrong with ``cfg``, one line each: lazily, so that the later checks may assume
-    that the earlier ones passed (no n_head of 0 when n_embd is divided by it)."""
+    that the earlier ones passed (no n_head of 0 when n_embd is divided by it). The model comes
+    first: other values follow its own (data.context_length is model.context_length)."""
+    problem = model_builds(cfg)
+    if problem:
+        yield problem
     for rule in RULES:
         problem = rule.problem(value_at(cfg, rule.key))
         if problem:
@@ -228,89 +233,128 @@ def are_betas(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class Rule:
-    """``key`` must satisfy ``ok``; ``must_be`` says what it must be, ``example`` a good override."""
+    """``key`` must satisfy ``ok``; ``must_be`` says what it must be, ``example`` a good override
+    (``None`` where ``must_be`` lists the choices)."""
 
     key: str
     ok: Callable[[Any], bool]
     must_be: str
-    example: str
+    example: str | None
 
     def problem(self, value: Any) -> str | None:
         if value is UNSET or self.ok(value):
             return None
-        return f"{self.key}={shown(value)}: {self.must_be} (e.g. {self.example})"
+        example = f" (e.g. {self.example})" if self.example else ""
+        return f"{self.key}={shown(value)}: {self.must_be}{example}"
 
 
 RULES = (
-    Rule("seed", is_int,
-         "the seed must be an int", "seed=1337"),
-    Rule("ckpt_path", lambda v: v is None or (isinstance(v, str) and Path(v).is_file()),
-         "no such file: give the path of a checkpoint", "ckpt_path=logs/runs/<run>/checkpoints/last.ckpt"),
-    Rule("branch", lambda v: isinstance(v, bool),
-         "branch must be true or false", "branch=true"),
-    Rule("keep_checkpoints", lambda v: v in KEEP,
-         f"the checkpoints to keep must be one of {', '.join(KEEP)}", "keep_checkpoints=last"),
-    Rule("optimizer.lr", lambda v: is_number(v) and v > 0,
-         "the learning rate must be > 0", "optimizer.lr=3e-3"),
-    Rule("optimizer.weight_decay", lambda v: is_number(v) and v >= 0,
-         "the weight decay must be >= 0 (0 turns it off)", "optimizer.weight_decay=0.1"),
-    Rule("optimizer.betas", are_betas,
-         "the betas must be two numbers in [0, 1)", "optimizer.betas=[0.9,0.95]"),
-    Rule("model.context_length", int_at_least(1),
-         "the model's context must be an int >= 1 token", "model.context_length=128"),
-    Rule("model.n_layer", int_at_least(1),
-         "the number of layers must be an int >= 1", "model.n_layer=4"),
-    Rule("model.n_head", int_at_least(1),
-         "the number of attention heads must be an int >= 1", "model.n_head=4"),
-    Rule("model.n_embd", int_at_least(1),
-         "the width must be an int >= 1", "model.n_embd=128"),
-    Rule("model.dropout", lambda v: is_number(v) and 0 <= v < 1,
-         "the dropout must be in [0, 1)", "model.dropout=0.1"),
-    Rule("model.bias", lambda v: isinstance(v, bool),
-         "bias must be true or false", "model.bias=false"),
-    Rule("data.corpus", lambda v: v in CORPORA,
-         f"the corpus must be one of {', '.join(CORPORA)}", "data=shakespeare"),
-    Rule("data.tokenizer", lambda v: v in TOKENIZERS,
-         f"the tokenizer must be one of {', '.join(TOKENIZERS)}", "tokenizer=bytes"),
-    Rule("data.ranks_path", lambda v: v is None or (isinstance(v, str) and Path(v).is_file()),
-         "no such file: give a local copy of GPT-2's ranks", "data.ranks_path=path/to/r50k_base.tiktoken"),
-    Rule("data.context_length", int_at_least(1),
-         "the rows' length must be an int >= 1 token", "data.context_length=128"),
-    Rule("data.batch_size", int_at_least(1),
-         "the batch size must be an int >= 1 row", "data.batch_size=16"),
-    Rule("data.mode", lambda v: v in MODES,
-         f"the mode must be one of {', '.join(MODES)}", "data.mode=padded"),
-    Rule("data.val_fraction", lambda v: is_number(v) and 0 < v < 1,
-         "the validation share must be in (0, 1)", "data.val_fraction=0.1"),
-    Rule("data.val_batches", lambda v: v is None or int_at_least(1)(v),
-         "the validation batches must be an int >= 1, or null for the whole split", "data.val_batches=20"),
-    Rule("data.max_document_chars", int_at_least(1),
-         "a document's longest piece must be an int >= 1 characters", "data.max_document_chars=4096"),
-    Rule("data.num_workers", int_at_least(0),
-         "the loader's workers must be an int >= 0", "data.num_workers=2"),
-    Rule("loss.name", lambda v: v in tuple(LOSSES),
-         f"no such loss: choose one of {', '.join(LOSSES)}", "loss=fused"),
-    Rule("trainer.max_steps", int_at_least(1),
-         "the run must train an int >= 1 steps", "trainer.max_steps=500"),
-    Rule("trainer.val_check_interval", int_at_least(1),
-         "validation runs every this many steps: an int >= 1", "trainer.val_check_interval=50"),
-    Rule("trainer.log_every_n_steps", int_at_least(1),
-         "logging runs every this many steps: an int >= 1", "trainer.log_every_n_steps=10"),
+    Rule("seed", is_int, "the seed must be an int", "seed=1337"),
+    Rule(
+        "ckpt_path",
+        lambda v: v is None or (isinstance(v, str) and Path(v).is_file()),
+        "no such file: give the path of a checkpoint",
+        "ckpt_path=logs/runs/<run>/checkpoints/last.ckpt",
+    ),
+    Rule("branch", lambda v: isinstance(v, bool), "branch must be true or false", "branch=true"),
+    Rule(
+        "keep_checkpoints",
+        lambda v: v in KEEP,
+        f"the checkpoints to keep must be one of {', '.join(KEEP)}",
+        "keep_checkpoints=last",
+    ),
+    Rule("optimizer.lr", lambda v: is_number(v) and v > 0, "the learning rate must be > 0", "optimizer.lr=3e-3"),
+    Rule(
+        "optimizer.weight_decay",
+        lambda v: is_number(v) and v >= 0,
+        "the weight decay must be >= 0 (0 turns it off)",
+        "optimizer.weight_decay=0.1",
+    ),
+    Rule("optimizer.betas", are_betas, "the betas must be two numbers in [0, 1)", "optimizer.betas=[0.9,0.95]"),
+    Rule("data.corpus", lambda v: v in CORPORA, f"the corpus must be one of {', '.join(CORPORA)}", "data=shakespeare"),
+    Rule(
+        "data.tokenizer",
+        lambda v: v in TOKENIZERS,
+        f"the tokenizer must be one of {', '.join(TOKENIZERS)}",
+        "tokenizer=bytes",
+    ),
+    Rule(
+        "data.ranks_path",
+        lambda v: v is None or (isinstance(v, str) and Path(v).is_file()),
+        "no such file: give a local copy of GPT-2's ranks",
+        "data.ranks_path=path/to/r50k_base.tiktoken",
+    ),
+    Rule(
+        "data.context_length", int_at_least(1), "the rows' length must be an int >= 1 token", "data.context_length=128"
+    ),
+    Rule("data.batch_size", int_at_least(1), "the batch size must be an int >= 1 row", "data.batch_size=16"),
+    Rule("data.mode", lambda v: v in MODES, f"the mode must be one of {', '.join(MODES)}", "data.mode=padded"),
+    Rule(
+        "data.val_fraction",
+        lambda v: is_number(v) and 0 < v < 1,
+        "the validation share must be in (0, 1)",
+        "data.val_fraction=0.1",
+    ),
+    Rule(
+        "data.val_batches",
+        lambda v: v is None or int_at_least(1)(v),
+        "the validation batches must be an int >= 1, or null for the whole split",
+        "data.val_batches=20",
+    ),
+    Rule(
+        "data.max_document_chars",
+        int_at_least(1),
+        "a document's longest piece must be an int >= 1 characters",
+        "data.max_document_chars=4096",
+    ),
+    Rule("data.num_workers", int_at_least(0), "the loader's workers must be an int >= 0", "data.num_workers=2"),
+    Rule("loss.name", lambda v: v in tuple(LOSSES), f"no such loss: choose one of {', '.join(LOSSES)}", None),
+    Rule("trainer.max_steps", int_at_least(1), "the run must train an int >= 1 steps", "trainer.max_steps=500"),
+    Rule(
+        "trainer.val_check_interval",
+        int_at_least(1),
+        "validation runs every this many steps: an int >= 1",
+        "trainer.val_check_interval=50",
+    ),
+    Rule(
+        "trainer.log_every_n_steps",
+        int_at_least(1),
+        "logging runs every this many steps: an int >= 1",
+        "trainer.log_every_n_steps=10",
+    ),
     # Lightning also takes "auto", a list of device indices or -1 (every device); a count is >= 1.
-    Rule("trainer.devices", lambda v: not is_int(v) or v >= 1 or v == -1,
-         "the number of devices must be >= 1 (or -1 for all, or auto)", "trainer.devices=1"),
-    Rule("schedule.warmup_steps", int_at_least(0),
-         "the warm-up must be an int >= 0 steps", "schedule.warmup_steps=50"),
-    Rule("schedule.total_steps", lambda v: v is None or int_at_least(1)(v),
-         "the schedule's length must be an int >= 1 steps, or null for trainer.max_steps", "schedule.total_steps=500"),
-    Rule("schedule.min_lr_ratio", lambda v: is_number(v) and 0 <= v <= 1,
-         "the final learning rate's share of optimizer.lr must be in [0, 1]", "schedule.min_lr_ratio=0.1"),
-    Rule("step.accumulate", int_at_least(1),
-         "a step must take an int >= 1 micro-batches", "step.accumulate=2"),
-    Rule("step.gradient_clip_val", lambda v: v is None or (is_number(v) and v > 0),
-         "the clipping norm must be > 0, or null for no clipping", "step.gradient_clip_val=1.0"),
-    Rule("step.nonfinite", lambda v: v in NONFINITE_POLICIES,
-         f"a non-finite step must {' or '.join(NONFINITE_POLICIES)}", "step.nonfinite=stop"),
+    Rule(
+        "trainer.devices",
+        lambda v: not is_int(v) or v >= 1 or v == -1,
+        "the number of devices must be >= 1 (or -1 for all, or auto)",
+        "trainer.devices=1",
+    ),
+    Rule("schedule.warmup_steps", int_at_least(0), "the warm-up must be an int >= 0 steps", "schedule.warmup_steps=50"),
+    Rule(
+        "schedule.total_steps",
+        lambda v: v is None or int_at_least(1)(v),
+        "the schedule's length must be an int >= 1 steps, or null for trainer.max_steps",
+        "schedule.total_steps=500",
+    ),
+    Rule(
+        "schedule.min_lr_ratio",
+        lambda v: is_number(v) and 0 <= v <= 1,
+        "the final learning rate's share of optimizer.lr must be in [0, 1]",
+        "schedule.min_lr_ratio=0.1",
+    ),
+    Rule("step.accumulate", int_at_least(1), "a step must take an int >= 1 micro-batches", "step.accumulate=2"),
+    Rule(
+        "step.gradient_clip_val",
+        lambda v: v is None or (is_number(v) and v > 0),
+        "the clipping norm must be > 0, or null for no clipping",
+        "step.gradient_clip_val=1.0",
+    ),
+    Rule(
+        "step.nonfinite",
+        lambda v: v in NONFINITE_POLICIES,
+        f"a non-finite step must {' or '.join(NONFINITE_POLICIES)}",
+        "step.nonfinite=stop",
+    ),
 )
 
 
@@ -380,14 +424,19 @@ def unknown_option(cfg: DictConfig, key: str, owner: str, options: list[str]) ->
 # Each returns what is wrong, or None; they run once every value alone is right.
 
 
-def heads_divide_width(cfg: DictConfig) -> str | None:
-    n_embd, n_head = value_at(cfg, "model.n_embd"), value_at(cfg, "model.n_head")
-    if n_embd is UNSET or n_head is UNSET or n_embd % n_head == 0:
+def model_builds(cfg: DictConfig) -> str | None:
+    """The model's shape, checked where it is defined (:class:`losslab.model.GPTConfig`)."""
+    model = value_at(cfg, "model")
+    if model is UNSET:
         return None
-    return (
-        f"model.n_embd={n_embd} is not a multiple of model.n_head={n_head}: each head takes "
-        f"n_embd / n_head dimensions (e.g. model.n_embd={max(1, round(n_embd / n_head)) * n_head})"
-    )
+    # the tokenizer gives the real vocabulary size; unknown keys are unknown_keys' to report
+    known = {field.name for field in fields(GPTConfig)} - {"vocab_size"}
+    options = {key: value for key, value in model.items() if key in known}
+    try:
+        GPTConfig(vocab_size=1, **options)
+    except ValueError as error:
+        return f"model.{error}"
+    return None
 
 
 def rows_fit_the_model(cfg: DictConfig) -> str | None:
@@ -420,6 +469,18 @@ def vocab_size_fits_the_tokenizer(cfg: DictConfig) -> str | None:
     )
 
 
+def ignore_index_is_no_token(cfg: DictConfig) -> str | None:
+    """The ignored target id may not be a token: real targets of that token would count for nothing."""
+    ignore_index, tokenizer = value_at(cfg, "loss.ignore_index"), value_at(cfg, "data.tokenizer")
+    vocab_size = FIXED_VOCAB_SIZES.get(tokenizer, value_at(cfg, "data.vocab_size"))
+    if not is_int(ignore_index) or not is_int(vocab_size) or not 0 <= ignore_index < vocab_size:
+        return None
+    return (
+        f"loss.ignore_index={ignore_index} is a token of the vocabulary (ids 0 to {vocab_size - 1}): "
+        "its real targets would be ignored too; use a negative id (e.g. loss.ignore_index=-100)"
+    )
+
+
 def loss_builds(cfg: DictConfig) -> str | None:
     """The loss's own checks of its option values (label_smoothing in [0, 1]...)."""
     loss = value_at(cfg, "loss")
@@ -433,4 +494,4 @@ def loss_builds(cfg: DictConfig) -> str | None:
     return None
 
 
-RELATIONS = (heads_divide_width, rows_fit_the_model, vocab_size_fits_the_tokenizer, loss_builds)
+RELATIONS = (rows_fit_the_model, vocab_size_fits_the_tokenizer, ignore_index_is_no_token, loss_builds)

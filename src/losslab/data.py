@@ -21,7 +21,8 @@ starts; ``<name>.json`` the token dtype and the size and sha256 of both files, c
 ``<name>`` is the corpus, the split and a hash of the split's documents and of the tokenizer.
 
 Batches are dicts of ``input_ids`` and ``targets``, both ``(B, T)`` and aligned (``targets[:, t]``
-is the token that position ``t`` predicts, ``-100`` where there is none), in one of two modes:
+is the token that position ``t`` predicts, ``ignore_index`` where there is none: see
+:mod:`losslab.targets`), in one of two modes:
 
 - ``packed``: windows of ``context_length + 1`` tokens cut anywhere in the split, as in nanoGPT;
 - ``padded``: one document (or a piece of a long one) per row, padded on the right, plus an
@@ -48,24 +49,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Any
 
 import lightning as L
 import numpy as np
 import tiktoken
 import torch
-from pydoc_data.topics import topics
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 from tqdm import tqdm
 
 from losslab.files import replaced_atomically
-from losslab.losses import shift_labels
+from losslab.targets import IGNORE_INDEX, shift_labels
 from losslab.tokenizers import build_tokenizer, text_digest, token_byte_lengths, tokenizer_fingerprint
 
 CORPORA = ("pydoc", "shakespeare", "text")
 MODES = ("packed", "padded")
-IGNORE_INDEX = -100
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 BLANK_LINES = re.compile(r"\n\s*\n")
@@ -153,7 +153,8 @@ def read_text(path: Path) -> str:
     except UnicodeDecodeError as error:
         warnings.warn(
             f"{path} is not valid UTF-8 (first bad byte at offset {error.start}): its undecodable bytes "
-            "were replaced by U+FFFD; convert the file to UTF-8 (e.g. with iconv) to keep them"
+            "were replaced by U+FFFD; convert the file to UTF-8 (e.g. with iconv) to keep them",
+            stacklevel=2,
         )
         return data.decode("utf-8", errors="replace")
 
@@ -266,7 +267,8 @@ def cache_is_valid(meta_path: Path) -> bool:
         return True
     warnings.warn(
         f"the token cache {meta_path.with_suffix('.*')} is damaged (its files or their description "
-        "do not match the sizes and checksums recorded): rebuilding it"
+        "do not match the sizes and checksums recorded): rebuilding it",
+        stacklevel=2,
     )
     return False
 
@@ -283,9 +285,7 @@ def write_token_split(documents: list[str], enc: tiktoken.Encoding, folder: Path
         file.write(json.dumps(meta, indent=2).encode())
 
 
-def write_tokens(
-    documents: list[str], enc: tiktoken.Encoding, path: Path, dtype: np.dtype, desc: str
-) -> list[int]:
+def write_tokens(documents: list[str], enc: tiktoken.Encoding, path: Path, dtype: np.dtype, desc: str) -> list[int]:
     """Write each document's tokens and ``<|endoftext|>`` to ``path``; return how many tokens each took."""
     lengths = []
     with replaced_atomically(path) as file, tqdm(total=len(documents), desc=desc, unit="doc") as progress:
@@ -358,13 +358,14 @@ class DocumentRows(Dataset):
         return torch.from_numpy(self.tokens[start:end].astype(np.int64))
 
 
-def pad_batch(rows: list[Tensor], pad_id: int) -> dict[str, Tensor]:
-    """Right-pad ``rows`` with ``pad_id`` to the longest; padding is masked and never a target."""
+def pad_batch(rows: list[Tensor], pad_id: int, ignore_index: int = IGNORE_INDEX) -> dict[str, Tensor]:
+    """Right-pad ``rows`` with ``pad_id`` to the longest; padding is masked, and its targets are
+    ``ignore_index``."""
     input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id)
     lengths = torch.tensor([len(row) for row in rows])
     attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
-    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-    targets = shift_labels(labels, IGNORE_INDEX)
+    labels = input_ids.masked_fill(attention_mask == 0, ignore_index)
+    targets = shift_labels(labels, ignore_index)
     return {"input_ids": input_ids, "targets": targets, "attention_mask": attention_mask}
 
 
@@ -375,17 +376,20 @@ def micro_batches(
     return [collate(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
 
 
-def count_targets(batch: dict[str, Tensor]) -> int:
-    """How many tokens of ``batch`` are predicted (the loss's token count)."""
-    return int((batch["targets"] != IGNORE_INDEX).sum())
-
-
-def check_split_size(corpus: str, split: str, tokens: TokenSplit, context_length: int) -> None:
-    """Raise when a split holds fewer than the ``context_length + 1`` tokens of one window."""
+def check_split(corpus: str, split: str, tokens: TokenSplit, context_length: int, vocab_size: int) -> None:
+    """Raise when a split holds fewer than the ``context_length + 1`` tokens of one window, or a
+    token id outside the vocabulary: checked once here, where the data enters, so that nothing
+    checks it again at every step."""
     if len(tokens.tokens) < context_length + 1:
         raise ValueError(
             f"the {split} split of corpus {corpus!r} has {len(tokens.tokens)} tokens, fewer than "
             f"context_length + 1 = {context_length + 1}: use a smaller context_length or more data"
+        )
+    largest = int(tokens.tokens.max())
+    if largest >= vocab_size:
+        raise ValueError(
+            f"the {split} split of corpus {corpus!r} holds token id {largest}, outside the tokenizer's "
+            f"vocabulary of {vocab_size}: delete its token files in the cache (cache_dir/tokens) to rebuild them"
         )
 
 
@@ -488,6 +492,8 @@ class GPTDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         cache_dir: where downloads, trained tokenizers and token files are kept.
         seed: the training order's seed; the same seed gives the same batches.
+        ignore_index: the target of a padded position (``padded`` mode); the loss's own, so that it
+            ignores them (see :mod:`losslab.targets`).
 
     Call ``setup()`` before reading ``tokenizer``, ``vocab_size`` or ``token_bytes``; later calls
     return at once.
@@ -510,6 +516,7 @@ class GPTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | Path = "cache",
         seed: int = 0,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -520,6 +527,7 @@ class GPTDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser()
         self.tokenizer: tiktoken.Encoding | None = None
         self.token_bytes: Tensor | None = None  # (vocab_size,) bytes per token, for bits per byte
+        self.tokenizer_fingerprint: str | None = None  # see losslab.tokenizers.tokenizer_fingerprint
         self.datasets: dict[str, Dataset] = {}
 
     @property
@@ -542,11 +550,11 @@ class GPTDataModule(L.LightningDataModule):
             ranks_path=hp.ranks_path,
         )
         self.token_bytes = torch.from_numpy(token_byte_lengths(self.tokenizer))
-        fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)
         for split, docs in documents.items():
-            name = f"{hp.corpus}-{split}-{text_digest([fingerprint, *docs])[:16]}"
+            name = f"{hp.corpus}-{split}-{text_digest([self.tokenizer_fingerprint, *docs])[:16]}"
             tokens = cached_token_split(docs, self.tokenizer, self.cache_dir / "tokens", name)
-            check_split_size(hp.corpus, split, tokens, hp.context_length)
+            check_split(hp.corpus, split, tokens, hp.context_length, self.tokenizer.n_vocab)
             self.datasets[split] = self.make_dataset(split, tokens)
 
     def make_dataset(self, split: str, tokens: TokenSplit) -> Dataset:
@@ -581,7 +589,7 @@ class GPTDataModule(L.LightningDataModule):
         """Batches of ``batch_size`` rows; with ``accumulate``, lists of that many batches."""
         collate = default_collate
         if self.hparams.mode == "padded":
-            collate = partial(pad_batch, pad_id=self.tokenizer.eot_token)
+            collate = partial(pad_batch, pad_id=self.tokenizer.eot_token, ignore_index=self.hparams.ignore_index)
         batch_size = self.hparams.batch_size
         if accumulate is not None:
             collate = partial(micro_batches, batch_size=batch_size, collate=collate)
@@ -597,4 +605,3 @@ class GPTDataModule(L.LightningDataModule):
             # global RNG, so a resumed run, which starts passes at other points, keeps its random stream.
             generator=torch.Generator().manual_seed(self.hparams.seed),
         )
-

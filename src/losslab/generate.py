@@ -16,20 +16,22 @@ from pathlib import Path
 import tiktoken
 import torch
 
-from losslab.model import GPT
+from losslab.model import GPT, GPTConfig
 
 
 def load_checkpoint(path: str | Path) -> tuple[GPT, tiktoken.Encoding]:
     """The GPT (in eval mode) and the tokenizer stored in a losslab checkpoint."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: give the path of a .ckpt file (checkpoints/last.ckpt of a run)")
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: give the path of a .ckpt file (checkpoints/last.ckpt of a run)"
+        )
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if "gpt_config" not in checkpoint:
         raise ValueError(f"{path} is not a losslab checkpoint (it has no 'gpt_config')")
-    model = GPT(**checkpoint["gpt_config"])
+    model = GPT(GPTConfig(**checkpoint["gpt_config"]))
     prefix = "model."
-    model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    model.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
     return model.eval(), pickle.loads(checkpoint["tokenizer"])
 
 
@@ -76,8 +78,14 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = load_checkpoint(args.checkpoint)
     samples = generate(
-        model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
-        args.top_k or None, args.num_samples, args.seed,
+        model,
+        tokenizer,
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k or None,
+        args.num_samples,
+        args.seed,
     )
     for i, text in enumerate(samples):
         print(f"--- sample {i} ---\n{text}")

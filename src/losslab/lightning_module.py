@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -18,8 +19,9 @@ import torch
 from torch import Tensor
 from torchmetrics import SumMetric
 
-from losslab.losses import LOSSES, LossParts, TokenLoss
+from losslab.losses import LossParts, TokenLoss
 from losslab.model import GPT
+from losslab.targets import count_targets, real_targets
 
 NONFINITE_POLICIES = ("skip", "stop")
 
@@ -40,19 +42,6 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def nonfinite_cause(loss_name: str) -> str:
-    """The likely cause of a non-finite loss or gradient with the loss implementation ``loss_name``."""
-    if loss_name == "naive":
-        return (
-            "naive computes exp(logits) unshifted, which overflows float32 for logits above ~88: "
-            "use loss=logsumexp, cross_entropy or fused, or lower the learning rate"
-        )
-    return (
-        "the logits or the weights diverged: lower the learning rate (optimizer.lr), lengthen the "
-        "warm-up (schedule.warmup_steps) or clip harder (step.gradient_clip_val)"
-    )
 
 
 class GPTLightningModule(L.LightningModule):
@@ -108,7 +97,7 @@ class GPTLightningModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.tokenizer_id = tokenizer_id
         if token_bytes is None:
-            token_bytes = torch.ones(model.vocab_size, dtype=torch.long)
+            token_bytes = torch.ones(model.config.vocab_size, dtype=torch.long)
         self.register_buffer("token_bytes", token_bytes.long(), persistent=False)
         # a buffer, so that checkpoints keep the count and a resumed run counts on
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
@@ -127,8 +116,7 @@ class GPTLightningModule(L.LightningModule):
         """One optimizer step over the micro-batches in ``batch``."""
         optimizer = self.optimizers()
         strategy = self.trainer.strategy
-        ignore_index = self.loss_fn.ignore_index
-        n_tokens = sum((micro["targets"] != ignore_index).sum() for micro in batch)
+        n_tokens = sum(count_targets(micro["targets"], self.loss_fn.ignore_index) for micro in batch)
         n_tokens = strategy.reduce(n_tokens, reduce_op="sum").clamp(min=1)
         # DDP averages the ranks' gradients: scaling by the world size turns that into their sum.
         scale = self.trainer.world_size / n_tokens
@@ -177,11 +165,10 @@ class GPTLightningModule(L.LightningModule):
     def skip_step(self, loss: Tensor, norm: Tensor) -> None:
         """Count a step with a non-finite loss or gradient, or raise under ``nonfinite="stop"``."""
         if self.nonfinite == "stop":
-            name = next(name for name, cls in LOSSES.items() if type(self.loss_fn) is cls)
             raise NonFiniteStepError(
                 f"step {self.global_step}: the loss is {loss.item():.6g} and the gradient norm "
-                f"{norm.item():.6g} with loss={name}; the weights were not updated. Likely cause: "
-                f"{nonfinite_cause(name)}. step.nonfinite=skip skips such steps instead."
+                f"{norm.item():.6g} with loss={self.loss_fn.name}; the weights were not updated. Likely "
+                f"cause: {self.loss_fn.nonfinite_hint}. step.nonfinite=skip skips such steps instead."
             )
         self.skipped_steps += 1
 
@@ -191,7 +178,7 @@ class GPTLightningModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         targets = batch["targets"]
-        real = targets != self.loss_fn.ignore_index
+        real = real_targets(targets, self.loss_fn.ignore_index)
         self.val_nll.update(self.loss_sums(batch).nll.float())
         self.val_tokens.update(real.sum())
         self.val_bytes.update(self.token_bytes[targets[real]].sum())
@@ -224,7 +211,7 @@ class GPTLightningModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["gpt_config"] = self.model.config
+        checkpoint["gpt_config"] = asdict(self.model.config)
         checkpoint["tokenizer"] = self.tokenizer
         checkpoint["tokenizer_id"] = self.tokenizer_id
         checkpoint["schedule"] = self.schedule
@@ -233,9 +220,16 @@ class GPTLightningModule(L.LightningModule):
         """Refuse a checkpoint of another model shape, tokenizer or learning-rate schedule, naming
         what differs (Lightning would load another shape with a size-mismatch trace, and another
         tokenizer or schedule without a word). Dropout changes no weight: a run may resume with another."""
-        model = {name: value for name, value in self.model.config.items() if name != "dropout"}
-        check_same("model", checkpoint.get("gpt_config", {}), model, "the model it was trained with (model.*=...)")
-        check_same("tokenizer", checkpoint.get("tokenizer_id") or {}, self.tokenizer_id or {}, "its tokenizer and corpus (tokenizer=..., data=...)")
+        saved_model = checkpoint.get("gpt_config", {})
+        check_same(
+            "model", saved_model, self.model.config.weight_shape(), "the model it was trained with (model.*=...)"
+        )
+        check_same(
+            "tokenizer",
+            checkpoint.get("tokenizer_id") or {},
+            self.tokenizer_id or {},
+            "its tokenizer and corpus (tokenizer=..., data=...)",
+        )
         check_same(
             "learning-rate schedule",
             checkpoint.get("schedule", {}),

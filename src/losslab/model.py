@@ -8,17 +8,50 @@ sees the full ``(tokens, V)`` logits. ``forward(ids, targets)`` gives ``(logits,
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from losslab.targets import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The GPT's shape. Defaults are a small model that trains on a laptop CPU in minutes."""
+
+    vocab_size: int  # the tokenizer's n_vocab
+    context_length: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True  # in Linear and LayerNorm layers, as GPT-2
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value}: must be an int >= 1")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}: each head takes "
+                f"n_embd / n_head dimensions (e.g. n_embd={max(1, round(self.n_embd / self.n_head)) * self.n_head})"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout}: must be in [0, 1)")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"bias={self.bias}: must be true or false")
+
+    def weight_shape(self) -> dict[str, int | bool]:
+        """The fields that the weights' shapes depend on (all but dropout), by name."""
+        return {name: value for name, value in asdict(self).items() if name != "dropout"}
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
         super().__init__()
-        if n_embd % n_head != 0:
-            raise ValueError(f"n_embd={n_embd} must be a multiple of n_head={n_head}")
         self.n_head = n_head
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
@@ -26,12 +59,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
+        B, T, C = x.shape  # batch, sequence length, width (n_embd)
+        q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
+        # (B, T, C) -> (B, nh, T, hs): nh heads of hs = C // nh dimensions each
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again
         return self.resid_dropout(self.proj(y))
 
 
@@ -60,51 +94,25 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2 architecture. Defaults are a small model that trains on a laptop CPU in minutes.
+    """GPT-2's architecture, in the shape that ``config`` gives."""
 
-    Args:
-        vocab_size: number of token ids (the tokenizer's ``n_vocab``).
-        context_length: longest sequence the model accepts (position embeddings).
-        n_layer, n_head, n_embd: depth, attention heads and width.
-        dropout: dropout on embeddings, attention and residual branches.
-        bias: biases in Linear and LayerNorm layers, as GPT-2.
-    """
-
-    def __init__(
-        self,
-        vocab_size: int,
-        context_length: int = 128,
-        n_layer: int = 4,
-        n_head: int = 4,
-        n_embd: int = 128,
-        dropout: float = 0.0,
-        bias: bool = True,
-    ) -> None:
+    def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.config = dict(
-            vocab_size=vocab_size,
-            context_length=context_length,
-            n_layer=n_layer,
-            n_head=n_head,
-            n_embd=n_embd,
-            dropout=dropout,
-            bias=bias,
-        )
-        self.vocab_size = vocab_size
-        self.context_length = context_length
-        self.wte = nn.Embedding(vocab_size, n_embd)
-        self.wpe = nn.Embedding(context_length, n_embd)
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd, bias=bias)
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.config = config
+        c = config
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = nn.Embedding(c.context_length, c.n_embd)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout, c.bias) for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as GPT-2
 
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per residual add.
         for name, param in self.named_parameters():
             if name.endswith("proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -119,32 +127,30 @@ class GPT(nn.Module):
         return n - self.wpe.weight.numel() if non_embedding else n
 
     def hidden_states(self, ids: Tensor) -> Tensor:
-        """Final hidden states ``(B, T, n_embd)``, after the last LayerNorm, before the LM head."""
+        """Final hidden states ``(B, T, n_embd)``, after the last LayerNorm, before the LM head.
+
+        ``ids`` must be in ``[0, vocab_size)``: the data module checks its token files once when
+        it loads them, so that nothing syncs with the device here to check them again.
+        """
         B, T = ids.shape
-        if T > self.context_length:
+        if T > self.config.context_length:
             raise ValueError(
                 f"sequence length {T} is longer than the model's context_length "
-                f"{self.context_length}: use shorter sequences (data.context_length) or a model "
+                f"{self.config.context_length}: use shorter sequences (data.context_length) or a model "
                 f"with a longer context (model.context_length)"
             )
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(
-                f"token id {int(ids.max() if ids.max() >= self.vocab_size else ids.min())} is out "
-                f"of range for a model with vocab_size={self.vocab_size}: the tokenizer and the "
-                f"model must agree on the vocabulary"
-            )
         pos = torch.arange(T, device=ids.device)
-        x = self.drop(self.wte(ids) + self.wpe(pos))
+        x = self.drop(self.wte(ids) + self.wpe(pos))  # (B, T, n_embd)
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
 
     def forward(self, ids: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits ``(B, T, V)`` and, given aligned ``targets`` (-100 ignored), the mean loss."""
+        """Logits ``(B, T, V)`` and, given aligned ``targets`` (see :mod:`losslab.targets`), the mean loss."""
         logits = self.lm_head(self.hidden_states(ids))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         return logits, loss
 
     @torch.no_grad()
@@ -158,7 +164,7 @@ class GPT(nn.Module):
     ) -> Tensor:
         """Sample ``max_new_tokens`` tokens after ``ids`` ``(B, T)``; temperature 0 is greedy."""
         for _ in range(max_new_tokens):
-            context = ids[:, -self.context_length :]
+            context = ids[:, -self.config.context_length :]
             logits = self.lm_head(self.hidden_states(context)[:, -1, :])
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)

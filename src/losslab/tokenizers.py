@@ -95,9 +95,7 @@ def text_digest(texts: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def bpe_tokenizer(
-    train_text: Sequence[str], vocab_size: int, cache_dir: str | Path | None = None
-) -> tiktoken.Encoding:
+def bpe_tokenizer(train_text: Sequence[str], vocab_size: int, cache_dir: str | Path | None = None) -> tiktoken.Encoding:
     """A byte-level BPE of ``vocab_size`` tokens trained on ``train_text``, cached in ``cache_dir``."""
     name = f"bpe{vocab_size}-{text_digest(train_text)[:16]}"
     if cache_dir is None:

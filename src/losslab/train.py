@@ -26,8 +26,8 @@ from losslab.config_checks import ConfigError, check_config, check_overrides
 from losslab.data import GPTDataModule
 from losslab.hparams import HParamsTab, chosen_options
 from losslab.lightning_module import GPTLightningModule
+from losslab.model import GPT
 from losslab.run_status import STATUS_FILE, GracefulInterrupt, RunStatus
-from losslab.tokenizers import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,16 @@ def run_dir(ckpt_path: str | None, branch: bool, new_dir: str) -> str:
     return new_dir
 
 
-# ${uid:}, the random suffix of run and sweep folders (conf/hydra/default.yaml). Cached, so that
-# a sweep's jobs share it: Hydra copies the sweep config's resolver cache into each job's config.
-OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True)
-OmegaConf.register_new_resolver("run_dir", run_dir)
+def register_resolvers() -> None:
+    """The resolvers that conf/hydra/default.yaml names the run and sweep folders with.
+
+    ``${uid:}`` is their random suffix, cached so that a sweep's jobs share it (Hydra copies the
+    sweep config's resolver cache into each job's config); ``${run_dir:...}`` is :func:`run_dir`.
+    """
+    if not OmegaConf.has_resolver("uid"):
+        OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True)
+    if not OmegaConf.has_resolver("run_dir"):
+        OmegaConf.register_new_resolver("run_dir", run_dir)
 
 
 @dataclass
@@ -66,9 +72,8 @@ def build_module(cfg: DictConfig) -> tuple[GPTDataModule, GPTLightningModule]:
     datamodule = instantiate(cfg.data, accumulate=cfg.step.accumulate)
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
-    model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
     module = GPTLightningModule(
-        model=model,
+        model=GPT(instantiate(cfg.model, vocab_size=datamodule.vocab_size)),
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optimizer),
         warmup_steps=cfg.schedule.warmup_steps,
@@ -76,7 +81,7 @@ def build_module(cfg: DictConfig) -> tuple[GPTDataModule, GPTLightningModule]:
         min_lr_ratio=cfg.schedule.min_lr_ratio,
         token_bytes=datamodule.token_bytes,
         tokenizer=pickle.dumps(tokenizer),
-        tokenizer_id={"name": tokenizer.name, "n_vocab": tokenizer.n_vocab, "sha256": tokenizer_fingerprint(tokenizer)},
+        tokenizer_id={"name": tokenizer.name, "n_vocab": tokenizer.n_vocab, "sha256": datamodule.tokenizer_fingerprint},
         gradient_clip_val=cfg.step.gradient_clip_val,
         nonfinite=cfg.step.nonfinite,
     )
@@ -129,9 +134,7 @@ def fit(cfg: DictConfig, folder: Path) -> RunOutcome:
 def summary(outcome: RunOutcome, message: str) -> str:
     """What the run achieved, in a line or two."""
     metrics = outcome.metrics
-    values = ", ".join(
-        f"{name} {metrics[name]:.4f}" for name in ("val/loss", "val/ppl", "val/bpb") if name in metrics
-    )
+    values = ", ".join(f"{name} {metrics[name]:.4f}" for name in ("val/loss", "val/ppl", "val/bpb") if name in metrics)
     where = f"step {outcome.step}/{outcome.max_steps}"
     if outcome.status == "finished":
         return f"Finished at {where}: {values}."
@@ -175,4 +178,5 @@ def main() -> None:
     problem = check_overrides(sys.argv[1:])
     if problem:
         sys.exit(f"error: {problem}")
+    register_resolvers()
     run()

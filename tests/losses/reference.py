@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from losslab.losses import LossParts, build_loss
+from losslab.losses import LOSSES, LogitsLoss, LossParts, build_loss
 
-IMPLEMENTATIONS = ("naive", "logsumexp", "cross_entropy", "fused")
-LOGITS_IMPLEMENTATIONS = ("naive", "logsumexp", "cross_entropy")
+IMPLEMENTATIONS = tuple(LOSSES)  # every registry entry: a new one is in every grid at once
+LOGITS_IMPLEMENTATIONS = tuple(name for name, loss in LOSSES.items() if issubclass(loss, LogitsLoss))
 REDUCTIONS = ("mean", "sum", "none")
-STABLE = ("logsumexp", "cross_entropy", "fused")
+STABLE = tuple(name for name in LOSSES if name != "naive")  # naive overflows on purpose
 ALL_OPTIONS = dict(label_smoothing=0.1, z_loss=0.01, softcap=5.0)  # every option that changes the value
 
 

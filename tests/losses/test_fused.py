@@ -49,9 +49,7 @@ def test_chunk_size_changes_nothing_in_float64(chunk_id, reduction, options_id):
     hidden, weight, targets = inputs(torch.float64)
     upstream = random_upstream(targets, reduction)
     unchunked = evaluate(build("fused", **options), hidden, weight, targets, upstream)
-    chunked = evaluate(
-        build("fused", chunk_size=CHUNK_SIZES[chunk_id], **options), hidden, weight, targets, upstream
-    )
+    chunked = evaluate(build("fused", chunk_size=CHUNK_SIZES[chunk_id], **options), hidden, weight, targets, upstream)
     expected = evaluate(partial(reference_loss, **options), hidden, weight, targets, upstream)
     assert_results_within(chunked, unchunked, CHUNK_TOL, CHUNK_TOL)
     assert_results_within(chunked, expected, FLOAT64_TOL, FLOAT64_TOL)

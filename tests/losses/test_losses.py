@@ -19,6 +19,8 @@ from functools import partial
 import pytest
 import torch
 
+from losslab.losses import build_loss
+
 from .reference import (
     ALL_OPTIONS,
     IMPLEMENTATIONS,
@@ -35,7 +37,6 @@ from .reference import (
     reference_loss,
     torch_bf16_loss,
 )
-from losslab.losses import build_loss
 
 TOLERANCES = {  # (absolute, relative)
     "float32": {"loss": (1e-5, 1e-6), "grad": (1e-7, 1e-4)},

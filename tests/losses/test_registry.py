@@ -1,10 +1,15 @@
 """The registry: four implementations, built by name, with clear errors for bad names and options."""
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from losslab.losses import LOSSES, TokenLoss, build_loss
 
 from .reference import IMPLEMENTATIONS
+
+REPO = Path(__file__).resolve().parents[2]
 
 OPTIONS = dict(
     ignore_index=-1,
@@ -27,8 +32,19 @@ INVALID = {  # id: (option, value, text the message must hold)
 
 
 def test_registry_holds_the_four():
-    assert set(LOSSES) == set(IMPLEMENTATIONS)
-    assert len(set(LOSSES.values())) == 4, "each name has its own implementation"
+    assert set(LOSSES) == {"naive", "logsumexp", "cross_entropy", "fused"}
+    assert len(set(LOSSES.values())) == len(LOSSES), "each name has its own implementation"
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_entry_has_what_the_readme_says_adding_one_takes(name):
+    """README, "Add a loss": a class that sets its name, a line in LOSSES (this test's
+    parameters), conf/loss/<name>.yaml, a row in the README's table; and the grid runs over it."""
+    assert LOSSES[name].name == name
+    config = yaml.safe_load((REPO / "conf" / "loss" / f"{name}.yaml").read_text())
+    assert config["name"] == name and config["defaults"][0] == "/base/loss@_here_"
+    assert f"\n| `{name}` |" in (REPO / "README.md").read_text(), "no row in the README's table"
+    assert name in IMPLEMENTATIONS  # the float64 reference grid
 
 
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)

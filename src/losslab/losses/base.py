@@ -5,7 +5,7 @@ Every implementation is called the same way, ``loss_fn(hidden, weight, targets)`
 - ``hidden``  ``(..., d)``: the model's final hidden states;
 - ``weight``  ``(V, d)``: the LM head, so that ``logits = hidden @ weight.T``;
 - ``targets`` integer tensor of ``hidden``'s leading shape, already aligned: ``targets[i]`` is the
-  token that ``hidden[i]`` must predict (see :func:`losslab.losses.shift_labels`).
+  token that ``hidden[i]`` must predict (see :mod:`losslab.targets`).
 
 and takes the same options with the same meaning as :func:`torch.nn.functional.cross_entropy`,
 plus PaLM's z-loss and Gemma-2's logit soft-capping.
@@ -13,10 +13,12 @@ plus PaLM's z-loss and Gemma-2's logit soft-capping.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from losslab.targets import IGNORE_INDEX, real_targets
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -43,6 +45,10 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
 class TokenLoss(nn.Module):
     """Options and checks common to all implementations.
 
+    Each implementation names itself (``name``, its key in the registry and in
+    ``conf/loss/<name>.yaml``) and says what most likely made a training step's loss or gradient
+    non-finite with it (``nonfinite_hint``, shown when ``step.nonfinite=stop`` stops a run).
+
     Args:
         ignore_index: target value whose position contributes nothing to loss or gradient.
         reduction: ``"mean"`` over non-ignored tokens (0 when every token is ignored), ``"sum"``,
@@ -56,9 +62,15 @@ class TokenLoss(nn.Module):
         return_parts: return :class:`LossParts` ``(loss, nll, z_loss)`` instead of ``loss``.
     """
 
+    name: ClassVar[str]
+    nonfinite_hint: ClassVar[str] = (
+        "the logits or the weights diverged: lower the learning rate (optimizer.lr), lengthen the "
+        "warm-up (schedule.warmup_steps) or clip harder (step.gradient_clip_val)"
+    )
+
     def __init__(
         self,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
@@ -108,7 +120,7 @@ class TokenLoss(nn.Module):
             raise TypeError(f"targets must be an integer tensor of token ids, got {targets.dtype}")
         if not self.check_targets:
             return
-        bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= vocab_size))
+        bad = real_targets(targets, self.ignore_index) & ((targets < 0) | (targets >= vocab_size))
         if bad.any():
             bad_id = int(targets[bad][0])
             raise ValueError(
@@ -158,7 +170,7 @@ class LogitsLoss(TokenLoss):
         logits = logits.to(loss_dtype(logits.dtype)).reshape(-1, logits.shape[-1])
         logits = self.apply_softcap(logits)
         flat_targets = targets.reshape(-1).long()
-        valid = flat_targets != self.ignore_index
+        valid = real_targets(flat_targets, self.ignore_index)
         per_token, nll = self.token_loss(logits, flat_targets.masked_fill(~valid, 0))
         per_token, nll = per_token.masked_fill(~valid, 0.0), nll.detach().masked_fill(~valid, 0.0)
         z_term = torch.zeros_like(per_token)

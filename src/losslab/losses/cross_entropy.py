@@ -12,6 +12,8 @@ from losslab.losses.base import LogitsLoss
 class CrossEntropyLoss(LogitsLoss):
     """``torch.nn.functional.cross_entropy`` per token: the reference every other one must match."""
 
+    name = "cross_entropy"
+
     def token_loss(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         loss = F.cross_entropy(logits, targets, reduction="none", label_smoothing=self.label_smoothing)
         if self.label_smoothing == 0:

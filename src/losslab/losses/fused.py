@@ -13,10 +13,14 @@ gradient is only known in backward, which then recomputes each chunk's logits (o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from losslab.losses.base import TokenLoss, loss_dtype
+from losslab.targets import real_targets
 
 # One chunk's float32 logits take about this many bytes; see default_chunk_size.
 CHUNK_LOGITS_BYTES = 128 * 2**20
@@ -41,6 +45,8 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
         **options: see :class:`losslab.losses.base.TokenLoss`.
     """
 
+    name = "fused"
+
     def __init__(self, chunk_size: int | None = None, **options) -> None:
         super().__init__(**options)
         if chunk_size is not None and chunk_size < 1:
@@ -57,84 +63,108 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
         # Autocast runs matmuls in its dtype, except float64 ones, which it leaves alone.
         if torch.is_autocast_enabled(device_type) and compute_dtype != torch.float64:
             compute_dtype = torch.get_autocast_dtype(device_type)
-        grad_enabled = torch.is_grad_enabled()
-        loss, nll, z_loss = _FusedLinearCrossEntropy.apply(
-            hidden,
-            weight,
-            targets,
-            self,
-            self.chunk_size or default_chunk_size(weight.shape[0]),
-            compute_dtype,
-            grad_enabled and hidden.requires_grad,
-            grad_enabled and weight.requires_grad,
+        options = FusedOptions(
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            chunk_size=self.chunk_size or default_chunk_size(weight.shape[0]),
+            compute_dtype=compute_dtype,
+            grad_enabled=torch.is_grad_enabled(),
         )
+        loss, nll, z_loss = _FusedLinearCrossEntropy.apply(hidden, weight, targets, options)
         return self.finish(loss, nll, z_loss)
+
+
+@dataclass(frozen=True)
+class FusedOptions:
+    """Everything but the tensors that :class:`_FusedLinearCrossEntropy` needs, as one value."""
+
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+    chunk_size: int
+    compute_dtype: torch.dtype  # of the matmuls: the inputs' own, or autocast's
+    # Where the loss was called: a Function's forward always runs without grad mode, and its
+    # ctx.needs_input_grad says only which inputs require a gradient.
+    grad_enabled: bool
+
+
+class ChunkLoss(NamedTuple):
+    """A chunk's per-token values, and what its gradient is made from (see :meth:`_Chunks.loss`)."""
+
+    loss: Tensor  # label smoothing and z-loss included
+    nll: Tensor
+    z_loss: Tensor
+    lse: Tensor  # logsumexp of the (soft-capped) logits
+    exp_shifted: Tensor  # exp(logits - row max), in the logits' buffer
+    norm: Tensor  # its row sums
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx,
-        hidden: Tensor,
-        weight: Tensor,
-        targets: Tensor,
-        options: FusedLinearCrossEntropyLoss,
-        chunk_size: int,
-        compute_dtype: torch.dtype,
-        needs_grad_hidden: bool,
-        needs_grad_weight: bool,
+        ctx, hidden: Tensor, weight: Tensor, targets: Tensor, options: FusedOptions
     ) -> tuple[Tensor, Tensor, Tensor]:
+        needs_grad_hidden, needs_grad_weight = (options.grad_enabled and needed for needed in ctx.needs_input_grad[:2])
         with torch.autocast(hidden.device.type, enabled=False):
             flat_hidden = hidden.reshape(-1, hidden.shape[-1])
             flat_targets = targets.reshape(-1)
             # Ignored tokens are dropped before the matmul: they cost nothing.
-            kept = (flat_targets != options.ignore_index).nonzero().squeeze(1)
+            kept = real_targets(flat_targets, options.ignore_index).nonzero().squeeze(1)
             all_kept = kept.numel() == flat_targets.numel()
-            h = (flat_hidden if all_kept else flat_hidden[kept]).to(compute_dtype)
+            h = (flat_hidden if all_kept else flat_hidden[kept]).to(options.compute_dtype)
             t = flat_targets if all_kept else flat_targets[kept]
-            w = weight.to(compute_dtype)
+            w = weight.to(options.compute_dtype)
             n = kept.numel()
 
-            grads_now = options.reduction != "none" and (needs_grad_hidden or needs_grad_weight)
+            # The gradient of a mean or sum is the upstream scalar times the one computed here, in
+            # the same pass as the loss. With reduction="none" each token's upstream gradient is
+            # known only in backward, which then recomputes the logits, chunk by chunk.
+            defer_grads = options.reduction == "none"
+            grads_now = not defer_grads and (needs_grad_hidden or needs_grad_weight)
             row_scale = 1.0 / max(n, 1) if options.reduction == "mean" else 1.0
-            chunks = _Chunks(h, w, t, options, chunk_size)
-            loss_tok = h.new_empty(n, dtype=chunks.acc_dtype)
-            nll_tok = torch.empty_like(loss_tok)
-            z_tok = torch.zeros_like(loss_tok)
-            lse = torch.empty_like(loss_tok)
+            chunks = _Chunks(h, w, t, options)
+            per_token = {name: h.new_empty(n, dtype=chunks.acc_dtype) for name in ("loss", "nll", "z_loss", "lse")}
             grad_h, grad_w = chunks.new_grads(grads_now and needs_grad_hidden, grads_now and needs_grad_weight)
             for rows in chunks:
                 logits, dcap = chunks.logits(rows)
-                loss_tok[rows], nll_tok[rows], z_tok[rows], lse[rows], shifted, norm = chunks.loss(logits, rows)
+                chunk = chunks.loss(logits, rows)
+                for name, values in per_token.items():
+                    values[rows] = getattr(chunk, name)
                 if grads_now:
-                    scale = torch.full_like(norm, row_scale)
-                    grad_logits = chunks.grad_logits_(shifted, norm, rows, lse[rows], scale, dcap)
+                    scale = torch.full_like(chunk.norm, row_scale)
+                    grad_logits = chunks.grad_logits_(chunk.exp_shifted, chunk.norm, rows, chunk.lse, scale, dcap)
                     chunks.accumulate(grad_logits, rows, grad_h, grad_w)
 
+            totals = (per_token["loss"], per_token["nll"], per_token["z_loss"])
             if options.reduction == "none":
-                loss, nll, z_loss = (_scatter(t, kept, targets.shape, all_kept) for t in (loss_tok, nll_tok, z_tok))
+                loss, nll, z_loss = (_scatter(values, kept, targets.shape, all_kept) for values in totals)
             else:
                 divisor = max(n, 1) if options.reduction == "mean" else 1
-                loss, nll, z_loss = (t.sum() / divisor for t in (loss_tok, nll_tok, z_tok))
+                loss, nll, z_loss = (values.sum() / divisor for values in totals)
 
         ctx.mark_non_differentiable(nll, z_loss)
-        ctx.needs_grads = (needs_grad_hidden, needs_grad_weight)
+        ctx.defer_grads = defer_grads
+        ctx.options = options
         ctx.hidden_meta = (hidden.shape, hidden.dtype, weight.dtype)
         ctx.all_kept = all_kept
         if grads_now:
             ctx.save_for_backward(grad_h, grad_w, kept)
-        elif needs_grad_hidden or needs_grad_weight:  # reduction="none": recompute in backward
-            ctx.options, ctx.chunk_size = options, chunk_size
-            ctx.save_for_backward(h, w, t, lse, kept)
+        elif defer_grads and (needs_grad_hidden or needs_grad_weight):
+            ctx.save_for_backward(h, w, t, per_token["lse"], kept)
         return loss, nll, z_loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _grad_nll: Tensor, _grad_z_loss: Tensor):
-        needs_grad_hidden, needs_grad_weight = ctx.needs_grads
+        needs_grad_hidden, needs_grad_weight = ctx.needs_input_grad[:2]
         hidden_shape, hidden_dtype, weight_dtype = ctx.hidden_meta
-        if hasattr(ctx, "options"):
+        if ctx.defer_grads:
             h, w, t, lse, kept = ctx.saved_tensors
-            chunks = _Chunks(h, w, t, ctx.options, ctx.chunk_size)
+            chunks = _Chunks(h, w, t, ctx.options)
             upstream = grad_loss.reshape(-1)
             upstream = (upstream if ctx.all_kept else upstream[kept]).to(chunks.acc_dtype)
             grad_h, grad_w = chunks.new_grads(needs_grad_hidden, needs_grad_weight)
@@ -157,11 +187,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
         if grad_h is not None:
             if not ctx.all_kept:
-                grad_h = grad_h.new_zeros(hidden_shape.numel() // hidden_shape[-1], hidden_shape[-1]).index_copy_(0, kept, grad_h)
+                rows = hidden_shape.numel() // hidden_shape[-1]
+                grad_h = grad_h.new_zeros(rows, hidden_shape[-1]).index_copy_(0, kept, grad_h)
             grad_h = grad_h.reshape(hidden_shape).to(hidden_dtype)
         if grad_w is not None:
             grad_w = grad_w.to(weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None
 
 
 def _scatter(values: Tensor, kept: Tensor, shape: torch.Size, all_kept: bool) -> Tensor:
@@ -173,13 +204,13 @@ def _scatter(values: Tensor, kept: Tensor, shape: torch.Size, all_kept: bool) ->
 class _Chunks:
     """The per-chunk arithmetic, shared by the forward pass and the recomputing backward pass."""
 
-    def __init__(self, h: Tensor, w: Tensor, t: Tensor, options: TokenLoss, chunk_size: int):
+    def __init__(self, h: Tensor, w: Tensor, t: Tensor, options: FusedOptions):
         self.h, self.w, self.t = h, w, t
         self.options = options
-        self.chunk_size = chunk_size
+        self.chunk_size = options.chunk_size
         self.acc_dtype = loss_dtype(h.dtype)
         # One buffer for every chunk's logits: a fresh allocation per chunk costs page faults.
-        rows = min(chunk_size, h.shape[0])
+        rows = min(self.chunk_size, h.shape[0])
         self.buffer = h.new_empty((rows, w.shape[0]), dtype=self.acc_dtype)
 
     def __iter__(self):
@@ -207,12 +238,12 @@ class _Chunks:
         dcap = 1 - logits.square()
         return logits.mul_(cap), dcap
 
-    def loss(self, logits: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def loss(self, logits: Tensor, rows: slice) -> ChunkLoss:
         """Per-token loss (label smoothing and z-loss included), plain NLL, z-loss and logsumexp
         of a chunk's logits.
 
-        Also returns ``exp(logits - max)`` (computed in place, in ``logits``' memory) and its row
-        sums, from which the softmax follows without a second ``exp``.
+        Also ``exp(logits - max)`` (computed in place, in ``logits``' memory) and its row sums,
+        from which the softmax follows without a second ``exp``.
         """
         eps, z = self.options.label_smoothing, self.options.z_loss
         target_logit = logits.gather(1, self.t[rows, None]).squeeze(1)
@@ -224,7 +255,7 @@ class _Chunks:
         nll = lse - target_logit
         loss = nll if eps == 0 else (1 - eps) * nll + eps * (lse - mean_logit)
         z_term = z * lse.square()
-        return loss + z_term, nll, z_term, lse, shifted, norm
+        return ChunkLoss(loss + z_term, nll, z_term, lse, shifted, norm)
 
     def grad_logits_(
         self, shifted: Tensor, norm: Tensor, rows: slice, lse: Tensor, scale: Tensor, dcap: Tensor | None

@@ -15,6 +15,8 @@ class LogSumExpLoss(LogitsLoss):
     the stable rewrite of ``naive`` that every real implementation uses.
     """
 
+    name = "logsumexp"
+
     def token_loss(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
         nll = -log_probs.gather(-1, targets[:, None]).squeeze(-1)

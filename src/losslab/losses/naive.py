@@ -20,6 +20,12 @@ class NaiveLoss(LogitsLoss):
     ``cross_entropy`` or ``fused`` for training; use this to see why they exist.
     """
 
+    name = "naive"
+    nonfinite_hint = (
+        "naive computes exp(logits) unshifted, which overflows float32 for logits above ~88: "
+        "use loss=logsumexp, cross_entropy or fused, or lower the learning rate"
+    )
+
     def token_loss(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         exp = torch.exp(logits)
         probs = exp / exp.sum(dim=-1, keepdim=True)

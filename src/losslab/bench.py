@@ -1,0 +1,438 @@
+"""The benchmark harness: inputs, timing, peak memory and worker processes for the loss benchmark.
+
+``scripts/bench_losses.py`` is the report built on it: it picks the sizes and rows to run,
+measures each in a fresh process with :func:`measure_in_worker` and prints :func:`results_markdown`.
+
+A row of the benchmark is a *setup*: a function that takes the inputs and the dtype and returns
+the :class:`Step` to measure, one forward and backward. :func:`setups` holds them all: one per
+entry of the loss registry ``losslab.losses.LOSSES`` (a newly registered loss is benchmarked by
+itself), then the reference rows of :data:`REFERENCES`, which are not losses of this package:
+
+- ``torch_lce``: ``torch.nn.functional.linear_cross_entropy`` on its chunked path, with automatic
+  chunking;
+- ``torch_lce_chunked``: the same with ``batch_chunk_size`` equal to fused's default chunk size, so
+  that the two chunked implementations process the same rows at a time;
+- ``floor``: the bare matmuls any implementation needs, at full size in the compute dtype:
+  ``logits = hidden @ weight.T``, then ``logits @ weight`` and ``logits.T @ hidden`` (the logits
+  standing in for their gradient): the work every implementation does, without the loss.
+
+The dtype of a row is ``float32``, or ``bf16``: mixed-precision training, float32 inputs with
+``torch.autocast(device, dtype=torch.bfloat16)`` around the forward. (torch 2.13's
+``linear_cross_entropy`` ignores autocast: under ``bf16`` its rows compute in float32.)
+
+Method (:func:`measure`): a step on a small problem first (:data:`PRIMING_SIZE`), so that one-time
+costs (lazy imports, library set-up) are not counted; then, at full size, the first step's peak
+memory above the inputs (:func:`peak_memory_mib`; it includes the gradients of ``hidden`` and
+``weight``), then ``warmup`` untimed steps and ``repeats`` timed ones, gradients cleared before
+each, reported by their median (:func:`time_calls`).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from losslab.losses import LOSSES, REFERENCE, build_loss, default_chunk_size
+from losslab.memory import peak_rss_mib, reset_peak_rss
+
+MIB = 2**20
+DTYPES = ("float32", "bf16")
+# The rows the table's ratio columns divide by.
+FLOOR = "floor"
+BASELINE = REFERENCE
+# (N, V, d) of the step each worker runs before its measured one, so that one-time costs (lazy
+# imports, library set-up: 77 MiB for torch 2.13's linear_cross_entropy) are not counted.
+PRIMING_SIZE = (256, 1024, 64)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+class Inputs(NamedTuple):
+    """The arguments of a loss: ``loss_fn(*inputs)``."""
+
+    hidden: Tensor
+    weight: Tensor
+    targets: Tensor
+
+
+def make_inputs(
+    tokens: int,
+    vocab: int,
+    dim: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> Inputs:
+    """``hidden`` ``(N, d)`` with std 1 and ``weight`` ``(V, d)`` with std 0.02, both requiring
+    grad, and ``targets`` ``(N,)`` uniform in ``[0, V)``; the same for the same seed."""
+    generator = torch.Generator(device).manual_seed(seed)
+    hidden = torch.randn(tokens, dim, generator=generator, dtype=dtype, device=device)
+    # scaled in place: a full-size temporary would add to the process's resident memory
+    weight = torch.randn(vocab, dim, generator=generator, dtype=dtype, device=device).mul_(0.02)
+    targets = torch.randint(0, vocab, (tokens,), generator=generator, device=device)
+    return Inputs(hidden.requires_grad_(), weight.requires_grad_(), targets)
+
+
+# ----------------------------------------------------------------------------- setups
+
+
+class Step(NamedTuple):
+    """What a setup builds: the callable to measure and its row's name in the table."""
+
+    label: str
+    run: Callable[[], object]
+
+
+# A setup: the inputs and the dtype ("float32" or "bf16") to the step to measure.
+Setup = Callable[[Inputs, str], Step]
+
+
+def autocast(device: torch.device, dtype: str) -> torch.autocast:
+    """bf16 autocast for ``dtype == "bf16"``, else a context that changes nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def loss_step(label: str, loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor], inputs: Inputs, dtype: str) -> Step:
+    """The forward (under autocast for bf16) and backward of ``loss_fn`` on ``inputs``."""
+
+    def run() -> Tensor:
+        with autocast(inputs.hidden.device, dtype):
+            loss = loss_fn(*inputs)
+        loss.backward()
+        return loss
+
+    return Step(label, run)
+
+
+def setup_loss(name: str, inputs: Inputs, dtype: str) -> Step:
+    """The registered loss ``name``, built with its default options."""
+    return loss_step(name, build_loss(name), inputs, dtype)
+
+
+def setup_torch_lce(inputs: Inputs, dtype: str) -> Step:
+    """``torch.nn.functional.linear_cross_entropy``, chunked, with automatic chunks."""
+    options = torch.nn.LinearCrossEntropyOptions()
+    loss_fn = partial(torch.nn.functional.linear_cross_entropy, options=options)
+    return loss_step("torch.linear_cross_entropy (auto chunks)", loss_fn, inputs, dtype)
+
+
+def setup_torch_lce_chunked(inputs: Inputs, dtype: str) -> Step:
+    """``torch.nn.functional.linear_cross_entropy`` in chunks of fused's default size."""
+    chunk_size = default_chunk_size(inputs.weight.shape[0])
+    options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk_size, chunking_method=None)
+    loss_fn = partial(torch.nn.functional.linear_cross_entropy, options=options)
+    return loss_step(f"torch.linear_cross_entropy (batch_chunk_size={chunk_size})", loss_fn, inputs, dtype)
+
+
+def setup_floor(inputs: Inputs, dtype: str) -> Step:
+    """The three full-size matmuls any implementation needs, without the loss."""
+    hidden, weight, _ = inputs
+
+    def run() -> tuple[Tensor, Tensor]:
+        with torch.no_grad(), autocast(hidden.device, dtype):
+            logits = hidden @ weight.T
+            return logits @ weight, logits.T @ hidden
+
+    return Step("matmul floor", run)
+
+
+# The rows that are not losses of the registry, in table order.
+REFERENCES: dict[str, Setup] = {
+    "torch_lce": setup_torch_lce,
+    "torch_lce_chunked": setup_torch_lce_chunked,
+    FLOOR: setup_floor,
+}
+
+
+def setups() -> dict[str, Setup]:
+    """Every row the benchmark can run, in table order: each registered loss, then the references."""
+    return {**{name: partial(setup_loss, name) for name in LOSSES}, **REFERENCES}
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_of_one_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call of ``fn``; on CUDA, between events recorded around it."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        stream = torch.cuda.current_stream(device)
+        synchronize(device)
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+    start_s = time.perf_counter()
+    fn()
+    return time.perf_counter() - start_s
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The seconds of each timed call of a callable, and their median: the number to report."""
+
+    times_s: list[float]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+
+def time_calls(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int = 1,
+    repeats: int = 3,
+    grad_to_none: Sequence[Tensor] = (),
+) -> Timing:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; before each call the
+    gradients of ``grad_to_none`` are cleared, so that each call allocates them afresh."""
+    times_s = []
+    for index in range(warmup + repeats):
+        for tensor in grad_to_none:
+            tensor.grad = None
+        if index < warmup:
+            fn()
+        else:
+            times_s.append(seconds_of_one_call(fn, device))
+    return Timing(times_s)
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """The peak memory one call of ``fn`` adds to what was allocated before it, in MiB.
+
+    On CUDA, the caching allocator's peak allocation; on a CPU, the process's peak resident
+    memory (Linux only), which counts everything the process does meanwhile.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / MIB
+    if not reset_peak_rss():
+        raise RuntimeError("peak memory on a CPU needs Linux's /proc/self/clear_refs, to reset the peak")
+    before = peak_rss_mib()  # right after the reset, the peak is the current resident memory
+    fn()
+    return peak_rss_mib() - before
+
+
+class Config(NamedTuple):
+    """One problem: N tokens, vocabulary size V, hidden size d, and the dtype (see :data:`DTYPES`)."""
+
+    tokens: int
+    vocab: int
+    dim: int
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"N={self.tokens}, V={self.vocab}, d={self.dim}, {self.dtype}"
+
+
+@dataclass
+class Result:
+    """One row of the benchmark: a setup at one configuration, its measurements, or why it failed."""
+
+    impl: str
+    tokens: int
+    vocab: int
+    dim: int
+    dtype: str
+    label: str
+    time_s: float | None = None  # median of times_s
+    times_s: list[float] = field(default_factory=list)
+    peak_mib: float | None = None
+    error: str | None = None
+
+    @property
+    def config(self) -> Config:
+        return Config(self.tokens, self.vocab, self.dim, self.dtype)
+
+
+def measure(impl: str, config: Config, *, device: str, warmup: int, repeats: int) -> Result:
+    """Peak memory and median time of one forward+backward of the setup ``impl`` at ``config``,
+    in this process (see the module docstring for the method)."""
+    setup = setups()[impl]
+    torch_device = torch.device(device)
+    setup(make_inputs(*PRIMING_SIZE, device=torch_device), config.dtype).run()
+    inputs = make_inputs(config.tokens, config.vocab, config.dim, device=torch_device)
+    step = setup(inputs, config.dtype)
+    peak_mib = peak_memory_mib(step.run, torch_device)
+    timing = time_calls(
+        step.run, torch_device, warmup=warmup, repeats=repeats, grad_to_none=(inputs.hidden, inputs.weight)
+    )
+    return Result(impl, *config, label=step.label, time_s=timing.median_s, times_s=timing.times_s, peak_mib=peak_mib)
+
+
+def measure_in_worker(impl: str, config: Config, *, device: str, warmup: int, repeats: int) -> Result:
+    """:func:`measure` in a fresh Python process, so that the peak memory is the measurement's own
+    (and a crash or an out-of-memory kill costs one row); a failure is a result with ``error``."""
+    task = {"impl": impl, "config": config, "device": device, "warmup": warmup, "repeats": repeats}
+    proc = subprocess.run([sys.executable, "-m", "losslab.bench", json.dumps(task)], capture_output=True, text=True)
+    sys.stderr.write(proc.stderr)
+    if proc.returncode == 0:
+        return Result(**json.loads(proc.stdout.splitlines()[-1]))
+    if proc.returncode < 0:
+        error = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
+    else:
+        lines = proc.stderr.strip().splitlines()
+        error = lines[-1] if lines else f"exit status {proc.returncode}"
+    return Result(impl, *config, label=impl, error=error)
+
+
+def worker_main() -> None:
+    """``python -m losslab.bench TASK``: measure the task (JSON) and print the result as a JSON line."""
+    task = json.loads(sys.argv[1])
+    task["config"] = Config(*task["config"])
+    print(json.dumps(asdict(measure(**task))))
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model name."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str) -> dict[str, object]:
+    """What the numbers were measured on, and when."""
+    return {
+        "torch": torch.__version__,
+        "device": device,
+        "device_name": device_name(device),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "date": datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table: the first column left-aligned, the others (numbers) right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def by_config(results: Sequence[Result]) -> dict[Config, list[Result]]:
+    """The results grouped by configuration, in the order they ran."""
+    groups: dict[Config, list[Result]] = {}
+    for result in results:
+        groups.setdefault(result.config, []).append(result)
+    return groups
+
+
+def ratio(value: float | None, reference: float | None) -> str:
+    """``value / reference`` to two decimals, or "-" without a reference (not run, or failed)."""
+    return "-" if value is None or not reference else f"{value / reference:.2f}"
+
+
+def table_row(result: Result, floor: Result | None, baseline: Result | None) -> list[str]:
+    """A result's row of :func:`results_markdown`, its ratios to the floor and the baseline."""
+    if result.error:
+        return [result.label, f"failed: {result.error}", "", "", "", ""]
+    floor_time = floor.time_s if floor else None
+    base_time, base_peak = (baseline.time_s, baseline.peak_mib) if baseline else (None, None)
+    return [
+        result.label,
+        f"{result.time_s:.4g}",
+        ratio(result.time_s, floor_time),
+        ratio(result.time_s, base_time),
+        f"{result.peak_mib:.1f}",
+        ratio(result.peak_mib, base_peak),
+    ]
+
+
+def results_markdown(results: Sequence[Result], info: dict[str, object]) -> str:
+    """The machine, then per configuration a table: time, peak memory and their ratios to the
+    matmul floor's time and to the ``cross_entropy`` implementation's time and memory."""
+    header = ["implementation", "time s", "x floor", f"x {BASELINE}", "peak MiB", f"x {BASELINE} memory"]
+    parts = [f"torch {info['torch']}, {info['device_name']}, {info['threads']} threads, {info['date']}\n"]
+    for config, config_results in by_config(results).items():
+        by_impl = {result.impl: result for result in config_results}
+        rows = [table_row(result, by_impl.get(FLOOR), by_impl.get(BASELINE)) for result in config_results]
+        parts.append(f"### {config}\n\n{markdown_table(header, rows)}")
+    return "\n".join(parts)
+
+
+def write_json(path: Path, results: Sequence[Result], **context: object) -> None:
+    """The results as JSON, after ``context`` (such as the machine and the settings)."""
+    report = {**context, "results": [asdict(result) for result in results]}
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def plot(results: Sequence[Result], path: Path, title: str) -> None:
+    """A PNG chart: per configuration, horizontal bars of time and of peak memory, one per row."""
+    # Imported here: the worker processes, which import this module, never draw.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = by_config(results)
+    heights = [0.45 * len(config_results) + 1.2 for config_results in groups.values()]
+    figure, axes = plt.subplots(
+        len(groups),
+        2,
+        figsize=(13, sum(heights) + 0.6),
+        squeeze=False,
+        sharey="row",
+        gridspec_kw={"height_ratios": heights},
+    )
+    impls = list(dict.fromkeys(result.impl for result in results))
+    colours = {impl: plt.cm.tab10(index % 10) for index, impl in enumerate(impls)}
+    colours[FLOOR] = "0.6"
+    for (config, config_results), (time_axis, memory_axis) in zip(groups.items(), axes, strict=True):
+        positions = range(len(config_results))
+        for axis, key, unit in ((time_axis, "time_s", "time (s)"), (memory_axis, "peak_mib", "peak memory (MiB)")):
+            values = [getattr(result, key) or 0.0 for result in config_results]
+            axis.barh(positions, values, color=[colours[result.impl] for result in config_results])
+            for position, result, value in zip(positions, config_results, values, strict=True):
+                axis.text(value, position, " failed" if result.error else f" {value:.4g}", va="center", fontsize=8)
+            axis.set_title(f"{config}: {unit}", fontsize=10)
+            axis.set_xlim(0, max(values, default=0) * 1.18 or 1)
+            axis.grid(axis="x", alpha=0.3)
+        time_axis.set_yticks(list(positions), [result.label for result in config_results], fontsize=8)
+        time_axis.invert_yaxis()
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    worker_main()
