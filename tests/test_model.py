@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from losslab.losses import build_loss
 from losslab.model import GPT, GPTConfig
 
 
@@ -71,3 +72,19 @@ def test_generate_extends_and_greedy_is_deterministic(model):
     g = torch.Generator().manual_seed(1)
     sampled = model.generate(ids, 5, temperature=1.0, top_k=3, generator=g)
     assert sampled.shape == (2, 25) and sampled.max() < 101
+
+
+def test_a_bias_in_the_lm_head_reaches_the_logits_and_the_loss():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=101, context_length=16, n_layer=1, n_head=2, n_embd=32, lm_head_bias=True))
+    with torch.no_grad():
+        model.lm_head.bias.normal_()
+    assert model.lm_head.weight is model.wte.weight and model.lm_head.bias.shape == (101,)
+    ids, targets = torch.randint(0, 101, (2, 9)), torch.randint(0, 101, (2, 9))
+    hidden = model.hidden_states(ids)
+    logits, loss = model(ids, targets)
+    torch.testing.assert_close(logits, hidden @ model.lm_head.weight.T + model.lm_head.bias)
+    fused = build_loss("fused")(hidden, model.lm_head.weight, targets, model.lm_head.bias)
+    torch.testing.assert_close(fused, loss)
+    fused.backward()
+    assert model.lm_head.bias.grad is not None and model.lm_head.bias.grad.abs().sum() > 0

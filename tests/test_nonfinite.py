@@ -1,6 +1,7 @@
 """A step whose loss or gradient is not finite never updates the weights: by config it is skipped
 and counted, or training stops with a message that names the step, the loss and the likely cause."""
 
+import contextlib
 from functools import partial
 
 import lightning as L
@@ -79,3 +80,26 @@ def test_stop_on_a_nan_gradient_keeps_the_weights_of_the_last_good_step():
 def test_an_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="nonfinite='ignore': choose one of skip, stop"):
         tiny_module(nonfinite="ignore")
+
+
+def test_naive_reports_the_steps_whose_gradient_it_gets_wrong():
+    """Every position's logits are 50 for token 0 and 0 for the others: no overflow, no NaN, but
+    each target other than 0 lies 100 below twice the logsumexp, where naive's gradient is 1.7%
+    off (its docstring). It says so; a stable loss on the same model reports nothing."""
+    micro_batches, _ = step_batches(ACCUMULATED)
+    for loss, expect_inexact in [("naive", True), ("logsumexp", False)]:
+        module = tiny_module(loss, optimizer=partial(torch.optim.SGD, lr=1e-6))
+        with torch.no_grad():  # the last LayerNorm outputs its bias e_0, so logits = lm_head.weight[:, 0]
+            module.model.ln_f.weight.zero_()
+            module.model.ln_f.bias.zero_()[0] = 1.0
+            module.model.lm_head.weight[:, 0] = 0.0
+            module.model.lm_head.weight[0, 0] = 50.0
+        warns = pytest.warns(UserWarning, match=r"step 1: \d+ target\(s\) got an inexact gradient from loss=naive")
+        with warns if expect_inexact else contextlib.nullcontext():
+            trainer = fit(module, [micro_batches] * 2, precision="32-true")
+        assert torch.isfinite(trainer.callback_metrics["train/loss"]) and int(module.skipped_steps) == 0
+        if expect_inexact:
+            targets = torch.cat([micro["targets"].flatten() for micro in micro_batches])
+            assert trainer.callback_metrics["train/inexact_grads"] == int(((targets != -100) & (targets != 0)).sum())
+        else:
+            assert "train/inexact_grads" not in trainer.callback_metrics

@@ -90,9 +90,11 @@ def test_a_few_steps_per_loss_write_tensorboard_curves(tmp_path, cache_dir, loss
     for tag in [
         "train/loss",
         "train/ppl",
+        "train/acc",
         "val/loss",
         "val/ppl",
         "val/bpb",
+        "val/acc",
         "lr",
         "train/grad_norm",
         "perf/tokens_per_sec",

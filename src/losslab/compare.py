@@ -48,6 +48,7 @@ COLUMNS = {
     "best_val_loss": "best val loss",
     "val_ppl": "val ppl",
     "val_bpb": "val bpb",
+    "val_acc": "val acc",
     "tokens_per_sec": "tokens/s (median)",
     "peak_memory_mib": "peak memory (MiB)",
     "wall_time_s": "wall time (s)",
@@ -58,6 +59,7 @@ FORMATS = {
     "best_val_loss": "{:.4f}",
     "val_ppl": "{:.2f}",
     "val_bpb": "{:.4f}",
+    "val_acc": "{:.2%}",
     "tokens_per_sec": "{:,.0f}",
     "peak_memory_mib": "{:,.0f}",
     "wall_time_s": "{:.1f}",
@@ -236,6 +238,7 @@ def summarize(run: Run) -> dict[str, float | bool | str | None]:
         "best_val_loss": min(finite_losses, default=None),
         "val_ppl": last(curves, "val/ppl"),
         "val_bpb": last(curves, "val/bpb"),
+        "val_acc": last(curves, "val/acc"),
     }
     tokens_per_sec = values(curves, "perf/tokens_per_sec")
     row["tokens_per_sec"] = statistics.median(tokens_per_sec) if tokens_per_sec else None

@@ -44,17 +44,21 @@ if TYPE_CHECKING:
 FIXED_VOCAB_SIZES = {"bytes": 257, "gpt2": 50257}
 BPE_MIN_VOCAB_SIZE = 257
 
-# Options of a `_target_` that losslab passes itself (a config value would be overridden or
-# clash), with what to set instead.
+# Options of a `_target_` that a training run does not take from the config (losslab passes them
+# itself, or cannot honour them), with what to do instead.
 SET_BY_LOSSLAB = {
-    "model.vocab_size": "the tokenizer sets it: choose tokenizer=... (and data.vocab_size for bpe)",
-    "loss.reduction": "the training step sums the loss and divides by the real tokens of the step",
-    "loss.return_parts": "the training step asks for the loss's parts to log them",
-    "data.accumulate": "use step.accumulate",
-    "trainer.accumulate_grad_batches": "the module optimizes manually: use step.accumulate",
-    "trainer.gradient_clip_val": "the module optimizes manually: use step.gradient_clip_val",
-    "trainer.logger": "choose logger=...",
-    "trainer.callbacks": "add a node under callbacks",
+    "model.vocab_size": "losslab sets this itself: the tokenizer sets it: choose tokenizer=... (and data.vocab_size for bpe)",
+    "loss.reduction": "losslab sets this itself: the training step sums the loss and divides by the real tokens of the step",
+    "loss.return_parts": "losslab sets this itself: the training step asks for the loss's parts to log them",
+    "data.accumulate": "losslab sets this itself: use step.accumulate",
+    "trainer.accumulate_grad_batches": "losslab sets this itself: the module optimizes manually: use step.accumulate",
+    "trainer.gradient_clip_val": "losslab sets this itself: the module optimizes manually: use step.gradient_clip_val",
+    "trainer.logger": "losslab sets this itself: choose logger=...",
+    "trainer.callbacks": "losslab sets this itself: add a node under callbacks",
+    "loss.class_weights": (
+        "training takes no class weights: a step divides by its count of targets, not by their summed "
+        "weights; give them to build_loss(..., class_weights=...) in your own loop"
+    ),
 }
 
 # Nodes whose every entry is an object to build, whatever its name: train.py builds each callback.
@@ -373,7 +377,7 @@ def unknown_keys(cfg: DictConfig, node: dict, path: str = "") -> Iterator[str]:
         if key.startswith("_"):
             continue
         if full in SET_BY_LOSSLAB:
-            yield f"{full}={shown(value_at(cfg, full))}: losslab sets this itself: {SET_BY_LOSSLAB[full]}"
+            yield f"{full}={shown(value_at(cfg, full))}: {SET_BY_LOSSLAB[full]}"
         elif options is not None and key not in options:
             yield unknown_option(cfg, full, owner, options)
         elif isinstance(value, dict):

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 # The validation metrics the tab shows, under the names it shows them.
-TAB_METRICS = {"val/loss": "hp/val_loss", "val/ppl": "hp/val_ppl", "val/bpb": "hp/val_bpb"}
+TAB_METRICS = {"val/loss": "hp/val_loss", "val/ppl": "hp/val_ppl", "val/bpb": "hp/val_bpb", "val/acc": "hp/val_acc"}
 
 
 def chosen_options(cfg: DictConfig, vocab_size: int) -> DictConfig:

@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import SumMetric
 
@@ -106,11 +107,14 @@ class GPTLightningModule(L.LightningModule):
         self.val_nll = SumMetric(nan_strategy="disable")
         self.val_tokens = SumMetric(nan_strategy="disable")
         self.val_bytes = SumMetric(nan_strategy="disable")
+        self.val_correct = SumMetric(nan_strategy="disable")
+        self.warned_inexact_grads = False
 
     def loss_sums(self, batch: dict[str, Tensor]) -> LossParts:
-        """The objective, NLL and z-loss of a batch, each summed over its real target tokens."""
+        """The loss's parts for a batch (see :class:`LossParts`), each summed over its real targets."""
         hidden = self.model.hidden_states(batch["input_ids"])
-        return self.loss_fn(hidden, self.model.lm_head.weight, batch["targets"])
+        head = self.model.lm_head
+        return self.loss_fn(hidden, head.weight, batch["targets"], head.bias)
 
     def training_step(self, batch: list[dict[str, Tensor]], batch_idx: int) -> None:
         """One optimizer step over the micro-batches in ``batch``."""
@@ -120,13 +124,15 @@ class GPTLightningModule(L.LightningModule):
         n_tokens = strategy.reduce(n_tokens, reduce_op="sum").clamp(min=1)
         # DDP averages the ranks' gradients: scaling by the world size turns that into their sum.
         scale = self.trainer.world_size / n_tokens
-        sums = []
+        sums, inexact_grads = [], []
         for i, micro in enumerate(batch):
             with optimizer.toggle_model(sync_grad=i == len(batch) - 1):  # all-reduce once, at the end
                 parts = self.loss_sums(micro)
                 self.manual_backward(parts.loss * scale)
-            sums.append(torch.stack([parts.loss.detach(), parts.nll, parts.z_loss]))
-        objective, nll, z_loss = strategy.reduce(torch.stack(sums).sum(0), reduce_op="sum") / n_tokens
+            sums.append(torch.stack([parts.loss.detach(), parts.nll, parts.z_loss, parts.accuracy]))
+            if parts.inexact_grads is not None:
+                inexact_grads.append(parts.inexact_grads)
+        objective, nll, z_loss, accuracy = strategy.reduce(torch.stack(sums).sum(0), reduce_op="sum") / n_tokens
         # torch's clipping, not self.clip_gradients: Lightning refuses that with a fused optimizer
         # under bf16-mixed (it guards fp16 loss scaling, which we do not use). It also returns the
         # norm before clipping, so the norm is computed once.
@@ -151,10 +157,26 @@ class GPTLightningModule(L.LightningModule):
         self.log("train/ppl", torch.exp(nll))
         if self.loss_fn.label_smoothing > 0 or self.loss_fn.z_loss > 0:
             self.log("train/objective", objective)
+        self.log("train/acc", accuracy)
         self.log("train/grad_norm", norm)
         self.log("train/skipped_steps", self.skipped_steps.float())
         if self.loss_fn.z_loss > 0:
             self.log("train/z_loss", z_loss)
+        if inexact_grads:
+            self.report_inexact_gradients(strategy.reduce(torch.stack(inexact_grads).sum(), reduce_op="sum"))
+
+    def report_inexact_gradients(self, count: Tensor) -> None:
+        """Log how many targets of the step got an inexact gradient, and warn the first time: no
+        NaN shows it. Only a loss that can compute one reports it, so the others never sync here."""
+        self.log("train/inexact_grads", count.float())
+        if count > 0 and not self.warned_inexact_grads:
+            self.warned_inexact_grads = True
+            rank_zero_warn(
+                f"step {self.global_step}: {int(count)} target(s) got an inexact gradient from "
+                f"loss={self.loss_fn.name} (their other logits' gradients underflow towards 0, with no NaN "
+                "to show it; train/inexact_grads counts them): see its limits in the README, or use "
+                "a stable loss"
+            )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Asking to stop at the last step makes Lightning validate once more before it ends, so that
@@ -173,24 +195,29 @@ class GPTLightningModule(L.LightningModule):
         self.skipped_steps += 1
 
     def on_validation_epoch_start(self) -> None:
-        for metric in (self.val_nll, self.val_tokens, self.val_bytes):
+        for metric in (self.val_nll, self.val_tokens, self.val_bytes, self.val_correct):
             metric.reset()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         targets = batch["targets"]
         real = real_targets(targets, self.loss_fn.ignore_index)
-        self.val_nll.update(self.loss_sums(batch).nll.float())
+        parts = self.loss_sums(batch)
+        self.val_nll.update(parts.nll.float())
+        self.val_correct.update(parts.accuracy.float())
         self.val_tokens.update(real.sum())
         self.val_bytes.update(self.token_bytes[targets[real]].sum())
 
     def on_validation_epoch_end(self) -> None:
         # Token-weighted over the whole validation set: exp(total NLL / total tokens). Under DDP
         # the metrics sum over the ranks themselves, so the values are already global.
-        nll, tokens, n_bytes = (m.compute() for m in (self.val_nll, self.val_tokens, self.val_bytes))
+        nll, tokens, n_bytes, correct = (
+            m.compute() for m in (self.val_nll, self.val_tokens, self.val_bytes, self.val_correct)
+        )
         loss = nll / tokens.clamp(min=1)
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
         self.log("val/bpb", nll / math.log(2) / n_bytes.clamp(min=1))
+        self.log("val/acc", correct / tokens.clamp(min=1))
         self.log("step", float(self.global_step))  # after that many steps; 0 before training
 
     def configure_optimizers(self) -> dict[str, Any]:

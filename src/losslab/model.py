@@ -28,6 +28,7 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True  # in Linear and LayerNorm layers, as GPT-2
+    lm_head_bias: bool = False  # GPT-2 has none; some models (Phi) do
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
@@ -41,8 +42,9 @@ class GPTConfig:
             )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout}: must be in [0, 1)")
-        if not isinstance(self.bias, bool):
-            raise ValueError(f"bias={self.bias}: must be true or false")
+        for name in ("bias", "lm_head_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)}: must be true or false")
 
     def weight_shape(self) -> dict[str, int | bool]:
         """The fields that the weights' shapes depend on (all but dropout), by name."""
@@ -105,7 +107,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c.n_embd, c.n_head, c.dropout, c.bias) for _ in range(c.n_layer))
         self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.lm_head_bias)
         self.lm_head.weight = self.wte.weight  # tied, as GPT-2
 
         self.apply(self._init_weights)

@@ -25,42 +25,63 @@ ALL_OPTIONS = dict(label_smoothing=0.1, z_loss=0.01, softcap=5.0)  # every optio
 
 
 def reference_from_logits(
-    logits, targets, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None
+    logits,
+    targets,
+    *,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    class_weights=None,
 ):
-    """:class:`LossParts` ``(loss, nll, z_loss)`` of ``logits (..., V)`` against ``targets (...)``,
-    in ``logits``' dtype: ``nll`` is the cross-entropy without label smoothing or z-loss."""
+    """:class:`LossParts` of ``logits (..., V)`` against ``targets (...)``, in ``logits``' dtype.
+
+    The cross-entropy is ``F.cross_entropy`` with ``weight=class_weights`` and label smoothing; the
+    z-loss is added unweighted and its mean is over the counted targets (as in Liger-Kernel);
+    ``nll`` is the plain cross-entropy; accuracy and the predicted tokens come from the argmax.
+    """
     flat = logits.reshape(-1, logits.shape[-1])
     if softcap is not None:
         flat = softcap * torch.tanh(flat / softcap)
     flat_targets = targets.reshape(-1)
     kept = flat_targets != ignore_index
-    ce = F.cross_entropy(
-        flat, flat_targets, reduction="none", ignore_index=ignore_index, label_smoothing=label_smoothing
-    )
+    weight = None if class_weights is None else class_weights.to(flat.dtype)
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, weight=weight)
+    ce_sum = F.cross_entropy(flat, flat_targets, reduction="sum", **options)
+    ce = F.cross_entropy(flat, flat_targets, reduction="none", **options)
     nll = F.cross_entropy(flat, flat_targets, reduction="none", ignore_index=ignore_index)
-    z = torch.where(kept, z_loss * torch.logsumexp(flat, dim=-1).square(), torch.zeros_like(ce))
+    zeros = torch.zeros_like(nll)
+    z = torch.where(kept, z_loss * torch.logsumexp(flat, dim=-1).square(), zeros)
+    predicted = torch.where(kept, flat.argmax(dim=-1), -1)
+    correct = ((predicted == flat_targets) & kept).to(flat.dtype)
     n_kept = int(kept.sum())
 
     def reduce(values):
         if reduction == "none":
-            return values
+            return values.reshape(targets.shape)
         if reduction == "sum":
             return values.sum()
         # Every token ignored: the mean is 0, still connected to the graph (zero gradients).
         return values.sum() / n_kept if n_kept else values.sum() * 0.0
 
-    return LossParts(*(reduce(t.reshape(targets.shape)) for t in (ce + z, nll, z)))
+    if reduction == "mean" and n_kept:  # F.cross_entropy's own weighted mean
+        loss = F.cross_entropy(flat, flat_targets, reduction="mean", **options) + reduce(z)
+    else:
+        loss = reduce(ce + z) if reduction == "none" or n_kept else ce_sum * 0.0
+    return LossParts(loss, reduce(nll), reduce(z), reduce(correct), predicted.reshape(targets.shape))
 
 
-def reference_loss(hidden, weight, targets, **options):
-    """The float64 reference: ``logits = hidden @ weight.T`` in float64, then the loss."""
-    return reference_from_logits(hidden.double() @ weight.double().T, targets, **options)
+def reference_loss(hidden, weight, targets, bias=None, **options):
+    """The float64 reference: ``logits = hidden @ weight.T + bias`` in float64, then the loss."""
+    logits = hidden.double() @ weight.double().T
+    return reference_from_logits(logits if bias is None else logits + bias.double(), targets, **options)
 
 
-def torch_bf16_loss(hidden, weight, targets, **options):
+def torch_bf16_loss(hidden, weight, targets, bias=None, **options):
     """What plain PyTorch gives under bf16 autocast: bf16 logits, F.cross_entropy in float32."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = hidden @ weight.T
+        logits = F.linear(hidden, weight, bias)
     return reference_from_logits(logits.float(), targets, **options)
 
 
@@ -68,28 +89,43 @@ class Result(NamedTuple):
     loss: torch.Tensor
     nll: torch.Tensor
     z_loss: torch.Tensor
+    accuracy: torch.Tensor
     grad_hidden: torch.Tensor
     grad_weight: torch.Tensor
+    grad_bias: torch.Tensor | None  # None without a bias
 
 
-def evaluate(loss_fn, hidden, weight, targets, upstream=None, autocast=False):
-    """Loss, NLL, z-loss and the gradients of ``sum(upstream * loss)`` for fresh leaves ``hidden, weight``.
+VALUES = ("loss", "nll", "z_loss", "accuracy")  # judged by the loss tolerance; the rest are gradients
 
-    ``loss_fn(hidden, weight, targets)`` returns :class:`LossParts`: an implementation built with
-    ``return_parts=True`` or one of the reference functions above.
+
+def evaluate(loss_fn, hidden, weight, targets, upstream=None, autocast=False, bias=None):
+    """Loss, NLL, z-loss, accuracy and the gradients of ``sum(upstream * loss)`` for fresh leaves
+    ``hidden, weight`` (and ``bias``).
+
+    ``loss_fn(hidden, weight, targets, bias)`` returns :class:`LossParts`: an implementation built
+    with ``return_parts=True`` or one of the reference functions above.
     """
     hidden = hidden.detach().clone().requires_grad_()
     weight = weight.detach().clone().requires_grad_()
+    bias = None if bias is None else bias.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss, nll, z_loss = loss_fn(hidden, weight, targets)
+        parts = loss_fn(hidden, weight, targets, bias)
     if upstream is None:
-        upstream = torch.ones_like(loss)
-    loss.backward(upstream.to(loss.dtype))
-    return Result(loss.detach(), nll.detach(), z_loss.detach(), hidden.grad, weight.grad)
+        upstream = torch.ones_like(parts.loss)
+    parts.loss.backward(upstream.to(parts.loss.dtype))
+    return Result(
+        parts.loss.detach(),
+        parts.nll.detach(),
+        parts.z_loss.detach(),
+        parts.accuracy.detach(),
+        hidden.grad,
+        weight.grad,
+        None if bias is None else bias.grad,
+    )
 
 
 def build(name, **options):
-    """An implementation that returns :class:`LossParts` ``(loss, nll, z_loss)``."""
+    """An implementation that returns :class:`LossParts`."""
     return build_loss(name, return_parts=True, **options)
 
 
@@ -151,8 +187,10 @@ def assert_results_within(got, expected, loss_tol, grad_tol):
     Each tolerance is ``(absolute, relative to the largest magnitude of the expected value)``.
     """
     for field in Result._fields:
-        atol, rtol = loss_tol if field in LossParts._fields else grad_tol
+        atol, rtol = loss_tol if field in VALUES else grad_tol
         got_value, expected_value = getattr(got, field), getattr(expected, field)
+        if got_value is None and expected_value is None:
+            continue
         assert got_value.shape == expected_value.shape, f"{field}: shape {tuple(got_value.shape)}"
         assert_within(got_value, expected_value, atol, rtol, field)
 
@@ -164,8 +202,11 @@ def assert_bf16_within(got, expected, torch_bf16, loss_slack, grad_slack):
     implementation may lose no more precision than it, beyond the slack.
     """
     for field in Result._fields:
-        slack = loss_slack if field in LossParts._fields else grad_slack
+        slack = loss_slack if field in VALUES else grad_slack
         got_value, expected_value = getattr(got, field), getattr(expected, field)
+        # bf16 logits turn near-ties of the argmax either way: accuracy is judged on its own
+        if field == "accuracy" or (got_value is None and expected_value is None):
+            continue
         assert got_value.shape == expected_value.shape, field
         error = norm_error(got_value, expected_value)
         allowed = norm_error(getattr(torch_bf16, field), expected_value) + slack * expected_value.norm()

@@ -129,10 +129,10 @@ def test_non_contiguous_inputs(layout, reduction):
     assert not (strided_hidden.is_contiguous() and strided_weight.is_contiguous())
     upstream = random_upstream(targets, reduction)
 
-    def fused(h, w, t):
+    def fused(h, w, t, bias):
         # The leaves ``evaluate`` makes are contiguous: give fused the strided layout of them.
         h2, w2 = LAYOUTS[layout](h, w)
-        return build("fused", chunk_size=16, **options)(h2, w2, t)
+        return build("fused", chunk_size=16, **options)(h2, w2, t, bias)
 
     got = evaluate(fused, hidden, weight, targets, upstream)
     expected = evaluate(partial(reference_loss, **options), hidden, weight, targets, upstream)

@@ -51,6 +51,7 @@ SHAPES = {  # id: (leading shape of hidden and targets, d, V)
     "2x5-d16-V50257": ((2, 5), 16, 50257),
 }
 
+WITH_BIAS, WEIGHTED = object(), object()
 CASES = {  # id: (options, whether every third target is ignore_index)
     "mean": ({}, False),
     "sum": (dict(reduction="sum"), False),
@@ -69,15 +70,32 @@ CASES = {  # id: (options, whether every third target is ignore_index)
     "softcap-none": (dict(softcap=5.0, reduction="none"), True),
     "all-mean": (ALL_OPTIONS, True),
     "all-ignore_index=7-none": (dict(ALL_OPTIONS, ignore_index=7, reduction="none"), True),
+    # An LM head with a bias, and class weights (torch's `weight`): WITH_BIAS and WEIGHTED are
+    # replaced by the tensors in case_inputs.
+    "bias": (dict(bias=WITH_BIAS), False),
+    "bias-none": (dict(bias=WITH_BIAS, reduction="none"), True),
+    "class_weights-mean": (dict(class_weights=WEIGHTED), True),
+    "class_weights-sum": (dict(class_weights=WEIGHTED, reduction="sum"), True),
+    "class_weights-none": (dict(class_weights=WEIGHTED, reduction="none"), True),
+    "class_weights-label_smoothing": (dict(class_weights=WEIGHTED, label_smoothing=0.1), True),
+    "all-bias-class_weights-mean": (dict(ALL_OPTIONS, bias=WITH_BIAS, class_weights=WEIGHTED), True),
+    "all-bias-class_weights-none": (dict(ALL_OPTIONS, bias=WITH_BIAS, class_weights=WEIGHTED, reduction="none"), True),
 }
 
 
 def case_inputs(shape_id, case_id, dtype=torch.float32):
+    """The case's options (class weights as a tensor), inputs, and the LM head's bias or None."""
     shape, d, vocab = SHAPES[shape_id]
-    options, ignored = CASES[case_id]
+    options, ignored = dict(CASES[case_id][0]), CASES[case_id][1]
     ignore_index = options.get("ignore_index", -100) if ignored else None
     hidden, weight, targets = make_inputs(shape, d, vocab, ignore_index=ignore_index, dtype=dtype)
-    return options, hidden, weight, targets
+    generator = torch.Generator().manual_seed(2)
+    bias = torch.randn(vocab, generator=generator, dtype=torch.float64).to(dtype) if options.pop("bias", None) else None
+    if options.get("class_weights") is WEIGHTED:  # from 0 (a class that never counts) to 2
+        class_weights = 2 * torch.rand(vocab, generator=generator, dtype=torch.float64)
+        class_weights[::7] = 0.0
+        options["class_weights"] = class_weights.to(dtype)
+    return options, hidden, weight, targets, bias
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -86,16 +104,17 @@ def case_inputs(shape_id, case_id, dtype=torch.float32):
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
 def test_matches_reference(name, shape_id, case_id, dtype):
     input_dtype = torch.float64 if dtype == "float64" else torch.float32
-    options, hidden, weight, targets = case_inputs(shape_id, case_id, input_dtype)
+    options, hidden, weight, targets, bias = case_inputs(shape_id, case_id, input_dtype)
     reduction = options.get("reduction", "mean")
     upstream = random_upstream(targets, reduction)
     autocast = dtype == "bf16-autocast"
 
-    expected = evaluate(partial(reference_loss, **options), hidden, weight, targets, upstream)
-    got = evaluate(build(name, **options), hidden, weight, targets, upstream, autocast=autocast)
+    expected = evaluate(partial(reference_loss, **options), hidden, weight, targets, upstream, bias=bias)
+    got = evaluate(build(name, **options), hidden, weight, targets, upstream, autocast=autocast, bias=bias)
 
     assert got.loss.dtype == input_dtype, "the loss is computed in float32, or float64 for float64"
     assert got.grad_hidden.dtype == got.grad_weight.dtype == input_dtype
+    assert (got.grad_bias is None) == (bias is None)
     ignored = targets == options.get("ignore_index", -100)
     if reduction == "none":
         assert got.loss.shape == targets.shape
@@ -104,14 +123,18 @@ def test_matches_reference(name, shape_id, case_id, dtype):
         tolerances = TOLERANCES[dtype]
         assert_results_within(got, expected, tolerances["loss"], tolerances["grad"])
         return
-    torch_bf16 = evaluate(partial(torch_bf16_loss, **options), hidden, weight, targets, upstream)
+    torch_bf16 = evaluate(partial(torch_bf16_loss, **options), hidden, weight, targets, upstream, bias=bias)
     assert_bf16_within(got, expected, torch_bf16, BF16_SLACK["loss"], BF16_SLACK["grad"])
+    # bf16 rounding moves near-ties of the argmax: at most one target in 20 turns either way
+    counted = int((targets != options.get("ignore_index", -100)).sum())
+    turned = (got.accuracy - expected.accuracy).abs().sum() * (counted if reduction == "mean" else 1)
+    assert turned <= max(1, 0.05 * counted)
 
 
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
 def test_float64_under_bf16_autocast_stays_float64(name):
     """Autocast leaves float64 tensors alone (``hidden @ weight.T`` stays float64): so must the loss."""
-    options, hidden, weight, targets = case_inputs("4x47-d31-V123", "all-mean", torch.float64)
+    options, hidden, weight, targets, _ = case_inputs("4x47-d31-V123", "all-mean", torch.float64)
     upstream = random_upstream(targets, "mean")
     got = evaluate(build(name, **options), hidden, weight, targets, upstream, autocast=True)
     expected = evaluate(partial(reference_loss, **options), hidden, weight, targets, upstream)
@@ -121,12 +144,13 @@ def test_float64_under_bf16_autocast_stays_float64(name):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
-def test_returned_nll_and_z_loss_are_detached(name, reduction):
+def test_returned_parts_are_detached(name, reduction):
     hidden, weight, targets = make_inputs((3, 5), 8, 11)
     options = dict(z_loss=0.01, label_smoothing=0.1, reduction=reduction)
-    loss, nll, z_loss = build(name, **options)(hidden.requires_grad_(), weight, targets)
-    assert loss.requires_grad and not nll.requires_grad and not z_loss.requires_grad
-    assert torch.all(z_loss > 0) and torch.all(loss > z_loss) and torch.all(nll > 0)
+    parts = build(name, **options)(hidden.requires_grad_(), weight, targets)
+    assert parts.loss.requires_grad
+    assert not any(part.requires_grad for part in parts[1:] if part is not None)
+    assert torch.all(parts.z_loss > 0) and torch.all(parts.loss > parts.z_loss) and torch.all(parts.nll > 0)
 
 
 # --- no-grad path -------------------------------------------------------------------------------
@@ -135,14 +159,14 @@ def test_returned_nll_and_z_loss_are_detached(name, reduction):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
 def test_no_grad_gives_the_same_value(name, reduction):
-    options, hidden, weight, targets = case_inputs("4x47-d31-V123", "all-mean")
+    options, hidden, weight, targets, _ = case_inputs("4x47-d31-V123", "all-mean")
     options = dict(options, reduction=reduction)
     hidden.requires_grad_()
     weight.requires_grad_()
     loss_fn = build(name, **options)
     with torch.no_grad():
-        loss, nll, z_loss = loss_fn(hidden, weight, targets)
-    with_grad, with_grad_nll, with_grad_z = loss_fn(hidden, weight, targets)
+        loss, nll, z_loss, *_ = loss_fn(hidden, weight, targets)
+    with_grad, with_grad_nll, with_grad_z, *_ = loss_fn(hidden, weight, targets)
 
     assert not loss.requires_grad and with_grad.requires_grad
     torch.testing.assert_close(loss, with_grad.detach(), rtol=1e-6, atol=1e-6)
@@ -303,6 +327,28 @@ def test_float_targets_raise(name):
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
 def test_int32_targets_give_the_same_loss(name):
     """The targets only have to be integers (see TokenLoss.validate_targets); int32 is common."""
-    options, hidden, weight, targets = case_inputs("4x47-d31-V123", "ignored-mean")
+    options, hidden, weight, targets, _ = case_inputs("4x47-d31-V123", "ignored-mean")
     loss = build_loss(name)(hidden, weight, targets.int())
     assert_within(loss, reference_loss(hidden, weight, targets)[0], 1e-5, 1e-6, "int32 targets")
+
+
+# --- token accuracy and predicted tokens --------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_predicted_tokens_are_the_argmax_and_accuracy_counts_them(name, reduction):
+    """Without the full logits for fused: the argmax comes chunk by chunk with the row maximum."""
+    options, hidden, weight, targets, bias = case_inputs("4x47-d31-V123", "all-bias-class_weights-mean")
+    options = dict(options, reduction=reduction)
+    targets[0, :5] = (hidden[0, :5].double() @ weight.double().T + bias.double()).argmax(-1)  # some right answers
+    chunks = {"chunk_size": 16} if name == "fused" else {}
+    got = build(name, **options, **chunks)(hidden, weight, targets, bias)
+    expected = reference_loss(hidden, weight, targets, bias, **options)
+    ignored = targets == -100
+    assert torch.equal(got.predicted, expected.predicted) and (got.predicted[ignored] == -1).all()
+    assert torch.equal(got.accuracy, expected.accuracy.to(got.accuracy.dtype))
+    correct = int(((expected.predicted == targets) & ~ignored).sum())
+    assert correct >= 5
+    total = {"mean": correct / int((~ignored).sum()), "sum": correct, "none": correct}[reduction]
+    assert got.accuracy.sum().item() == pytest.approx(total)

@@ -1,18 +1,20 @@
 """What every loss implementation shares: its options, input checks and reductions.
 
-Every implementation is called the same way, ``loss_fn(hidden, weight, targets)``:
+Every implementation is called the same way, ``loss_fn(hidden, weight, targets, bias=None)``:
 
 - ``hidden``  ``(..., d)``: the model's final hidden states;
-- ``weight``  ``(V, d)``: the LM head, so that ``logits = hidden @ weight.T``;
+- ``weight``  ``(V, d)``: the LM head, so that ``logits = hidden @ weight.T + bias``;
 - ``targets`` integer tensor of ``hidden``'s leading shape, already aligned: ``targets[i]`` is the
-  token that ``hidden[i]`` must predict (see :mod:`losslab.targets`).
+  token that ``hidden[i]`` must predict (see :mod:`losslab.targets`);
+- ``bias``    ``(V,)`` or ``None``: the LM head's bias, if it has one;
 
-and takes the same options with the same meaning as :func:`torch.nn.functional.cross_entropy`,
-plus PaLM's z-loss and Gemma-2's logit soft-capping.
+and takes the same options with the same meaning as :func:`torch.nn.functional.cross_entropy`
+(``class_weights`` is its ``weight``), plus PaLM's z-loss and Gemma-2's logit soft-capping.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -21,20 +23,32 @@ from torch import Tensor, nn
 from losslab.targets import IGNORE_INDEX, real_targets
 
 REDUCTIONS = ("mean", "sum", "none")
+NOT_PREDICTED = -1  # the predicted token of an ignored position
 
 
 class LossParts(NamedTuple):
-    """What a loss built with ``return_parts=True`` returns, each with the loss's reduction.
+    """What a loss built with ``return_parts=True`` returns.
 
-    ``loss`` is the training objective (label smoothing and z-loss included), the one to
-    differentiate; ``nll`` is the model's own negative log-likelihood of the targets (neither),
-    the number that perplexity and bits per byte are made of; ``z_loss`` is the z-loss part of
-    ``loss``. ``nll`` and ``z_loss`` are detached: they are for logging.
+    - ``loss``: the training objective (class weights, label smoothing and z-loss included), the
+      one to differentiate, with the loss's reduction;
+    - ``nll``: the model's own negative log-likelihood of the targets (none of those), the number
+      that perplexity and bits per byte are made of; ``"mean"`` is over the counted targets;
+    - ``z_loss``: the z-loss part of ``loss``;
+    - ``accuracy``: 1 where the most likely token (the argmax of the logits) is the target, 0
+      elsewhere: per token, summed, or over the counted targets (the token accuracy);
+    - ``predicted``: the argmax per position, of the targets' shape, ``-1`` where ignored;
+    - ``inexact_grads``: how many counted targets get a gradient that the implementation computes
+      inexactly (see ``naive``), ``None`` for those whose gradients are always right.
+
+    All but ``loss`` are detached: they are for logging. The full logits are never needed for them.
     """
 
     loss: Tensor
     nll: Tensor
     z_loss: Tensor
+    accuracy: Tensor
+    predicted: Tensor
+    inexact_grads: Tensor | None = None
 
 
 def loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,9 +71,14 @@ class TokenLoss(nn.Module):
         z_loss: weight ``z`` of PaLM's auxiliary loss ``z * logsumexp(logits)**2`` per token,
             added to the loss with the same reduction.
         softcap: when set to ``c``, logits become ``c * tanh(logits / c)`` before anything else.
+        class_weights: ``(V,)`` non-negative weights, ``weight`` in
+            :func:`torch.nn.functional.cross_entropy`: a token's cross-entropy (label smoothing
+            included) counts ``class_weights[target]`` times, and ``"mean"`` divides by the summed
+            weights of the counted targets. As in Liger-Kernel, the z-loss is not weighted: its
+            mean is over the counted targets.
         check_targets: raise ``ValueError`` for target ids outside ``[0, V)`` (other than
             ``ignore_index``). It costs a device sync; turn it off for speed once data is trusted.
-        return_parts: return :class:`LossParts` ``(loss, nll, z_loss)`` instead of ``loss``.
+        return_parts: return :class:`LossParts` instead of ``loss``.
     """
 
     name: ClassVar[str]
@@ -75,6 +94,7 @@ class TokenLoss(nn.Module):
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         softcap: float | None = None,
+        class_weights: Tensor | Sequence[float] | None = None,
         check_targets: bool = True,
         return_parts: bool = False,
     ) -> None:
@@ -87,6 +107,12 @@ class TokenLoss(nn.Module):
             raise ValueError(f"z_loss={z_loss} must be >= 0")
         if softcap is not None and softcap <= 0:
             raise ValueError(f"softcap={softcap} must be > 0, or None to turn it off")
+        if class_weights is not None:
+            class_weights = torch.as_tensor(class_weights)
+            if class_weights.dim() != 1 or not class_weights.is_floating_point():
+                raise ValueError(f"class_weights must be a 1-D float tensor of V weights, got {class_weights!r:.80}")
+            if not (torch.isfinite(class_weights).all() and (class_weights >= 0).all()):
+                raise ValueError("class_weights must be finite and >= 0")
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -94,20 +120,25 @@ class TokenLoss(nn.Module):
         self.softcap = softcap
         self.check_targets = check_targets
         self.return_parts = return_parts
+        # a buffer: it moves with the module to the device (and is not a parameter)
+        self.register_buffer("class_weights", class_weights, persistent=False)
 
     def extra_repr(self) -> str:
+        weighted = "" if self.class_weights is None else f", class_weights=({self.class_weights.numel()},)"
         return (
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}"
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}{weighted}"
         )
 
-    def validate(self, hidden: Tensor, weight: Tensor, targets: Tensor) -> None:
+    def validate(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None) -> None:
         """Raise a clear error for shapes that do not fit or target ids outside ``[0, V)``."""
         if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
             raise ValueError(
                 f"hidden has shape {tuple(hidden.shape)} and the LM head weight "
                 f"{tuple(weight.shape)}: the weight must be (V, d) with d = hidden.shape[-1]"
             )
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise ValueError(f"the LM head bias has shape {tuple(bias.shape)}: it must be (V,) = ({weight.shape[0]},)")
         self.validate_targets(targets, hidden.shape[:-1], weight.shape[0])
 
     def validate_targets(self, targets: Tensor, leading_shape: torch.Size, vocab_size: int) -> None:
@@ -118,6 +149,11 @@ class TokenLoss(nn.Module):
             )
         if targets.is_floating_point() or targets.is_complex():
             raise TypeError(f"targets must be an integer tensor of token ids, got {targets.dtype}")
+        if self.class_weights is not None and self.class_weights.numel() != vocab_size:
+            raise ValueError(
+                f"class_weights has {self.class_weights.numel()} weights for a vocabulary of V={vocab_size}: "
+                "give one weight per token id"
+            )
         if not self.check_targets:
             return
         bad = real_targets(targets, self.ignore_index) & ((targets < 0) | (targets >= vocab_size))
@@ -134,52 +170,103 @@ class TokenLoss(nn.Module):
             return logits
         return self.softcap * torch.tanh(logits / self.softcap)
 
-    def mix_label_smoothing(self, nll: Tensor, smooth: Tensor) -> Tensor:
-        """PyTorch's label smoothing: ``(1 - eps) * nll + eps * mean_j(-log p_j)``."""
-        eps = self.label_smoothing
-        return nll if eps == 0 else (1 - eps) * nll + eps * smooth
+    def smoothed(self, nll: Tensor, log_probs: Tensor | None, targets: Tensor) -> Tensor:
+        """PyTorch's cross-entropy per token from the NLL and the full log-probabilities (needed
+        only with label smoothing): ``(1 - eps) * w[t] * nll + (eps / V) * sum_j w[j] * (-log p_j)``,
+        ``w`` the class weights (1 without)."""
+        eps, w = self.label_smoothing, self.class_weights
+        loss = nll if w is None else w[targets] * nll
+        if eps == 0:
+            return loss
+        smooth = -log_probs.mean(dim=-1) if w is None else -(log_probs @ w.to(log_probs.dtype)) / w.numel()
+        return (1 - eps) * loss + eps * smooth
 
-    def reduce(self, per_token: Tensor, valid: Tensor) -> Tensor:
-        """Reduce per-token values that are already 0 at ignored positions."""
+    def target_weights(self, targets: Tensor, valid: Tensor, dtype: torch.dtype) -> Tensor:
+        """Each position's weight in a mean: its target's class weight, 1 without; 0 where ignored."""
+        if self.class_weights is None:
+            return valid.to(dtype)
+        return self.class_weights.to(dtype)[targets] * valid
+
+    def finish(
+        self,
+        shape: torch.Size,
+        valid: Tensor,
+        weights: Tensor,
+        per_token: dict[str, Tensor],
+        inexact: Tensor | None = None,
+    ) -> Tensor | LossParts:
+        """Reduce the flat per-token values (0 where ignored) to what the loss returns.
+
+        ``per_token`` holds ``ce`` (the weighted, smoothed cross-entropy), ``nll``, ``z_loss``,
+        ``correct`` (1.0 where the argmax is the target) and ``predicted``; ``weights`` is
+        :meth:`target_weights`, which only the mean of ``ce`` divides by.
+        """
+        predicted = per_token.pop("predicted").reshape(shape)
         if self.reduction == "none":
-            return per_token
-        total = per_token.sum()
-        if self.reduction == "sum":
-            return total
-        return total / valid.sum().clamp(min=1)
-
-    def finish(self, loss: Tensor, nll: Tensor, z_loss: Tensor) -> Tensor | LossParts:
-        return LossParts(loss, nll.detach(), z_loss.detach()) if self.return_parts else loss
+            reduced = {name: values.reshape(shape) for name, values in per_token.items()}
+        elif self.reduction == "sum":
+            reduced = {name: values.sum() for name, values in per_token.items()}
+        else:
+            count = valid.sum().clamp(min=1)
+            reduced = {name: values.sum() / count for name, values in per_token.items()}
+            weight_sum = weights.sum()
+            reduced["ce"] = per_token["ce"].sum() / torch.where(weight_sum > 0, weight_sum, 1.0)
+        loss = reduced["ce"] + reduced["z_loss"]
+        if not self.return_parts:
+            return loss
+        detached = {name: reduced[name].detach() for name in ("nll", "z_loss", "correct")}
+        return LossParts(loss, detached["nll"], detached["z_loss"], detached["correct"], predicted, inexact)
 
 
 class LogitsLoss(TokenLoss):
-    """Base of the implementations that materialise the full logits ``hidden @ weight.T``.
+    """Base of the implementations that materialise the full logits ``hidden @ weight.T + bias``.
 
     Subclasses implement :meth:`token_loss`: the per-token cross-entropy of float32 logits
-    ``(N, V)`` against in-range targets ``(N,)``, with label smoothing and without.
+    ``(N, V)`` against in-range targets ``(N,)``, as :meth:`TokenLoss.smoothed` defines it, and the
+    plain negative log-likelihood.
     """
 
-    def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor):
-        self.validate(hidden, weight, targets)
-        return self.from_logits(hidden @ weight.T, targets)
+    def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None):
+        self.validate(hidden, weight, targets, bias)
+        return self.from_logits(torch.nn.functional.linear(hidden, weight, bias), targets)
 
     def from_logits(self, logits: Tensor, targets: Tensor):
         """The loss of ready-made logits ``(..., V)`` against aligned ``targets`` ``(...)``."""
         self.validate_targets(targets, logits.shape[:-1], logits.shape[-1])
-        # Under bf16 autocast the matmul gives bf16 logits; the loss itself is computed in float32.
-        logits = logits.to(loss_dtype(logits.dtype)).reshape(-1, logits.shape[-1])
+        # Under bf16 autocast the matmul gives bf16 logits; the loss itself is computed in float32,
+        # autocast off (it would run a matmul with the class weights in bf16).
+        with torch.autocast(logits.device.type, enabled=False):
+            return self.loss_of_logits(logits.to(loss_dtype(logits.dtype)), targets)
+
+    def loss_of_logits(self, logits: Tensor, targets: Tensor) -> Tensor | LossParts:
+        logits = logits.reshape(-1, logits.shape[-1])
         logits = self.apply_softcap(logits)
         flat_targets = targets.reshape(-1).long()
         valid = real_targets(flat_targets, self.ignore_index)
-        per_token, nll = self.token_loss(logits, flat_targets.masked_fill(~valid, 0))
-        per_token, nll = per_token.masked_fill(~valid, 0.0), nll.detach().masked_fill(~valid, 0.0)
-        z_term = torch.zeros_like(per_token)
+        safe_targets = flat_targets.masked_fill(~valid, 0)
+        ce, nll = self.token_loss(logits, safe_targets)
+        z_loss = torch.zeros_like(ce)
         if self.z_loss > 0:
-            z_term = (self.z_loss * torch.logsumexp(logits, dim=-1).square()).masked_fill(~valid, 0.0)
-            per_token = per_token + z_term
-        loss, nll, z_term = (self.reduce(t.reshape(targets.shape), valid) for t in (per_token, nll, z_term))
-        return self.finish(loss, nll, z_term)
+            z_loss = self.z_loss * torch.logsumexp(logits, dim=-1).square()
+        with torch.no_grad():
+            predicted = logits.argmax(dim=-1)
+        per_token = {
+            "ce": ce.masked_fill(~valid, 0.0),
+            "nll": nll.detach().masked_fill(~valid, 0.0),
+            "z_loss": z_loss.masked_fill(~valid, 0.0),
+            "correct": ((predicted == flat_targets) & valid).to(ce.dtype),
+            "predicted": predicted.masked_fill(~valid, NOT_PREDICTED),
+        }
+        weights = self.target_weights(safe_targets, valid, ce.dtype)
+        return self.finish(
+            targets.shape, valid, weights, per_token, self.inexact_gradients(logits, safe_targets, valid)
+        )
 
     def token_loss(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """``(loss, nll)`` per token: with label smoothing, and the plain negative log-likelihood."""
+        """``(loss, nll)`` per token: the cross-entropy as :meth:`TokenLoss.smoothed` defines it
+        (class weights and label smoothing), and the plain negative log-likelihood."""
         raise NotImplementedError
+
+    def inexact_gradients(self, logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor | None:
+        """How many counted targets get an inexact gradient (:class:`LossParts`); ``None``: never."""
+        return None

@@ -3,8 +3,10 @@
 The full ``(tokens, V)`` logits are never materialised: for each chunk of tokens we compute the
 chunk's logits, their log-sum-exp (in float32, also under bf16 autocast), the loss and, when a
 gradient is needed, the gradient of the logits, which goes straight into the gradients of
-``hidden`` and ``weight`` (the latter accumulated in float32). Peak memory is one chunk's logits
-instead of all of them, and the time is that of the three matmuls any implementation needs.
+``hidden``, ``weight`` and ``bias`` (the latter two accumulated in float32). Peak memory is one
+chunk's logits instead of all of them, and the time is that of the three matmuls any
+implementation needs. The argmax that token accuracy needs comes with the row maximum that the
+log-sum-exp takes anyway.
 
 For ``reduction="mean"`` or ``"sum"`` the gradients are computed during the forward pass (the
 upstream gradient is a scalar that only rescales them); for ``"none"`` the per-token upstream
@@ -19,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from losslab.losses.base import TokenLoss, loss_dtype
+from losslab.losses.base import NOT_PREDICTED, TokenLoss, loss_dtype
 from losslab.targets import real_targets
 
 # One chunk's float32 logits take about this many bytes; see default_chunk_size.
@@ -56,8 +58,8 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
 
-    def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor):
-        self.validate(hidden, weight, targets)
+    def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None):
+        self.validate(hidden, weight, targets, bias)
         device_type = hidden.device.type
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
         # Autocast runs matmuls in its dtype, except float64 ones, which it leaves alone.
@@ -73,8 +75,14 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
             compute_dtype=compute_dtype,
             grad_enabled=torch.is_grad_enabled(),
         )
-        loss, nll, z_loss = _FusedLinearCrossEntropy.apply(hidden, weight, targets, options)
-        return self.finish(loss, nll, z_loss)
+        loss, *per_token = _FusedLinearCrossEntropy.apply(hidden, weight, targets, bias, self.class_weights, options)
+        if not self.return_parts:
+            return loss
+        per_token = dict(zip(PER_TOKEN, per_token))
+        flat_targets = targets.reshape(-1)
+        valid = real_targets(flat_targets, self.ignore_index)
+        weights = self.target_weights(flat_targets.masked_fill(~valid, 0), valid, per_token["ce"].dtype)
+        return self.finish(targets.shape, valid, weights, per_token)._replace(loss=loss)
 
 
 @dataclass(frozen=True)
@@ -93,13 +101,18 @@ class FusedOptions:
     grad_enabled: bool
 
 
+# What the Function returns besides the loss, for LossParts: per position (0 where ignored), detached.
+PER_TOKEN = ("ce", "nll", "z_loss", "correct", "predicted")
+
+
 class ChunkLoss(NamedTuple):
     """A chunk's per-token values, and what its gradient is made from (see :meth:`_Chunks.loss`)."""
 
-    loss: Tensor  # label smoothing and z-loss included
+    ce: Tensor  # the cross-entropy: class weights and label smoothing included
     nll: Tensor
     z_loss: Tensor
     lse: Tensor  # logsumexp of the (soft-capped) logits
+    predicted: Tensor  # the argmax
     exp_shifted: Tensor  # exp(logits - row max), in the logits' buffer
     norm: Tensor  # its row sums
 
@@ -107,9 +120,16 @@ class ChunkLoss(NamedTuple):
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden: Tensor, weight: Tensor, targets: Tensor, options: FusedOptions
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        needs_grad_hidden, needs_grad_weight = (options.grad_enabled and needed for needed in ctx.needs_input_grad[:2])
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        bias: Tensor | None,
+        class_weights: Tensor | None,
+        options: FusedOptions,
+    ) -> tuple[Tensor, ...]:
+        needs_grad = [options.grad_enabled and needed for needed in ctx.needs_input_grad[:4]]
+        needs_grad_hidden, needs_grad_weight, _, needs_grad_bias = needs_grad
         with torch.autocast(hidden.device.type, enabled=False):
             flat_hidden = hidden.reshape(-1, hidden.shape[-1])
             flat_targets = targets.reshape(-1)
@@ -118,72 +138,80 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             all_kept = kept.numel() == flat_targets.numel()
             h = (flat_hidden if all_kept else flat_hidden[kept]).to(options.compute_dtype)
             t = flat_targets if all_kept else flat_targets[kept]
-            w = weight.to(options.compute_dtype)
-            n = kept.numel()
+            chunks = _Chunks(h, weight.to(options.compute_dtype), t, bias, class_weights, options)
 
             # The gradient of a mean or sum is the upstream scalar times the one computed here, in
             # the same pass as the loss. With reduction="none" each token's upstream gradient is
             # known only in backward, which then recomputes the logits, chunk by chunk.
             defer_grads = options.reduction == "none"
-            grads_now = not defer_grads and (needs_grad_hidden or needs_grad_weight)
-            row_scale = 1.0 / max(n, 1) if options.reduction == "mean" else 1.0
-            chunks = _Chunks(h, w, t, options)
-            per_token = {name: h.new_empty(n, dtype=chunks.acc_dtype) for name in ("loss", "nll", "z_loss", "lse")}
-            grad_h, grad_w = chunks.new_grads(grads_now and needs_grad_hidden, grads_now and needs_grad_weight)
+            grads_now = not defer_grads and any(needs_grad)
+            ce_scale, z_scale = (
+                chunks.mean_scales() if options.reduction == "mean" else (h.new_ones((), dtype=chunks.acc_dtype),) * 2
+            )
+            values = {name: h.new_empty(t.numel(), dtype=chunks.acc_dtype) for name in ("ce", "nll", "z_loss", "lse")}
+            predicted = torch.empty_like(t)
+            grads = chunks.new_grads(
+                *(grads_now and needed for needed in (needs_grad_hidden, needs_grad_weight, needs_grad_bias))
+            )
             for rows in chunks:
                 logits, dcap = chunks.logits(rows)
                 chunk = chunks.loss(logits, rows)
-                for name, values in per_token.items():
-                    values[rows] = getattr(chunk, name)
+                for name, buffer in values.items():
+                    buffer[rows] = getattr(chunk, name)
+                predicted[rows] = chunk.predicted
                 if grads_now:
-                    scale = torch.full_like(chunk.norm, row_scale)
-                    grad_logits = chunks.grad_logits_(chunk.exp_shifted, chunk.norm, rows, chunk.lse, scale, dcap)
-                    chunks.accumulate(grad_logits, rows, grad_h, grad_w)
+                    scales = (ce_scale.expand_as(chunk.norm), z_scale.expand_as(chunk.norm))
+                    grad_logits = chunks.grad_logits_(chunk.exp_shifted, chunk.norm, rows, chunk.lse, *scales, dcap)
+                    chunks.accumulate(grad_logits, rows, grads)
 
-            totals = (per_token["loss"], per_token["nll"], per_token["z_loss"])
             if options.reduction == "none":
-                loss, nll, z_loss = (_scatter(values, kept, targets.shape, all_kept) for values in totals)
+                loss = _scatter(values["ce"] + values["z_loss"], kept, targets.shape, all_kept)
             else:
-                divisor = max(n, 1) if options.reduction == "mean" else 1
-                loss, nll, z_loss = (values.sum() / divisor for values in totals)
+                loss = values["ce"].sum() * ce_scale + values["z_loss"].sum() * z_scale
+            values["correct"] = (predicted == t).to(chunks.acc_dtype)
+            per_token = [_scatter(values[name], kept, flat_targets.shape, all_kept) for name in PER_TOKEN[:-1]]
+            per_token.append(torch.full_like(flat_targets, NOT_PREDICTED).index_copy_(0, kept, predicted))
 
-        ctx.mark_non_differentiable(nll, z_loss)
+        ctx.mark_non_differentiable(*per_token)
         ctx.defer_grads = defer_grads
         ctx.options = options
-        ctx.hidden_meta = (hidden.shape, hidden.dtype, weight.dtype)
+        ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.all_kept = all_kept
         if grads_now:
-            ctx.save_for_backward(grad_h, grad_w, kept)
-        elif defer_grads and (needs_grad_hidden or needs_grad_weight):
-            ctx.save_for_backward(h, w, t, per_token["lse"], kept)
-        return loss, nll, z_loss
+            ctx.save_for_backward(*grads, kept)
+        elif defer_grads and any(needs_grad):
+            ctx.save_for_backward(h, chunks.w, t, bias, class_weights, values["lse"], kept)
+        return loss, *per_token
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_nll: Tensor, _grad_z_loss: Tensor):
-        needs_grad_hidden, needs_grad_weight = ctx.needs_input_grad[:2]
-        hidden_shape, hidden_dtype, weight_dtype = ctx.hidden_meta
+    def backward(ctx, grad_loss: Tensor, *_grad_per_token: Tensor):
+        needs_grad = ctx.needs_input_grad[:4]
+        hidden_shape, hidden_dtype, weight_dtype, bias_dtype = ctx.meta
         if ctx.defer_grads:
-            h, w, t, lse, kept = ctx.saved_tensors
-            chunks = _Chunks(h, w, t, ctx.options)
+            h, w, t, bias, class_weights, lse, kept = ctx.saved_tensors
+            chunks = _Chunks(h, w, t, bias, class_weights, ctx.options)
             upstream = grad_loss.reshape(-1)
             upstream = (upstream if ctx.all_kept else upstream[kept]).to(chunks.acc_dtype)
-            grad_h, grad_w = chunks.new_grads(needs_grad_hidden, needs_grad_weight)
+            grads = chunks.new_grads(needs_grad[0], needs_grad[1], needs_grad[3])
             with torch.autocast(grad_loss.device.type, enabled=False):
                 for rows in chunks:
                     logits, dcap = chunks.logits(rows)
                     softmax = logits.sub_(lse[rows, None]).exp_()
                     norm = torch.ones_like(lse[rows])
-                    grad_logits = chunks.grad_logits_(softmax, norm, rows, lse[rows], upstream[rows], dcap)
-                    chunks.accumulate(grad_logits, rows, grad_h, grad_w)
+                    grad_logits = chunks.grad_logits_(
+                        softmax, norm, rows, lse[rows], upstream[rows], upstream[rows], dcap
+                    )
+                    chunks.accumulate(grad_logits, rows, grads)
+            grad_h, grad_w, grad_b = grads
         else:
-            grad_h, grad_w, kept = ctx.saved_tensors
+            grad_h, grad_w, grad_b, kept = ctx.saved_tensors
             # The upstream gradient of a mean or sum is almost always 1: skip a full-size copy.
             # Otherwise cast before scaling, so that a bf16 grad_h is rounded once, not twice.
             if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-                if grad_h is not None:
-                    grad_h = grad_h.to(hidden_dtype) * grad_loss
-                if grad_w is not None:
-                    grad_w = grad_w.to(weight_dtype) * grad_loss
+                grad_h, grad_w, grad_b = (
+                    None if grad is None else grad.to(dtype) * grad_loss
+                    for grad, dtype in ((grad_h, hidden_dtype), (grad_w, weight_dtype), (grad_b, bias_dtype))
+                )
 
         if grad_h is not None:
             if not ctx.all_kept:
@@ -192,7 +220,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h.reshape(hidden_shape).to(hidden_dtype)
         if grad_w is not None:
             grad_w = grad_w.to(weight_dtype)
-        return grad_h, grad_w, None, None
+        if grad_b is not None:
+            grad_b = grad_b.to(bias_dtype)
+        return grad_h, grad_w, None, grad_b, None, None
 
 
 def _scatter(values: Tensor, kept: Tensor, shape: torch.Size, all_kept: bool) -> Tensor:
@@ -204,11 +234,16 @@ def _scatter(values: Tensor, kept: Tensor, shape: torch.Size, all_kept: bool) ->
 class _Chunks:
     """The per-chunk arithmetic, shared by the forward pass and the recomputing backward pass."""
 
-    def __init__(self, h: Tensor, w: Tensor, t: Tensor, options: FusedOptions):
+    def __init__(
+        self, h: Tensor, w: Tensor, t: Tensor, bias: Tensor | None, class_weights: Tensor | None, options: FusedOptions
+    ):
         self.h, self.w, self.t = h, w, t
         self.options = options
         self.chunk_size = options.chunk_size
         self.acc_dtype = loss_dtype(h.dtype)
+        # in the matmuls' dtype: under autocast, F.linear adds the bias in bf16 too
+        self.bias = None if bias is None else bias.to(h.dtype)
+        self.class_weights = None if class_weights is None else class_weights.to(self.acc_dtype)
         # One buffer for every chunk's logits: a fresh allocation per chunk costs page faults.
         rows = min(self.chunk_size, h.shape[0])
         self.buffer = h.new_empty((rows, w.shape[0]), dtype=self.acc_dtype)
@@ -217,20 +252,36 @@ class _Chunks:
         for start in range(0, self.h.shape[0], self.chunk_size):
             yield slice(start, start + self.chunk_size)
 
-    def new_grads(self, hidden: bool, weight: bool) -> tuple[Tensor | None, Tensor | None]:
-        """Buffers for the gradients asked for: hidden's, and weight's accumulator (zeros)."""
+    def target_weights(self, rows: slice) -> Tensor | float:
+        """The class weight of each row's target; 1 without class weights."""
+        return 1.0 if self.class_weights is None else self.class_weights[self.t[rows]]
+
+    def mean_scales(self) -> tuple[Tensor, Tensor]:
+        """What a mean multiplies each token's cross-entropy and z-loss by: one over the summed
+        class weights of the targets (their count without), and one over their count."""
+        count = self.h.new_tensor(1.0 / max(self.t.numel(), 1), dtype=self.acc_dtype)
+        if self.class_weights is None:
+            return count, count
+        weight_sum = self.class_weights[self.t].sum()
+        return 1.0 / torch.where(weight_sum > 0, weight_sum, 1.0), count
+
+    def new_grads(self, hidden: bool, weight: bool, bias: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Buffers for the gradients asked for: hidden's, and weight's and bias's accumulators (zeros)."""
         grad_h = self.h.new_empty(self.h.shape) if hidden else None
         grad_w = torch.zeros(self.w.shape, dtype=self.acc_dtype, device=self.w.device) if weight else None
-        return grad_h, grad_w
+        grad_b = torch.zeros(self.w.shape[0], dtype=self.acc_dtype, device=self.w.device) if bias else None
+        return grad_h, grad_w, grad_b
 
     def logits(self, rows: slice) -> tuple[Tensor, Tensor | None]:
         """The chunk's (soft-capped) logits in the accumulation dtype, and the cap's derivative."""
         h = self.h[rows]
         logits = self.buffer[: h.shape[0]]
-        if h.dtype == self.acc_dtype:
+        if h.dtype != self.acc_dtype:
+            logits.copy_(h @ self.w.T if self.bias is None else torch.addmm(self.bias, h, self.w.T))
+        elif self.bias is None:
             torch.mm(h, self.w.T, out=logits)
         else:
-            logits.copy_(h @ self.w.T)
+            torch.addmm(self.bias, h, self.w.T, out=logits)
         cap = self.options.softcap
         if cap is None:
             return logits, None
@@ -239,39 +290,69 @@ class _Chunks:
         return logits.mul_(cap), dcap
 
     def loss(self, logits: Tensor, rows: slice) -> ChunkLoss:
-        """Per-token loss (label smoothing and z-loss included), plain NLL, z-loss and logsumexp
-        of a chunk's logits.
+        """Per-token cross-entropy (class weights and label smoothing), plain NLL, z-loss,
+        logsumexp and argmax of a chunk's logits.
 
         Also ``exp(logits - max)`` (computed in place, in ``logits``' memory) and its row sums,
         from which the softmax follows without a second ``exp``.
         """
         eps, z = self.options.label_smoothing, self.options.z_loss
         target_logit = logits.gather(1, self.t[rows, None]).squeeze(1)
-        mean_logit = logits.mean(dim=1) if eps > 0 else None
-        row_max = logits.amax(dim=1)
+        if eps > 0:  # sum_j w_j x_j / V, taken before the logits' buffer is overwritten
+            weighted_logit = (
+                logits.mean(dim=1) if self.class_weights is None else logits @ self.class_weights / logits.shape[1]
+            )
+        row_max, predicted = logits.max(dim=1)
         shifted = logits.sub_(row_max[:, None]).exp_()
         norm = shifted.sum(dim=1)
         lse = row_max + norm.log()
         nll = lse - target_logit
-        loss = nll if eps == 0 else (1 - eps) * nll + eps * (lse - mean_logit)
-        z_term = z * lse.square()
-        return ChunkLoss(loss + z_term, nll, z_term, lse, shifted, norm)
+        ce = self.target_weights(rows) * nll
+        if eps > 0:
+            mean_weight = 1.0 if self.class_weights is None else self.class_weights.mean()
+            ce = (1 - eps) * ce + eps * (mean_weight * lse - weighted_logit)
+        return ChunkLoss(ce, nll, z * lse.square(), lse, predicted, shifted, norm)
 
     def grad_logits_(
-        self, shifted: Tensor, norm: Tensor, rows: slice, lse: Tensor, scale: Tensor, dcap: Tensor | None
+        self,
+        shifted: Tensor,
+        norm: Tensor,
+        rows: slice,
+        lse: Tensor,
+        ce_scale: Tensor,
+        z_scale: Tensor,
+        dcap: Tensor | None,
     ) -> Tensor:
-        """d(scale * token loss)/d(logits before the cap), in place of ``shifted = softmax * norm``."""
+        """d(ce_scale * cross-entropy + z_scale * z-loss)/d(logits before the cap), per row, in place
+        of ``shifted = softmax * norm``.
+
+        With ``p`` the softmax, ``w`` the class weights (1 without) and ``t`` the target, the
+        cross-entropy's gradient is ``(1 - eps) * w[t] * (p - onehot(t)) + (eps / V) * (sum(w) * p - w)``
+        and the z-loss's ``2 * z * lse * p``.
+        """
         eps, z = self.options.label_smoothing, self.options.z_loss
-        grad = shifted.mul_((scale * (1 + 2 * z * lse) / norm)[:, None])
-        targets = self.t[rows, None]
-        grad.scatter_add_(1, targets, -(1 - eps) * scale[:, None])
+        target_weight = self.target_weights(rows)
+        mean_weight = 1.0 if self.class_weights is None else self.class_weights.mean()
+        softmax_factor = ce_scale * ((1 - eps) * target_weight + eps * mean_weight) + z_scale * 2 * z * lse
+        grad = shifted.mul_((softmax_factor / norm)[:, None])
+        grad.scatter_add_(1, self.t[rows, None], (-(1 - eps) * target_weight * ce_scale)[:, None])
         if eps > 0:
-            grad.sub_((eps / grad.shape[1]) * scale[:, None])
+            vocab = grad.shape[1]
+            if self.class_weights is None:
+                grad.sub_((eps / vocab) * ce_scale[:, None])
+            else:
+                grad.addr_(ce_scale, self.class_weights, alpha=-eps / vocab)
         if dcap is not None:
             grad.mul_(dcap)
         return grad
 
-    def accumulate(self, grad_logits: Tensor, rows: slice, grad_h: Tensor | None, grad_w: Tensor | None) -> None:
+    def accumulate(
+        self, grad_logits: Tensor, rows: slice, grads: tuple[Tensor | None, Tensor | None, Tensor | None]
+    ) -> None:
+        """Add a chunk's logits gradient into the gradients of hidden, weight and bias."""
+        grad_h, grad_w, grad_b = grads
+        if grad_b is not None:
+            grad_b.add_(grad_logits.sum(dim=0))
         grad_logits = grad_logits.to(self.h.dtype)
         if grad_h is not None:
             torch.mm(grad_logits, self.w, out=grad_h[rows])

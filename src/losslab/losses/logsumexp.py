@@ -20,6 +20,4 @@ class LogSumExpLoss(LogitsLoss):
     def token_loss(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
         nll = -log_probs.gather(-1, targets[:, None]).squeeze(-1)
-        if self.label_smoothing == 0:
-            return nll, nll
-        return self.mix_label_smoothing(nll, -log_probs.mean(dim=-1)), nll
+        return self.smoothed(nll, log_probs, targets), nll
