@@ -45,6 +45,7 @@ from losslab.bench import (
     plot,
     results_markdown,
     setups,
+    unavailable,
     write_json,
 )
 
@@ -111,6 +112,8 @@ def main() -> None:
     args = parse_args()
     configs = [Config(*config) for config in itertools.product(args.tokens, args.vocab, args.dim, args.dtypes)]
     impls = [impl for impl in setups() if impl in args.impls]  # in table order
+    for name, reason in unavailable().items():
+        print(f"left out: {name}: {reason}", file=sys.stderr)
     runs = [(config, impl) for config in configs for impl in impls]
     start = time.perf_counter()
     results = []

@@ -5,13 +5,13 @@ measures each in a fresh process with :func:`measure_in_worker` and prints :func
 
 A row of the benchmark is a *setup*: a function that takes the inputs and the dtype and returns
 the :class:`Step` to measure, one forward and backward. :func:`setups` holds them all: one per
-entry of the loss registry ``losslab.losses.LOSSES`` (a newly registered loss is benchmarked by
-itself), then the reference rows of :data:`REFERENCES`, which are not losses of this package:
+entry of the loss registry ``losslab.losses.LOSSES`` that can run here (a newly registered loss is
+benchmarked by itself; a peer whose package or device is missing is left out, see
+:func:`unavailable`), then the reference rows of :data:`REFERENCES`:
 
-- ``torch_lce``: ``torch.nn.functional.linear_cross_entropy`` on its chunked path, with automatic
-  chunking;
-- ``torch_lce_chunked``: the same with ``batch_chunk_size`` equal to fused's default chunk size, so
-  that the two chunked implementations process the same rows at a time;
+- ``torch_lce_chunked``: the registry's ``torch_lce`` (torch's own ``linear_cross_entropy``) with
+  ``batch_chunk_size`` equal to fused's default chunk size, so that the two chunked
+  implementations process the same rows at a time;
 - ``floor``: the bare matmuls any implementation needs, at full size in the compute dtype:
   ``logits = hidden @ weight.T``, then ``logits @ weight`` and ``logits.T @ hidden`` (the logits
   standing in for their gradient): the work every implementation does, without the loss.
@@ -126,19 +126,11 @@ def setup_loss(name: str, inputs: Inputs, dtype: str) -> Step:
     return loss_step(name, build_loss(name), inputs, dtype)
 
 
-def setup_torch_lce(inputs: Inputs, dtype: str) -> Step:
-    """``torch.nn.functional.linear_cross_entropy``, chunked, with automatic chunks."""
-    options = torch.nn.LinearCrossEntropyOptions()
-    loss_fn = partial(torch.nn.functional.linear_cross_entropy, options=options)
-    return loss_step("torch.linear_cross_entropy (auto chunks)", loss_fn, inputs, dtype)
-
-
 def setup_torch_lce_chunked(inputs: Inputs, dtype: str) -> Step:
-    """``torch.nn.functional.linear_cross_entropy`` in chunks of fused's default size."""
+    """The registry's ``torch_lce`` in chunks of fused's default size."""
     chunk_size = default_chunk_size(inputs.weight.shape[0])
-    options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk_size, chunking_method=None)
-    loss_fn = partial(torch.nn.functional.linear_cross_entropy, options=options)
-    return loss_step(f"torch.linear_cross_entropy (batch_chunk_size={chunk_size})", loss_fn, inputs, dtype)
+    loss_fn = build_loss("torch_lce", batch_chunk_size=chunk_size, chunking_method=None)
+    return loss_step(f"torch_lce (batch_chunk_size={chunk_size})", loss_fn, inputs, dtype)
 
 
 def setup_floor(inputs: Inputs, dtype: str) -> Step:
@@ -155,15 +147,21 @@ def setup_floor(inputs: Inputs, dtype: str) -> Step:
 
 # The rows that are not losses of the registry, in table order.
 REFERENCES: dict[str, Setup] = {
-    "torch_lce": setup_torch_lce,
     "torch_lce_chunked": setup_torch_lce_chunked,
     FLOOR: setup_floor,
 }
 
 
 def setups() -> dict[str, Setup]:
-    """Every row the benchmark can run, in table order: each registered loss, then the references."""
-    return {**{name: partial(setup_loss, name) for name in LOSSES}, **REFERENCES}
+    """Every row the benchmark can run here, in table order: each registered loss that can, then
+    the references."""
+    runnable = [name for name in LOSSES if name not in unavailable()]
+    return {**{name: partial(setup_loss, name) for name in runnable}, **REFERENCES}
+
+
+def unavailable() -> dict[str, str]:
+    """The registered losses that cannot run here, with the reason (a peer's package or device)."""
+    return {name: reason for name, loss in LOSSES.items() if (reason := loss.unavailable_reason())}
 
 
 # ----------------------------------------------------------------------------- measuring

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from losslab.losses import LOSSES
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -9,3 +11,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def skip_peers_that_cannot_run(request):
+    """A test of a registry entry (its ``name`` parameter) that cannot run on this machine, a peer
+    whose package or device is missing, is skipped with the reason its class gives."""
+    name = getattr(request.node, "callspec", None) and request.node.callspec.params.get("name")
+    if name in LOSSES and LOSSES[name].unavailable_reason():
+        pytest.skip(f"{name}: {LOSSES[name].unavailable_reason()}")
+
+
+@pytest.fixture(autouse=True)
+def compile_every_shape():
+    """cce compiles (torch.compile) its CPU implementation for every new shape and option, and the
+    grid has more of those than torch._dynamo's default limit of 8 recompilations."""
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = 256
+    yield
+    torch._dynamo.config.recompile_limit = limit

@@ -43,6 +43,10 @@ TOLERANCES = {  # (absolute, relative)
     "float64": {"loss": (1e-12, 1e-12), "grad": (1e-13, 1e-10)},
 }
 BF16_SLACK = {"loss": 1e-5, "grad": 3e-3}  # times ||reference||, on top of PyTorch's own bf16 error
+# Where a peer rounds differently from PyTorch under bf16 autocast, by option: its loss slack instead.
+# cce soft-caps the bf16 logits before its float32 cross-entropy, rounding them twice: its loss error
+# exceeds PyTorch's own by up to 2.3e-4 of ||reference|| on the grid's cases (measured).
+PEER_BF16_LOSS_SLACK = {("cce", "softcap"): 3e-4}
 DTYPES = ("float32", "float64", "bf16-autocast")
 
 SHAPES = {  # id: (leading shape of hidden and targets, d, V)
@@ -109,10 +113,16 @@ def test_matches_reference(name, shape_id, case_id, dtype):
     upstream = random_upstream(targets, reduction)
     autocast = dtype == "bf16-autocast"
 
+    loss_fn = build(name, **options)
+    if bias is not None and not getattr(loss_fn, "takes_bias", lambda: True)():
+        pytest.skip(f"the installed {name} takes no LM head bias")
     expected = evaluate(partial(reference_loss, **options), hidden, weight, targets, upstream, bias=bias)
-    got = evaluate(build(name, **options), hidden, weight, targets, upstream, autocast=autocast, bias=bias)
+    got = evaluate(loss_fn, hidden, weight, targets, upstream, autocast=autocast, bias=bias)
 
-    assert got.loss.dtype == input_dtype, "the loss is computed in float32, or float64 for float64"
+    loss_dtype = input_dtype
+    if input_dtype == torch.float64 and not getattr(loss_fn, "computes_float64", True):
+        dtype, loss_dtype = "float32", torch.float32  # the peer computes in float32: judged at its tolerance
+    assert got.loss.dtype == loss_dtype, "the loss is computed in float32, or float64 for float64"
     assert got.grad_hidden.dtype == got.grad_weight.dtype == input_dtype
     assert (got.grad_bias is None) == (bias is None)
     ignored = targets == options.get("ignore_index", -100)
@@ -124,11 +134,13 @@ def test_matches_reference(name, shape_id, case_id, dtype):
         assert_results_within(got, expected, tolerances["loss"], tolerances["grad"])
         return
     torch_bf16 = evaluate(partial(torch_bf16_loss, **options), hidden, weight, targets, upstream, bias=bias)
-    assert_bf16_within(got, expected, torch_bf16, BF16_SLACK["loss"], BF16_SLACK["grad"])
+    loss_slack = max([BF16_SLACK["loss"], *(PEER_BF16_LOSS_SLACK.get((name, option), 0) for option in options)])
+    assert_bf16_within(got, expected, torch_bf16, loss_slack, BF16_SLACK["grad"])
     # bf16 rounding moves near-ties of the argmax: at most one target in 20 turns either way
     counted = int((targets != options.get("ignore_index", -100)).sum())
-    turned = (got.accuracy - expected.accuracy).abs().sum() * (counted if reduction == "mean" else 1)
-    assert turned <= max(1, 0.05 * counted)
+    if got.accuracy is not None:
+        turned = (got.accuracy - expected.accuracy).abs().sum() * (counted if reduction == "mean" else 1)
+        assert turned <= max(1, 0.05 * counted)
 
 
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)

@@ -31,27 +31,34 @@ INVALID = {  # id: (option, value, text the message must hold)
 }
 
 
-def test_registry_holds_the_four():
-    assert set(LOSSES) == {"naive", "logsumexp", "cross_entropy", "fused"}
+def test_registry_holds_the_four_and_the_peers():
+    assert set(LOSSES) == {"naive", "logsumexp", "cross_entropy", "fused", "torch_lce", "liger", "cce"}
     assert len(set(LOSSES.values())) == len(LOSSES), "each name has its own implementation"
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
-def test_every_entry_has_what_the_readme_says_adding_one_takes(name):
+@pytest.mark.parametrize("entry", sorted(LOSSES))  # not "name": it runs for the peers that cannot run here too
+def test_every_entry_has_what_the_readme_says_adding_one_takes(entry):
     """README, "Add a loss": a class that sets its name, a line in LOSSES (this test's
-    parameters), conf/loss/<name>.yaml, a row in the README's table; and the grid runs over it."""
-    assert LOSSES[name].name == name
-    config = yaml.safe_load((REPO / "conf" / "loss" / f"{name}.yaml").read_text())
-    assert config["name"] == name and config["defaults"][0] == "/base/loss@_here_"
-    assert f"\n| `{name}` |" in (REPO / "README.md").read_text(), "no row in the README's table"
-    assert name in IMPLEMENTATIONS  # the float64 reference grid
+    parameters), conf/loss/<entry>.yaml, a row in the README's table; and the grid runs over it."""
+    assert LOSSES[entry].name == entry
+    config = yaml.safe_load((REPO / "conf" / "loss" / f"{entry}.yaml").read_text())
+    assert config["name"] == entry and config["defaults"][0] == "/base/loss@_here_"
+    assert f"\n| `{entry}` |" in (REPO / "README.md").read_text(), "no row in the README's table"
+    assert entry in IMPLEMENTATIONS  # the float64 reference grid
 
 
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
 def test_build_loss_by_name_with_every_option(name):
-    loss_fn = build_loss(name, **OPTIONS)
+    """Every option each entry can honour; a peer refuses the others, naming the option and itself."""
+    unsupported = set(getattr(LOSSES[name], "unsupported", ())) & set(OPTIONS)
+    if unsupported:
+        with pytest.raises(ValueError, match=rf"loss '{name}' cannot honour ({'|'.join(unsupported)})="):
+            build_loss(name, **OPTIONS)
+    options = {key: value for key, value in OPTIONS.items() if key not in unsupported}
+    chunking = {"chunking_method": None} if name == "torch_lce" else {}  # torch smooths unchunked only
+    loss_fn = build_loss(name, **options, **chunking)
     assert type(loss_fn) is LOSSES[name] and isinstance(loss_fn, TokenLoss)
-    for option, value in OPTIONS.items():
+    for option, value in options.items():
         assert getattr(loss_fn, option) == value, option
     assert build_loss(name).reduction == "mean" and build_loss(name).ignore_index == -100
 
@@ -72,7 +79,7 @@ def test_unknown_option_is_named(name, option):
         build_loss(name, **{option: 1})
 
 
-@pytest.mark.parametrize("name", ["naive", "logsumexp", "cross_entropy"])
+@pytest.mark.parametrize("name", [name for name in IMPLEMENTATIONS if name != "fused"])
 def test_chunk_size_is_only_for_fused(name):
     assert build_loss("fused", chunk_size=8).chunk_size == 8
     with pytest.raises(ValueError, match="chunk_size"):
@@ -97,4 +104,11 @@ def test_invalid_chunk_size_raises(chunk_size):
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
 def test_boundary_values_are_valid(name):
     build_loss(name, label_smoothing=0.0, z_loss=0.0, softcap=None)
-    build_loss(name, label_smoothing=1.0, softcap=1e-3)
+    unsupported = getattr(LOSSES[name], "unsupported", ())
+    chunking = {"chunking_method": None} if name == "torch_lce" else {}
+    build_loss(
+        name,
+        **({} if "label_smoothing" in unsupported else {"label_smoothing": 1.0}),
+        **({} if "softcap" in unsupported else {"softcap": 1e-3}),
+        **chunking,
+    )

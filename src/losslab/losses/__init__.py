@@ -15,14 +15,28 @@ import inspect
 from torch import nn
 
 from losslab.losses.base import LogitsLoss, LossParts, TokenLoss
+from losslab.losses.cce import CutCrossEntropyLoss
 from losslab.losses.cross_entropy import CrossEntropyLoss
 from losslab.losses.fused import FusedLinearCrossEntropyLoss, default_chunk_size
+from losslab.losses.liger import LigerFusedLinearCrossEntropyLoss
 from losslab.losses.logsumexp import LogSumExpLoss
 from losslab.losses.naive import NaiveLoss
+from losslab.losses.peer import PeerLoss
+from losslab.losses.torch_lce import TorchLinearCrossEntropyLoss
 from losslab.targets import shift_labels
 
 LOSSES: dict[str, type[TokenLoss]] = {
-    loss.name: loss for loss in (NaiveLoss, LogSumExpLoss, CrossEntropyLoss, FusedLinearCrossEntropyLoss)
+    loss.name: loss
+    for loss in (
+        NaiveLoss,
+        LogSumExpLoss,
+        CrossEntropyLoss,
+        FusedLinearCrossEntropyLoss,
+        # the field's own, where their packages and devices are (see losslab.losses.peer)
+        TorchLinearCrossEntropyLoss,
+        LigerFusedLinearCrossEntropyLoss,
+        CutCrossEntropyLoss,
+    )
 }
 # What the others are measured against: PyTorch's own cross-entropy on the full logits.
 REFERENCE = CrossEntropyLoss.name
@@ -56,6 +70,7 @@ __all__ = [
     "REFERENCE",
     "LogitsLoss",
     "LossParts",
+    "PeerLoss",
     "TokenLoss",
     "default_chunk_size",
     "build_loss",

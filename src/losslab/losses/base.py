@@ -36,7 +36,8 @@ class LossParts(NamedTuple):
     - ``z_loss``: the z-loss part of ``loss``;
     - ``accuracy``: 1 where the most likely token (the argmax of the logits) is the target, 0
       elsewhere: per token, summed, or over the counted targets (the token accuracy);
-    - ``predicted``: the argmax per position, of the targets' shape, ``-1`` where ignored;
+    - ``predicted``: the argmax per position, of the targets' shape, ``-1`` where ignored
+      (``accuracy`` and ``predicted`` are ``None`` for a peer that does not give its predictions);
     - ``inexact_grads``: how many counted targets get a gradient that the implementation computes
       inexactly (see ``naive``), ``None`` for those whose gradients are always right.
 
@@ -46,8 +47,8 @@ class LossParts(NamedTuple):
     loss: Tensor
     nll: Tensor
     z_loss: Tensor
-    accuracy: Tensor
-    predicted: Tensor
+    accuracy: Tensor | None
+    predicted: Tensor | None
     inexact_grads: Tensor | None = None
 
 
@@ -86,6 +87,11 @@ class TokenLoss(nn.Module):
         "the logits or the weights diverged: lower the learning rate (optimizer.lr), lengthen the "
         "warm-up (schedule.warmup_steps) or clip harder (step.gradient_clip_val)"
     )
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this implementation cannot run on this machine (see the peers), or None."""
+        return None
 
     def __init__(
         self,
