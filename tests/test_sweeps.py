@@ -1,27 +1,38 @@
-"""Sweeps: a multirun's runs under one TensorBoard root, compare_runs.py on it, Optuna and SLURM configs."""
+"""Sweeps: a multirun's runs under one TensorBoard root named by what it sweeps, the HPARAMS tab
+leading with it, compare_runs.py on it and its table at the end, Optuna and SLURM configs."""
 
 import math
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
 from hydra import compose, initialize_config_module
 from hydra.utils import get_class
+from tensorboard import context
+from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.plugins import base_plugin
+from tensorboard.plugins.hparams import backend_context, metadata, plugin_data_pb2
 
 from losslab.compare import read_runs
+from losslab.sweeps import shared_keys
 from losslab.train import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FOLDER = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}")
 
 
+class Sweep(NamedTuple):
+    folder: Path
+    output: str  # what the command printed
+
+
 @pytest.fixture(scope="module")
-def sweeps(tmp_path_factory) -> dict[str, Path]:
+def sweeps(tmp_path_factory) -> dict[str, Sweep]:
     """A sweep of two losses and an Optuna search of two trials, started together in one log folder."""
     root = tmp_path_factory.mktemp("sweeps")
     common = ["experiment=tiny"]  # the default paths: logs/ and .cache/ under the working directory
@@ -39,14 +50,16 @@ def sweeps(tmp_path_factory) -> dict[str, Path]:
         )
         for name, overrides in commands.items()
     }
+    outputs = {}
     for name, process in started.items():
-        output, _ = process.communicate(timeout=600)
-        assert process.returncode == 0, f"{name} sweep failed:\n{output[-4000:]}"
+        outputs[name], _ = process.communicate(timeout=600)
+        assert process.returncode == 0, f"{name} sweep failed:\n{outputs[name][-4000:]}"
     folders = sorted((root / "logs" / "multiruns").iterdir())
     assert len(folders) == 2, folders  # never one folder for both
     optuna = [f for f in folders if (f / "optimization_results.yaml").is_file()]
     assert len(optuna) == 1, folders
-    return {"optuna": optuna[0], "losses": next(f for f in folders if f not in optuna)}
+    losses = next(f for f in folders if f not in optuna)
+    return {"optuna": Sweep(optuna[0], outputs["optuna"]), "losses": Sweep(losses, outputs["losses"])}
 
 
 def hparams_of(run_dir: Path) -> dict[str, float | str]:
@@ -58,9 +71,27 @@ def hparams_of(run_dir: Path) -> dict[str, float | str]:
     return {key: value.string_value or value.number_value for key, value in session.hparams.items()}
 
 
+def hparams_tab(sweep: Path) -> list[str]:
+    """The options of the HPARAMS tab of ``tensorboard --logdir <sweep>``, in TensorBoard's order."""
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(sweep))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(sweep))
+    tab = backend_context.Context(base_plugin.TBContext(logdir=str(sweep), data_provider=provider))
+    request = context.RequestContext()
+    experiment = tab.experiment_from_metadata(
+        request,
+        "",
+        include_metrics=False,
+        hparams_run_to_tag_to_content=tab.hparams_metadata(request, ""),
+        data_provider_hparams=tab.hparams_from_data_provider(request, "", limit=None),
+    )
+    return [info.name for info in experiment.hparam_infos]
+
+
 def test_sweeps_started_together_get_their_own_folders(sweeps):
-    assert all(SWEEP_FOLDER.fullmatch(folder.name) for folder in sweeps.values())
-    assert sweeps["losses"] != sweeps["optuna"]
+    assert all(SWEEP_FOLDER.fullmatch(sweep.folder.name) for sweep in sweeps.values())
+    assert sweeps["losses"].folder != sweeps["optuna"].folder
 
 
 def test_folder_suffix_is_drawn_per_config_so_sweeps_in_one_second_differ(tmp_path):
@@ -73,9 +104,10 @@ def test_folder_suffix_is_drawn_per_config_so_sweeps_in_one_second_differ(tmp_pa
     assert first.hydra.sweep.dir == first.hydra.sweep.dir  # one value per config: its jobs share it
 
 
-def test_a_sweep_logs_its_runs_under_one_root_named_by_their_overrides(sweeps):
-    runs = read_runs(sweeps["losses"])
-    assert sorted(runs) == ["experiment=tiny,loss=fused", "experiment=tiny,loss=naive"]
+def test_a_sweep_logs_its_runs_under_one_root_named_by_what_it_sweeps(sweeps):
+    sweep = sweeps["losses"].folder
+    runs = read_runs(sweep)
+    assert sorted(runs) == ["loss=fused", "loss=naive"]  # experiment=tiny, shared by both, left out
     for name, curves in runs.items():
         for tag in [
             "train/loss",
@@ -87,16 +119,59 @@ def test_a_sweep_logs_its_runs_under_one_root_named_by_their_overrides(sweeps):
         ]:
             assert tag in curves, (name, tag)
         assert curves["hp/val_loss"][-1].value == pytest.approx(curves["val/loss"][-1].value)
-        options = hparams_of(sweeps["losses"] / name)
-        assert options["loss/name"] == name.removeprefix("experiment=tiny,loss=")
+        options = hparams_of(sweep / name)
+        assert options["loss/name"] == name.removeprefix("loss=")
         assert options["data/tokenizer"] == "bytes" and options["model/vocab_size"] == 257
         assert options["trainer/precision"] == "32-true" and options["step/accumulate"] == 1
-        assert (sweeps["losses"] / name / ".hydra" / "config.yaml").is_file()
+        assert (sweep / name / ".hydra" / "config.yaml").is_file()
+
+
+def test_the_hparams_tab_leads_with_what_the_sweep_varies(sweeps):
+    sweep = sweeps["losses"].folder
+    for run in sweep.iterdir():
+        if run.is_dir():  # no run writes the tab's column list: TensorBoard works out what differs
+            events = EventAccumulator(str(run))
+            events.Reload()
+            assert metadata.EXPERIMENT_TAG not in events.PluginTagToContent("hparams")
+    assert hparams_tab(sweep)[0] == "loss/name"
+    assert hparams_tab(sweeps["optuna"].folder)[:3] == [
+        "optimizer/lr",
+        "optimizer/weight_decay",
+        "schedule/warmup_steps",
+    ]
+
+
+def test_a_sweep_ends_with_its_comparison(sweeps):
+    sweep, output = sweeps["losses"]
+    assert "| `loss=fused` | finished |" in output and "| `loss=naive` | finished |" in output
+    assert f"compare.md and {Path('logs', 'multiruns', sweep.name, 'compare.png')}" in output
+    assert f"tensorboard --logdir {Path('logs', 'multiruns', sweep.name)}" in output
+    assert (sweep / "compare.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides,params,shared",
+    [
+        (["experiment=tiny", "loss=naive,fused"], None, ["experiment"]),
+        (["experiment=tiny,shakespeare_gpt2", "loss=fused"], None, ["loss"]),  # presets swept: named by them
+        (["loss=fused", "optimizer.lr=range(1,3)"], None, ["loss"]),
+        (["experiment=tiny"], {"optimizer.lr": "interval(0.001, 0.1)"}, ["experiment"]),  # Optuna's search space
+        (["experiment=tiny", "loss=fused"], None, []),  # nothing swept: every override names the run
+    ],
+)
+def test_runs_are_named_by_the_keys_a_sweep_varies(overrides, params, shared):
+    assert shared_keys(overrides, params) == shared
 
 
 def test_compare_runs_writes_a_table_and_a_figure(sweeps, tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "compare_runs.py"), str(sweeps["losses"]), "--out", str(tmp_path)],
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "compare_runs.py"),
+            str(sweeps["losses"].folder),
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -111,8 +186,8 @@ def test_compare_runs_writes_a_table_and_a_figure(sweeps, tmp_path):
 
 
 def test_optuna_search_reports_its_best_trial(sweeps):
-    results = yaml.safe_load((sweeps["optuna"] / "optimization_results.yaml").read_text())
-    trials = read_runs(sweeps["optuna"])
+    results = yaml.safe_load((sweeps["optuna"].folder / "optimization_results.yaml").read_text())
+    trials = read_runs(sweeps["optuna"].folder)
     assert len(trials) == 2 and all(name.startswith(("trial0_", "trial1_")) for name in trials)
     final_losses = [curves["val/loss"][-1].value for curves in trials.values()]
     assert math.isfinite(results["best_value"])

@@ -72,6 +72,8 @@ def test_every_config_option_composes_and_instantiates(tmp_path, cache_dir, grou
     elif group == "data":
         assert cfg.data.corpus == option
     elif group == "loss":
+        if LOSSES[option].unavailable_reason():  # composed above; built where it can run
+            pytest.skip(f"{option}: {LOSSES[option].unavailable_reason()}")
         assert type(instantiate(cfg.loss)()) is LOSSES[option]
     elif group in {"model", "optimizer"}:
         built = GPT(instantiate(cfg.model, vocab_size=11))
@@ -85,20 +87,12 @@ def test_every_config_option_composes_and_instantiates(tmp_path, cache_dir, grou
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_a_few_steps_per_loss_write_tensorboard_curves(tmp_path, cache_dir, loss):
+    if LOSSES[loss].unavailable_reason():
+        pytest.skip(f"{loss}: {LOSSES[loss].unavailable_reason()}")
     metrics = train(make_config(tmp_path, cache_dir, [f"loss={loss}"])).metrics
     curves = scalars(tmp_path / "run")
-    for tag in [
-        "train/loss",
-        "train/ppl",
-        "train/acc",
-        "val/loss",
-        "val/ppl",
-        "val/bpb",
-        "val/acc",
-        "lr",
-        "train/grad_norm",
-        "perf/tokens_per_sec",
-    ]:
+    tags = ["train/loss", "train/ppl", "val/loss", "val/ppl", "val/bpb", "lr", "train/grad_norm", "perf/tokens_per_sec"]
+    for tag in tags + (["train/acc", "val/acc"] if LOSSES[loss].gives_predictions else []):
         assert tag in curves, tag
     assert len(curves["val/loss"]) == 3  # before training, and every 3 steps
     assert curves["val/ppl"][-1] < curves["val/ppl"][0]
@@ -127,13 +121,13 @@ def test_another_ignore_index_pads_with_it_and_trains_the_same(tmp_path, cache_d
 def test_resume_continues_from_the_checkpoint(tmp_path, cache_dir):
     train(make_config(tmp_path / "first", cache_dir, []))
     last = tmp_path / "first" / "run" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == 6
+    assert torch.load(last, weights_only=True)["global_step"] == 6
     train(
         make_config(
             tmp_path / "resumed", cache_dir, ["trainer.max_steps=9", "schedule.total_steps=6", f"ckpt_path={last}"]
         )
     )
-    resumed = torch.load(tmp_path / "resumed" / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 9
     steps = EventAccumulator(str(tmp_path / "resumed" / "run"))
     steps.Reload()
@@ -174,7 +168,7 @@ def test_ddp_on_two_cpu_processes_trains_logs_and_checkpoints_once(tmp_path, cac
     assert len(curves["train/loss"]) == 6 and len(curves["val/loss"]) == 3
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best-step6.ckpt", "last.ckpt"]
-    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 6
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
 def test_weight_decay_from_the_optimizer_config_reaches_matrices_only(tmp_path, cache_dir):

@@ -312,14 +312,35 @@ def row_names(runs: dict[str, Run]) -> tuple[str, dict[str, str]]:
     run's name in the table: what sets it apart from the others.
 
     A sweep's runs are named by their folders, which Hydra names by the runs' overrides (see
-    ``split_names``). Runs whose folder names hold no override (``logs/runs/<date>_<time>_<id>``),
+    ``split_names``); the overrides they share are those of their ``.hydra/overrides.yaml`` (see
+    ``common_overrides``), or else the part of their names that they share. Runs whose folder names hold no override (``logs/runs/<date>_<time>_<id>``),
     or the same ones, are named by their settings (see ``settings_names``).
     """
     folder_names = [run.folder.name for run in runs.values()]
     if all("=" in name for name in folder_names) and len(set(folder_names)) == len(folder_names):
         common, distinct = split_names(folder_names)
-        return common, {name: distinct[run.folder.name] for name, run in runs.items()}
+        shared = ",".join(common_overrides(runs)) or common
+        return shared, {name: distinct[run.folder.name] for name, run in runs.items()}
     return "", settings_names(runs)
+
+
+def common_overrides(runs: dict[str, Run]) -> list[str]:
+    """The command-line overrides that every run has, from Hydra's ``.hydra/overrides.yaml`` (a
+    sweep names its runs by what it sweeps alone: see ``losslab.sweeps``), paths left out (see
+    ``is_setting``); none when a run has no such file."""
+    lists = [read_overrides(run.folder) for run in runs.values()]
+    if not lists or None in lists:
+        return []
+    return [item for item in lists[0] if all(item in other for other in lists) and is_setting(item.split("=")[0])]
+
+
+def read_overrides(folder: Path) -> list[str] | None:
+    """The run's command-line overrides (``.hydra/overrides.yaml``), or None for a run without the file."""
+    path = folder / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    with path.open() as file:
+        return yaml.safe_load(file) or []
 
 
 def markdown_table(runs: dict[str, Run]) -> str:
@@ -419,10 +440,14 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     runs = load_runs(folders)
-    out = args.out or default_out(args.paths, runs)
+    print(write_comparison(runs, args.out or default_out(args.paths, runs)))
+
+
+def write_comparison(runs: dict[str, Run], out: Path) -> str:
+    """Writes the table and the figure of ``runs`` to ``out``/compare.md and ``out``/compare.png, and
+    returns the table and where they went."""
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)
     (out / "compare.md").write_text(table)
     plot_curves(runs, out / "compare.png")
-    print(table)
-    print(f"Wrote {out / 'compare.md'} and {out / 'compare.png'}")
+    return f"{table}\nWrote {out / 'compare.md'} and {out / 'compare.png'}"

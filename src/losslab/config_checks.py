@@ -493,7 +493,7 @@ def loss_builds(cfg: DictConfig) -> str | None:
     options = {key: value for key, value in loss.items() if not key.startswith("_")}
     try:
         build_loss(**options)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, RuntimeError) as error:  # RuntimeError: a peer that cannot run here
         return f"loss={options['name']}: {error}"
     return None
 

@@ -2,37 +2,35 @@
 
     python scripts/generate.py logs/runs/<run>/checkpoints/last.ckpt --prompt "The " --temperature 0.8 --top-k 50
 
-The checkpoint carries the model's shape and its tokenizer, so nothing else is needed (a GPT-2
-tokenizer still needs tiktoken's cache, see README).
+The checkpoint carries the model's shape and its whole tokenizer, so nothing else is needed. It is
+read as tensors and plain data only: a checkpoint never runs code, and a file that is not a
+usable checkpoint ends the script with one line that says why.
 """
 
 from __future__ import annotations
 
 import argparse
-import pickle
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import tiktoken
 import torch
 
-from losslab.model import GPT, GPTConfig
+from losslab.checkpointing import (
+    CheckpointError,
+    load_checkpoint_file,
+    model_from_checkpoint,
+    tokenizer_from_checkpoint,
+)
+from losslab.model import GPT
 
 
 def load_checkpoint(path: str | Path) -> tuple[GPT, tiktoken.Encoding]:
-    """The GPT (in eval mode) and the tokenizer stored in a losslab checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no checkpoint at {path}: give the path of a .ckpt file (checkpoints/last.ckpt of a run)"
-        )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if "gpt_config" not in checkpoint:
-        raise ValueError(f"{path} is not a losslab checkpoint (it has no 'gpt_config')")
-    model = GPT(GPTConfig(**checkpoint["gpt_config"]))
-    prefix = "model."
-    model.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
-    return model.eval(), pickle.loads(checkpoint["tokenizer"])
+    """The GPT (in eval mode) and the tokenizer stored in a losslab checkpoint; CheckpointError
+    when the file is not one."""
+    checkpoint = load_checkpoint_file(path)
+    return model_from_checkpoint(checkpoint, path), tokenizer_from_checkpoint(checkpoint, path)
 
 
 def generate(
@@ -76,7 +74,10 @@ def main() -> None:
     parser.add_argument("--num-samples", type=at_least(1), default=1, help="continuations to sample, >= 1")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    model, tokenizer = load_checkpoint(args.checkpoint)
+    try:
+        model, tokenizer = load_checkpoint(args.checkpoint)
+    except CheckpointError as error:
+        sys.exit(f"error: {error}")  # one line, not a traceback: the fix is in the message
     samples = generate(
         model,
         tokenizer,

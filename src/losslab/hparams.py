@@ -1,7 +1,13 @@
 """TensorBoard's HPARAMS tab: each run's chosen options next to its final validation metrics.
 
 A sweep's runs then sort and filter by loss, precision, model size, data and tokenizer, with
-``hp/val_loss``, ``hp/val_ppl`` and ``hp/val_bpb`` in the same table.
+``hp/val_loss``, ``hp/val_ppl``, ``hp/val_bpb`` and ``hp/val_acc`` in the same table.
+
+A run writes its options (TensorBoard's "session start info") but no experiment summary, the list of
+all the tab's columns: without one, TensorBoard works out from the runs it shows which options
+differ between them and shows those first (``loss/name`` in a sweep of losses). A summary written
+by one run, as Lightning's ``log_hyperparams`` writes, cannot know what differs across the others,
+and TensorBoard then lists the options by name and ticks the first five (``data/batch_size``...).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
+from tensorboard.plugins.hparams.summary_v2 import hparams_pb
 
 # The validation metrics the tab shows, under the names it shows them.
 TAB_METRICS = {"val/loss": "hp/val_loss", "val/ppl": "hp/val_ppl", "val/bpb": "hp/val_bpb", "val/acc": "hp/val_acc"}
@@ -43,8 +50,22 @@ def without_targets(node: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in node.items() if not key.startswith("_")}
 
 
+def tab_values(node: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """``node`` flattened as the tab names its options (``loss/name``, as Lightning flattens them),
+    values it cannot hold (None, lists) as text."""
+    values: dict[str, bool | int | float | str] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            values |= tab_values(value, f"{name}/")
+        else:
+            values[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return values
+
+
 class HParamsTab(L.Callback):
-    """At the end of training, logs ``options`` with the last validation's metrics to the HPARAMS tab."""
+    """At the end of training, logs ``options`` with the last validation's metrics to the HPARAMS tab
+    (and ``options`` to the logger's ``hparams.yaml``)."""
 
     def __init__(self, options: DictConfig) -> None:
         self.options = options
@@ -53,5 +74,9 @@ class HParamsTab(L.Callback):
         final = trainer.callback_metrics
         metrics = {tab: float(final[name]) for name, tab in TAB_METRICS.items() if name in final}
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger) and metrics:
-                logger.log_hyperparams(self.options, metrics, step=trainer.global_step)
+            if isinstance(logger, TensorBoardLogger) and metrics and trainer.is_global_zero:
+                logger.log_hyperparams(self.options)  # without metrics: hparams.yaml only, no summary
+                logger.log_metrics(metrics, step=trainer.global_step)
+                # trial "": the tab names the row by the run (loss=fused), not by a hash of its options
+                session = hparams_pb(tab_values(OmegaConf.to_container(self.options)), trial_id="")
+                logger.experiment.file_writer.add_summary(session, trainer.global_step)

@@ -61,10 +61,10 @@ class GPTLightningModule(L.LightningModule):
             the weights: ``"skip"`` it (it still counts as a step, and ``train/skipped_steps``
             counts it) or ``"stop"`` training with an error that names the step and the likely cause.
         token_bytes: byte length of every token id, for bits per byte.
-        tokenizer: the pickled ``tiktoken.Encoding``, stored in checkpoints so that
-            ``scripts/generate.py`` needs nothing but the checkpoint.
-        tokenizer_id: what tells the tokenizer apart from others (name, vocabulary size and
-            a hash of its tokens), stored in checkpoints so that resuming with another one is refused.
+        tokenizer: the tokenizer as plain data (:func:`losslab.tokenizers.tokenizer_to_data`),
+            stored in checkpoints so that ``scripts/generate.py`` needs nothing but the checkpoint,
+            with what tells it apart from others (its name, size and a hash of its tokens), so
+            that resuming with another one is refused.
 
     The metrics are the model's own: ``train/loss``, ``val/loss`` and every ``*/ppl`` and ``*/bpb``
     are its negative log-likelihood of the targets, without label smoothing or z-loss; the
@@ -82,8 +82,7 @@ class GPTLightningModule(L.LightningModule):
         gradient_clip_val: float | None = 1.0,
         nonfinite: str = "skip",
         token_bytes: Tensor | None = None,
-        tokenizer: bytes | None = None,
-        tokenizer_id: dict[str, Any] | None = None,
+        tokenizer: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
@@ -96,7 +95,8 @@ class GPTLightningModule(L.LightningModule):
         self.gradient_clip_val = gradient_clip_val
         self.nonfinite = nonfinite
         self.tokenizer = tokenizer
-        self.tokenizer_id = tokenizer_id
+        # what tells tokenizers apart, compared on resume (the checkpoint holds it as tokenizer_id)
+        self.tokenizer_id = {key: tokenizer[key] for key in ("name", "n_vocab", "sha256")} if tokenizer else {}
         if token_bytes is None:
             token_bytes = torch.ones(model.config.vocab_size, dtype=torch.long)
         self.register_buffer("token_bytes", token_bytes.long(), persistent=False)
@@ -129,7 +129,8 @@ class GPTLightningModule(L.LightningModule):
             with optimizer.toggle_model(sync_grad=i == len(batch) - 1):  # all-reduce once, at the end
                 parts = self.loss_sums(micro)
                 self.manual_backward(parts.loss * scale)
-            sums.append(torch.stack([parts.loss.detach(), parts.nll, parts.z_loss, parts.accuracy]))
+            accuracy = torch.full_like(parts.nll, math.nan) if parts.accuracy is None else parts.accuracy
+            sums.append(torch.stack([parts.loss.detach(), parts.nll, parts.z_loss, accuracy]))
             if parts.inexact_grads is not None:
                 inexact_grads.append(parts.inexact_grads)
         objective, nll, z_loss, accuracy = strategy.reduce(torch.stack(sums).sum(0), reduce_op="sum") / n_tokens
@@ -157,7 +158,8 @@ class GPTLightningModule(L.LightningModule):
         self.log("train/ppl", torch.exp(nll))
         if self.loss_fn.label_smoothing > 0 or self.loss_fn.z_loss > 0:
             self.log("train/objective", objective)
-        self.log("train/acc", accuracy)
+        if not torch.isnan(accuracy):  # a peer that gives no predictions has no accuracy
+            self.log("train/acc", accuracy)
         self.log("train/grad_norm", norm)
         self.log("train/skipped_steps", self.skipped_steps.float())
         if self.loss_fn.z_loss > 0:
@@ -203,21 +205,21 @@ class GPTLightningModule(L.LightningModule):
         real = real_targets(targets, self.loss_fn.ignore_index)
         parts = self.loss_sums(batch)
         self.val_nll.update(parts.nll.float())
-        self.val_correct.update(parts.accuracy.float())
+        if parts.accuracy is not None:
+            self.val_correct.update(parts.accuracy.float())
         self.val_tokens.update(real.sum())
         self.val_bytes.update(self.token_bytes[targets[real]].sum())
 
     def on_validation_epoch_end(self) -> None:
         # Token-weighted over the whole validation set: exp(total NLL / total tokens). Under DDP
         # the metrics sum over the ranks themselves, so the values are already global.
-        nll, tokens, n_bytes, correct = (
-            m.compute() for m in (self.val_nll, self.val_tokens, self.val_bytes, self.val_correct)
-        )
+        nll, tokens, n_bytes = (m.compute() for m in (self.val_nll, self.val_tokens, self.val_bytes))
         loss = nll / tokens.clamp(min=1)
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
         self.log("val/bpb", nll / math.log(2) / n_bytes.clamp(min=1))
-        self.log("val/acc", correct / tokens.clamp(min=1))
+        if self.val_correct.update_count:  # a peer that gives no predictions has no accuracy
+            self.log("val/acc", self.val_correct.compute() / tokens.clamp(min=1))
         self.log("step", float(self.global_step))  # after that many steps; 0 before training
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -254,7 +256,7 @@ class GPTLightningModule(L.LightningModule):
         check_same(
             "tokenizer",
             checkpoint.get("tokenizer_id") or {},
-            self.tokenizer_id or {},
+            self.tokenizer_id,
             "its tokenizer and corpus (tokenizer=..., data=...)",
         )
         check_same(

@@ -9,6 +9,10 @@
 - ``bytes``: the 256 byte values.
 
 Each ends with the ``<|endoftext|>`` special token, so that ``n_vocab`` counts it.
+
+A checkpoint stores its tokenizer as plain data (:func:`tokenizer_to_data`, read back by
+:func:`tokenizer_from_data`), never as a pickle, which could run code when loaded; an exported
+model keeps it as two files (:func:`export_tokenizer`, :func:`load_exported_tokenizer`).
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import heapq
+import json
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import regex
@@ -30,6 +36,8 @@ from losslab.files import replaced_atomically
 
 TOKENIZERS = ("gpt2", "bpe", "bytes")
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# What tokenizer_to_data stores, and the type of each.
+TOKENIZER_DATA = {"name": str, "pattern": str, "ranks": bytes, "special_tokens": dict, "n_vocab": int, "sha256": str}
 
 Pair = tuple[int, int]
 
@@ -106,11 +114,24 @@ def bpe_tokenizer(train_text: Sequence[str], vocab_size: int, cache_dir: str | P
     return encoding_from_ranks(name, load_ranks(path))
 
 
+def ranks_to_bytes(ranks: dict[bytes, int]) -> bytes:
+    """Ranks in tiktoken's ``.tiktoken`` format: a line ``<base64 token> <rank>`` per token."""
+    return b"".join(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks.items())
+
+
+def ranks_from_bytes(data: bytes) -> dict[bytes, int]:
+    """Ranks from the bytes of a ``.tiktoken`` file; ValueError when a line is not ``<base64> <int>``."""
+    ranks = {}
+    for line in data.splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token, validate=True)] = int(rank)
+    return ranks
+
+
 def save_ranks(ranks: dict[bytes, int], path: Path) -> None:
     """Write ranks in tiktoken's ``.tiktoken`` format, atomically."""
-    lines = [base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks.items()]
     with replaced_atomically(path) as file:
-        file.write(b"".join(lines))
+        file.write(ranks_to_bytes(ranks))
 
 
 def load_ranks(path: Path, expected_sha256: str | None = None) -> dict[bytes, int]:
@@ -122,11 +143,7 @@ def load_ranks(path: Path, expected_sha256: str | None = None) -> dict[bytes, in
     data = path.read_bytes()
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise ValueError(f"{path} is not the expected ranks file: its sha256 is not {expected_sha256}")
-    ranks = {}
-    for line in data.splitlines():
-        token, rank = line.split()
-        ranks[base64.b64decode(token)] = int(rank)
-    return ranks
+    return ranks_from_bytes(data)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
@@ -245,3 +262,65 @@ def tokenizer_fingerprint(enc: tiktoken.Encoding) -> str:
         token = enc.decode_single_token_bytes(i)
         digest.update(len(token).to_bytes(8, "little") + token)
     return digest.hexdigest()
+
+
+def tokenizer_to_data(enc: tiktoken.Encoding) -> dict[str, Any]:
+    """``enc`` as plain data, which a checkpoint stores and ``torch.load(weights_only=True)`` reads.
+
+    The whole tokenizer, so that a checkpoint needs nothing else, even offline (GPT-2's ranks take
+    0.8 MB): its name, split pattern and special tokens; its ranks as the bytes of a ``.tiktoken``
+    file (one object: as a dict of 50,257 entries, torch's weights-only unpickler takes half a
+    second to read them); its size and the sha256 of its tokens (:func:`tokenizer_fingerprint`).
+    """
+    return {
+        "name": enc.name,
+        # tiktoken keeps these private, and its README extends encodings through them
+        "pattern": enc._pat_str,
+        "ranks": ranks_to_bytes(enc._mergeable_ranks),
+        "special_tokens": dict(enc._special_tokens),
+        "n_vocab": enc.n_vocab,
+        "sha256": tokenizer_fingerprint(enc),
+    }
+
+
+def tokenizer_from_data(data: Any) -> tiktoken.Encoding:
+    """The tokenizer that :func:`tokenizer_to_data` gave ``data`` for.
+
+    Raises ValueError, saying what is wrong, when ``data`` is not such a dict or its tokens are not
+    the ones its ``n_vocab`` and ``sha256`` describe.
+    """
+    wrong = [
+        key for key, kind in TOKENIZER_DATA.items() if not isinstance(data, dict) or not isinstance(data.get(key), kind)
+    ]
+    if wrong:
+        raise ValueError(f"the tokenizer is not stored as data: {', '.join(wrong)} missing or of another type")
+    try:
+        enc = tiktoken.Encoding(
+            name=data["name"],
+            pat_str=data["pattern"],
+            mergeable_ranks=ranks_from_bytes(data["ranks"]),
+            special_tokens=data["special_tokens"],
+        )
+        sha256 = tokenizer_fingerprint(enc)
+    except (ValueError, TypeError, KeyError) as error:  # what tiktoken raises for a bad pattern, token or id
+        raise ValueError(f"the tokenizer cannot be rebuilt: {error}") from None
+    if enc.n_vocab != data["n_vocab"] or sha256 != data["sha256"]:
+        raise ValueError("the tokenizer's tokens are not those its n_vocab and sha256 describe")
+    return enc
+
+
+def export_tokenizer(enc: tiktoken.Encoding, out_dir: str | Path) -> None:
+    """Write ``enc`` to ``out_dir/tiktoken/``: ``ranks.tiktoken`` (its ranks, in tiktoken's own
+    format) and ``encoding.json`` (its name, split pattern, special tokens, size and sha256)."""
+    folder = Path(out_dir) / "tiktoken"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = tokenizer_to_data(enc)
+    (folder / "ranks.tiktoken").write_bytes(data.pop("ranks"))
+    (folder / "encoding.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def load_exported_tokenizer(out_dir: str | Path) -> tiktoken.Encoding:
+    """The tokenizer that :func:`export_tokenizer` (``scripts/export.py``) wrote to ``out_dir``."""
+    folder = Path(out_dir) / "tiktoken"
+    data = json.loads((folder / "encoding.json").read_text())
+    return tokenizer_from_data({**data, "ranks": (folder / "ranks.tiktoken").read_bytes()})

@@ -7,27 +7,29 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import secrets
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from losslab.checkpointing import CheckpointError, load_checkpoint_file
 from losslab.config_checks import ConfigError, check_config, check_overrides
 from losslab.data import GPTDataModule
 from losslab.hparams import HParamsTab, chosen_options
 from losslab.lightning_module import GPTLightningModule
 from losslab.model import GPT
+from losslab.report import run_report
 from losslab.run_status import STATUS_FILE, GracefulInterrupt, RunStatus
+from losslab.tokenizers import tokenizer_to_data
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,6 @@ def build_module(cfg: DictConfig) -> tuple[GPTDataModule, GPTLightningModule]:
     """The data (set up: tokenizer trained, token files written) and the module ``cfg`` describes."""
     datamodule = instantiate(cfg.data, accumulate=cfg.step.accumulate)
     datamodule.setup("fit")
-    tokenizer = datamodule.tokenizer
     module = GPTLightningModule(
         model=GPT(instantiate(cfg.model, vocab_size=datamodule.vocab_size)),
         loss=instantiate(cfg.loss),
@@ -80,8 +81,7 @@ def build_module(cfg: DictConfig) -> tuple[GPTDataModule, GPTLightningModule]:
         total_steps=cfg.schedule.total_steps or cfg.trainer.max_steps,
         min_lr_ratio=cfg.schedule.min_lr_ratio,
         token_bytes=datamodule.token_bytes,
-        tokenizer=pickle.dumps(tokenizer),
-        tokenizer_id={"name": tokenizer.name, "n_vocab": tokenizer.n_vocab, "sha256": datamodule.tokenizer_fingerprint},
+        tokenizer=tokenizer_to_data(datamodule.tokenizer),
         gradient_clip_val=cfg.step.gradient_clip_val,
         nonfinite=cfg.step.nonfinite,
     )
@@ -106,7 +106,7 @@ def fit(cfg: DictConfig, folder: Path) -> RunOutcome:
     datamodule, module = build_module(cfg)
     purge = {}
     if cfg.ckpt_path:
-        checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = load_checkpoint_file(cfg.ckpt_path, key="ckpt_path")
         module.check_resumable(checkpoint)
         # A resumed run continues in its folder: TensorBoard hides the events logged there after
         # the checkpoint's step, which the resumed run logs again.
@@ -132,16 +132,21 @@ def fit(cfg: DictConfig, folder: Path) -> RunOutcome:
 
 
 def summary(outcome: RunOutcome, message: str) -> str:
-    """What the run achieved, in a line or two."""
+    """What the run achieved: a line that says how it ended, then its validation metrics (final, best
+    and first), speed, memory and wall time, where its checkpoints are, and the commands that show
+    its curves and sample from it (see :func:`losslab.report.run_report`)."""
     metrics = outcome.metrics
     values = ", ".join(f"{name} {metrics[name]:.4f}" for name in ("val/loss", "val/ppl", "val/bpb") if name in metrics)
     where = f"step {outcome.step}/{outcome.max_steps}"
     if outcome.status == "finished":
-        return f"Finished at {where}: {values}."
-    if outcome.status == "diverged":
-        return f"Diverged: at {where} {values}; {message}."
-    last = outcome.folder / "checkpoints" / "last.ckpt"
-    return f"Interrupted at {where} ({values}); {last} holds it. Resume it with:\n  {resume_command(last)}"
+        ending = f"Finished at {where}: {values}."
+    elif outcome.status == "diverged":
+        ending = f"Diverged: at {where} {values}; {message}."
+    else:
+        last = outcome.folder / "checkpoints" / "last.ckpt"
+        ending = f"Interrupted at {where} ({values}); {last} holds it. Resume it with:\n  {resume_command(last)}"
+    report = run_report(outcome.folder, finished=outcome.status == "finished")
+    return "\n".join([ending, *(f"  {line}" for line in report)])
 
 
 def resume_command(checkpoint: Path) -> str:
@@ -152,12 +157,23 @@ def resume_command(checkpoint: Path) -> str:
 
 def route_library_logs() -> None:
     """Lightning's messages and Python's warnings go where Hydra sends ours: the terminal and the
-    run's train.log (Lightning gives its loggers a handler of their own when imported first)."""
+    run's train.log (Lightning gives its loggers a handler of their own when imported first); less
+    Lightning's advertisements and a warning known to be harmless."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         library_log = logging.getLogger(name)
         library_log.handlers.clear()
         library_log.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(without_tips)
+    # Lightning 2.6's own pytree helper trips torch's deprecation of LeafSpec; nothing here can act on it.
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
     logging.captureWarnings(True)
+
+
+def without_tips(record: logging.LogRecord) -> bool:
+    """Drops Lightning's "💡 Tip: ... try installing litlogger / litmodels" advertisements."""
+    return not record.getMessage().startswith("💡 Tip:")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://losslab.conf", config_name="train")
@@ -166,7 +182,7 @@ def run(cfg: DictConfig) -> float:
     route_library_logs()
     try:
         outcome = train(cfg)
-    except ConfigError as error:
+    except (ConfigError, CheckpointError) as error:
         sys.exit(f"error: {error}")  # one line, not a traceback: the fix is in the message
     if outcome.status == "interrupted":
         sys.exit(130)  # as a shell reports Ctrl-C; a sweep stops there too

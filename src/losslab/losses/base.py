@@ -83,6 +83,7 @@ class TokenLoss(nn.Module):
     """
 
     name: ClassVar[str]
+    gives_predictions: ClassVar[bool] = True  # LossParts.accuracy and .predicted are not None
     nonfinite_hint: ClassVar[str] = (
         "the logits or the weights diverged: lower the learning rate (optimizer.lr), lengthen the "
         "warm-up (schedule.warmup_steps) or clip harder (step.gradient_clip_val)"

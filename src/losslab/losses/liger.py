@@ -16,6 +16,7 @@ class LigerFusedLinearCrossEntropyLoss(PeerLoss):
     """``liger_kernel``'s ``liger_fused_linear_cross_entropy`` behind losslab's call and options."""
 
     name = "liger"
+    gives_predictions = True
     package = "liger_kernel"
     install = 'pip install -e ".[peers]" (liger-kernel, on a machine with a CUDA GPU)'
 

@@ -44,6 +44,7 @@ class PeerLoss(TokenLoss):
     install: ClassVar[str]
     unsupported: ClassVar[tuple[str, ...]] = ()
     computes_float64: ClassVar[bool] = True  # False: float64 inputs give a float32 loss
+    gives_predictions: ClassVar[bool] = False
 
     @classmethod
     def takes_bias(cls) -> bool:

@@ -1,0 +1,41 @@
+"""The comparison that TensorBoard shows first: a custom-scalars layout written with every run.
+
+TensorBoard's TIME SERIES tab draws one chart per logged tag, in alphabetical groups of tags
+(``hp``, ``lr``, ``perf``, ``train``, ``val``), and expands only the first two. Its CUSTOM SCALARS
+tab draws the charts a layout asks for instead: here the train and validation loss in one chart,
+then validation perplexity, bits per byte, tokens per second and peak memory, with every run
+overlaid. Each run writes the same layout and TensorBoard merges them, so a sweep's folder, a single
+run's or ``logs/runs`` shows the same charts; ``http://localhost:6006/#custom_scalars`` opens them.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+
+# Where `tensorboard --logdir ...` shows the layout, with TensorBoard's default port.
+DASHBOARD_URL = "http://localhost:6006/#custom_scalars"
+
+CATEGORY = "compare runs"
+# Chart title -> the tags it draws, as the regular expressions the custom-scalars plugin matches.
+CHARTS = {
+    "loss (train and validation)": [r"^train/loss$", r"^val/loss$"],
+    "validation perplexity": [r"^val/ppl$"],
+    "validation bits per byte": [r"^val/bpb$"],
+    "tokens per second": [r"^perf/tokens_per_sec$"],
+    "peak memory (MiB)": [r"^perf/peak_memory_mib$"],
+}
+
+
+def layout() -> dict[str, dict[str, list]]:
+    """The charts as ``SummaryWriter.add_custom_scalars`` takes them: every run's lines in each chart."""
+    return {CATEGORY: {title: ["Multiline", tags] for title, tags in CHARTS.items()}}
+
+
+class Dashboard(L.Callback):
+    """Writes :func:`layout` into the run's TensorBoard events when training starts."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_custom_scalars(layout())  # on rank 0 only: other ranks log nothing

@@ -1,0 +1,115 @@
+"""What a user sees of a run: the custom-scalars layout in its event files, the summary it ends
+with, and a terminal without advertisements, known-harmless warnings or progress-bar frames."""
+
+import logging
+import math
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+from test_train import CONF, make_config
+from torch.utils.tensorboard import SummaryWriter
+
+from losslab import callbacks
+from losslab.dashboard import CHARTS
+from losslab.train import RunOutcome, route_library_logs, summary, train
+
+
+def layout_of(run_dir: Path) -> layout_pb2.Layout:
+    """The custom-scalars layout written with a run."""
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    [written] = events.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    return layout_pb2.Layout.FromString(written.tensor_proto.string_val[0])
+
+
+def test_the_layout_charts_what_the_run_logs(tmp_path, cache_dir):
+    train(make_config(tmp_path, cache_dir, []))
+    run = tmp_path / "run"
+    events = EventAccumulator(str(run))
+    events.Reload()
+    logged = events.Tags()["scalars"]
+
+    [category] = layout_of(run).category
+    assert [chart.title for chart in category.chart] == list(CHARTS)
+    for chart in category.chart:
+        for pattern in chart.multiline.tag:
+            assert [tag for tag in logged if re.search(pattern, tag)], (chart.title, pattern)
+    loss_chart = category.chart[0].multiline.tag
+    assert {tag for tag in logged if any(re.search(p, tag) for p in loss_chart)} == {"train/loss", "val/loss"}
+
+
+def test_a_finished_run_says_what_it_achieved(tmp_path, cache_dir, caplog):
+    caplog.set_level(logging.INFO, logger="losslab")
+    train(make_config(tmp_path, cache_dir, []))
+    run = tmp_path / "run"
+    [said] = [record.getMessage() for record in caplog.records if record.getMessage().startswith("Finished at")]
+    lines = said.splitlines()
+    assert lines[0].startswith("Finished at step 6/6: val/loss ")
+    assert lines[1].split() == ["final", "best", "step", "0"]
+    assert [line.split()[0] for line in lines[2:6]] == ["val/loss", "val/ppl", "val/bpb", "val/acc"]
+    final, best, first = map(float, lines[2].split()[1:])
+    assert final == best < first  # 6 steps of a tiny model: the last validation is the best
+    assert f"from step 0 to 6 val/loss fell by {first - final:.4f}" in said
+    assert re.search(r"[\d,]+ tokens/s \(median\), peak memory [\d,]+ MiB, wall time [\d.]+ s", said)
+    assert f"Checkpoints: {run / 'checkpoints'}/ (best-step6.ckpt, last.ckpt)" in said
+    assert f"Curves: tensorboard --logdir {run}  (then open http://localhost:6006/#custom_scalars)" in said
+    assert f'Sample: python scripts/generate.py {run / "checkpoints" / "best-step6.ckpt"} --prompt "The "' in said
+
+
+def test_a_diverged_run_says_so_with_its_best_finite_loss_and_no_sample(tmp_path):
+    with SummaryWriter(str(tmp_path)) as writer:
+        for step, loss in [(0, 5.0), (10, 4.0), (20, math.nan)]:
+            writer.add_scalar("val/loss", loss, step)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").touch()
+    metrics = {"val/loss": math.nan, "val/ppl": math.nan, "val/bpb": math.nan}
+    said = summary(RunOutcome("diverged", 20, 20, metrics, tmp_path), "the last val/loss is nan").splitlines()
+    assert said[0] == "Diverged: at step 20/20 val/loss nan, val/ppl nan, val/bpb nan; the last val/loss is nan."
+    assert said[2].split() == ["val/loss", "nan", "4.0000", "5.0000"]  # final, best, first
+    assert said[3].strip() == "Best val/loss at step 10."
+    assert not any("Sample:" in line for line in said)
+
+
+def test_the_progress_bar_is_rich_in_a_terminal_and_log_lines_elsewhere(monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert isinstance(callbacks.progress_bar(every_n_steps=10), RichProgressBar)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    bar = callbacks.progress_bar(every_n_steps=10)
+    assert isinstance(bar, callbacks.ProgressLines) and bar.every_n_steps == 10
+
+
+def test_lightning_tips_and_the_pytree_warning_are_dropped_and_nothing_else(caplog):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        route_library_logs()
+        logging.captureWarnings(False)  # let catch_warnings record them
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", UserWarning, stacklevel=1)
+        warnings.warn("another deprecation", FutureWarning, stacklevel=1)
+    assert [(w.category, str(w.message)[:10]) for w in caught] == [
+        (UserWarning, "`isinstanc"),
+        (FutureWarning, "another de"),
+    ]
+    caplog.set_level(logging.INFO)
+    rank_zero_info("💡 Tip: For seamless cloud logging ... try installing litlogger")
+    rank_zero_info("GPU available: False, used: False")
+    assert [record.getMessage() for record in caplog.records] == ["GPU available: False, used: False"]
+
+
+def test_train_py_prints_progress_lines_and_the_summary_and_nothing_to_ignore(tmp_path):
+    """``python train.py`` with its output sent to a pipe, as in CI: no bar frames, no advertisement."""
+    command = [sys.executable, str(CONF.parent / "train.py"), "experiment=tiny", f"paths.root_dir={tmp_path}"]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    output = run.stdout + run.stderr
+    assert "step 3/6: train/loss " in output and "step 3/6: val/loss " in output
+    assert "Finished at step 6/6: val/loss " in output and "Sample: python scripts/generate.py" in output
+    for unwanted in ["💡", "litlogger", "LeafSpec", "Epoch 0:", "Validation DataLoader"]:
+        assert unwanted not in output, unwanted
