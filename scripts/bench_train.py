@@ -3,8 +3,8 @@
 Both arms run in this process on the same config (Hydra overrides as arguments): the same data
 loader, model initialisation, loss, batch and optimizer, with gradient clipping and the learning
 rate schedule. The plain loop is what a user would write by hand; the Lightning arm is
-``Trainer.fit`` as ``train.py`` runs it (TensorBoard logging and the step statistics on,
-validation, checkpoints and the progress bar off). The arms alternate, ``--rounds`` times each,
+``Trainer.fit`` as ``train.py`` runs it (TensorBoard logging, the config's callbacks and progress
+output on; validation and checkpoints, which come every N steps, off). The arms alternate, ``--rounds`` times each,
 and the medians are compared:
 
     python scripts/bench_train.py --steps 60 --rounds 3 loss=fused
@@ -56,35 +56,40 @@ def lightning_tokens_per_sec(cfg, steps: int, skip: int) -> float:
     L.seed_everything(cfg.seed)
     datamodule, module = build_module(cfg)
     stopwatch = Stopwatch(skip)
+    # train.py's per-step callbacks (statistics, progress, layout...), not its checkpoints, saved
+    # every N steps, nor its validation
+    callbacks = [instantiate(c) for name, c in cfg.callbacks.items() if not name.endswith("checkpoint")]
     with tempfile.TemporaryDirectory() as logs:
         trainer = instantiate(
             cfg.trainer,
             max_steps=steps,
             limit_val_batches=0,
             enable_checkpointing=False,
-            enable_progress_bar=False,
             enable_model_summary=False,
             logger=TensorBoardLogger(logs, name="", version=""),
-            callbacks=[stopwatch, instantiate(cfg.callbacks.step_stats)],
+            callbacks=[stopwatch, *callbacks],
         )
         trainer.fit(module, datamodule=datamodule)
     return stopwatch.tokens / stopwatch.elapsed
 
 
 def plain_tokens_per_sec(cfg, steps: int, skip: int) -> float:
-    """The same step written by hand: token-weighted loss over the micro-batches, clip, step."""
+    """The same step written by hand: token-weighted loss over the micro-batches, clip, step. The
+    loss is the same implementation, asked for its value only (no parts to log)."""
     L.seed_everything(cfg.seed)
     datamodule, module = build_module(cfg)
     optimizers = module.configure_optimizers()
     optimizer, schedule = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
-    module.train()
+    model, loss_fn = module.model.train(), instantiate(cfg.loss)(reduction="sum")
     tokens, start = 0, 0.0
     for step, micro_batches in enumerate(datamodule.train_dataloader()):
         if step == skip:
             start = time.perf_counter()
         n_tokens = step_tokens(micro_batches, module)
         for micro in micro_batches:
-            (module.loss_sums(micro).loss / max(n_tokens, 1)).backward()
+            hidden = model.hidden_states(micro["input_ids"])
+            loss = loss_fn(hidden, model.lm_head.weight, micro["targets"], model.lm_head.bias)
+            (loss / max(n_tokens, 1)).backward()
         if module.gradient_clip_val is not None:
             torch.nn.utils.clip_grad_norm_(module.parameters(), module.gradient_clip_val)
         optimizer.step()

@@ -176,3 +176,11 @@ def test_weight_decay_from_the_optimizer_config_reaches_matrices_only(tmp_path, 
     decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+
+
+def test_compiled_blocks_train_with_the_fused_loss_and_keep_their_names(tmp_path, cache_dir):
+    """model.compile=true compiles the transformer blocks; fused's autograd.Function stays outside."""
+    outcome = train(make_config(tmp_path, cache_dir, ["model.compile=true", "loss=fused", "trainer.max_steps=2"]))
+    assert outcome.status == "finished"
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert "model.blocks.0.attn.qkv.weight" in state  # no _orig_mod: checkpoints and export read it

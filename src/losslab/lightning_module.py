@@ -127,6 +127,7 @@ class GPTLightningModule(L.LightningModule):
         sums, inexact_grads = [], []
         for i, micro in enumerate(batch):
             with optimizer.toggle_model(sync_grad=i == len(batch) - 1):  # all-reduce once, at the end
+                self.loss_fn.predict = self.trainer._logger_connector.should_update_logs  # train/acc
                 parts = self.loss_sums(micro)
                 self.manual_backward(parts.loss * scale)
             accuracy = torch.full_like(parts.nll, math.nan) if parts.accuracy is None else parts.accuracy
@@ -197,6 +198,7 @@ class GPTLightningModule(L.LightningModule):
         self.skipped_steps += 1
 
     def on_validation_epoch_start(self) -> None:
+        self.loss_fn.predict = True  # val/acc counts every batch
         for metric in (self.val_nll, self.val_tokens, self.val_bytes, self.val_correct):
             metric.reset()
 

@@ -29,6 +29,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # in Linear and LayerNorm layers, as GPT-2
     lm_head_bias: bool = False  # GPT-2 has none; some models (Phi) do
+    compile: bool = False  # torch.compile each transformer block; no part of the shape
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
@@ -42,13 +43,13 @@ class GPTConfig:
             )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout}: must be in [0, 1)")
-        for name in ("bias", "lm_head_bias"):
+        for name in ("bias", "lm_head_bias", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)}: must be true or false")
 
     def weight_shape(self) -> dict[str, int | bool]:
-        """The fields that the weights' shapes depend on (all but dropout), by name."""
-        return {name: value for name, value in asdict(self).items() if name != "dropout"}
+        """The fields that the weights' shapes depend on (all but dropout and compile), by name."""
+        return {name: value for name, value in asdict(self).items() if name not in ("dropout", "compile")}
 
 
 class CausalSelfAttention(nn.Module):
@@ -109,6 +110,10 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=c.lm_head_bias)
         self.lm_head.weight = self.wte.weight  # tied, as GPT-2
+
+        if c.compile:  # in place: the parameters keep their names (checkpoints, export)
+            for block in self.blocks:
+                block.compile()
 
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per residual add.

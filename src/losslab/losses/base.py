@@ -127,6 +127,9 @@ class TokenLoss(nn.Module):
         self.softcap = softcap
         self.check_targets = check_targets
         self.return_parts = return_parts
+        # LossParts' accuracy and predicted tokens; the training step turns them off on the steps it
+        # does not log, where they would cost the logits-based losses a pass over the full logits.
+        self.predict = True
         # a buffer: it moves with the module to the device (and is not a parameter)
         self.register_buffer("class_weights", class_weights, persistent=False)
 
@@ -205,10 +208,10 @@ class TokenLoss(nn.Module):
         """Reduce the flat per-token values (0 where ignored) to what the loss returns.
 
         ``per_token`` holds ``ce`` (the weighted, smoothed cross-entropy), ``nll``, ``z_loss``,
-        ``correct`` (1.0 where the argmax is the target) and ``predicted``; ``weights`` is
-        :meth:`target_weights`, which only the mean of ``ce`` divides by.
+        ``correct`` (1.0 where the argmax is the target) and ``predicted`` (those two only when
+        predicted); ``weights`` is :meth:`target_weights`, which only the mean of ``ce`` divides by.
         """
-        predicted = per_token.pop("predicted").reshape(shape)
+        predicted = per_token.pop("predicted", None)
         if self.reduction == "none":
             reduced = {name: values.reshape(shape) for name, values in per_token.items()}
         elif self.reduction == "sum":
@@ -221,8 +224,9 @@ class TokenLoss(nn.Module):
         loss = reduced["ce"] + reduced["z_loss"]
         if not self.return_parts:
             return loss
-        detached = {name: reduced[name].detach() for name in ("nll", "z_loss", "correct")}
-        return LossParts(loss, detached["nll"], detached["z_loss"], detached["correct"], predicted, inexact)
+        accuracy = reduced["correct"].detach() if "correct" in reduced else None
+        predicted = None if predicted is None else predicted.reshape(shape)
+        return LossParts(loss, reduced["nll"].detach(), reduced["z_loss"].detach(), accuracy, predicted, inexact)
 
 
 class LogitsLoss(TokenLoss):
@@ -255,15 +259,16 @@ class LogitsLoss(TokenLoss):
         z_loss = torch.zeros_like(ce)
         if self.z_loss > 0:
             z_loss = self.z_loss * torch.logsumexp(logits, dim=-1).square()
-        with torch.no_grad():
-            predicted = logits.argmax(dim=-1)
         per_token = {
             "ce": ce.masked_fill(~valid, 0.0),
             "nll": nll.detach().masked_fill(~valid, 0.0),
             "z_loss": z_loss.masked_fill(~valid, 0.0),
-            "correct": ((predicted == flat_targets) & valid).to(ce.dtype),
-            "predicted": predicted.masked_fill(~valid, NOT_PREDICTED),
         }
+        if self.return_parts and self.predict:  # one more pass over the full logits
+            with torch.no_grad():
+                predicted = logits.argmax(dim=-1)
+            per_token["correct"] = ((predicted == flat_targets) & valid).to(ce.dtype)
+            per_token["predicted"] = predicted.masked_fill(~valid, NOT_PREDICTED)
         weights = self.target_weights(safe_targets, valid, ce.dtype)
         return self.finish(
             targets.shape, valid, weights, per_token, self.inexact_gradients(logits, safe_targets, valid)
