@@ -1,8 +1,10 @@
 """Single optimizer steps of a tiny float64 GPT through a real Lightning Trainer, for the tests of
-the step's token weighting (test_normalisation.py) and of its non-finite guard (test_nonfinite.py).
+the step's token weighting (test_normalisation.py), of its non-finite guard (test_nonfinite.py) and
+of sharded training (test_fsdp.py).
 
-``python tests/steps.py OUT_DIR`` is the 2-process DDP run of test_normalisation.py: Lightning starts
-the second process by running the same command again, and each rank writes its results to OUT_DIR.
+``python tests/steps.py OUT_DIR`` is the 2-process DDP run of test_normalisation.py, and
+``python tests/steps.py OUT_DIR fsdp`` the 2-process runs of test_fsdp.py: Lightning starts the
+second process by running the same command again, and each rank writes its results to OUT_DIR.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from losslab.data import pad_batch
-from losslab.lightning_module import GPTLightningModule
-from losslab.losses import build_loss
+from losslab.lightning_module import GPTLightningModule, ShardedDataParallel
+from losslab.losses import LOSSES, build_loss
 from losslab.model import GPT, GPTConfig
 
 VOCAB = 37
@@ -29,20 +32,37 @@ LR = 0.5
 # 53 and 1 real tokens; in the DDP run rank 0 takes the first two (46 tokens), rank 1 the last two (7).
 ACCUMULATED = [[16, 2], [3], [16, 16, 16, 9], [2]]
 DDP_MICRO_BATCHES = [[16, 16, 16], [2], [3, 2], [5]]
+# Three steps of the sharded runs, two micro-batches per rank and step: rank 0 takes the even
+# items, rank 1 the odd ones; a row of 1 token has no target.
+SHARDED_STEPS = [
+    [[16, 16], [3]],
+    [[2], [16, 5, 7]],
+    [[11, 4], [16]],
+    [[1, 2], [2]],
+    [[16, 16, 16], [6]],
+    [[3], [8, 9]],
+]
 
 
-def tiny_module(loss: str = "cross_entropy", optimizer: Any = None, nonfinite: str = "skip") -> GPTLightningModule:
-    """The same tiny GPT every call, trained with plain SGD unless ``optimizer`` says otherwise."""
+def tiny_module(
+    loss: str = "cross_entropy",
+    optimizer: Any = None,
+    nonfinite: str = "skip",
+    gradient_clip_val: float | None = None,
+    **loss_options: Any,
+) -> GPTLightningModule:
+    """The same tiny GPT every call, trained with plain SGD unless ``optimizer`` says otherwise;
+    ``loss_options`` go to the loss."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=VOCAB, context_length=16, n_layer=1, n_head=2, n_embd=16))
     return GPTLightningModule(
         model=model,
-        loss=partial(build_loss, loss),
+        loss=partial(build_loss, loss, **loss_options),
         # SGD's step is the gradient times the learning rate, so a wrongly weighted gradient shows;
         # Adam's first step, about lr * sign(gradient), would hide it.
         optimizer=optimizer or partial(torch.optim.SGD, lr=LR),
         warmup_steps=0,
-        gradient_clip_val=None,
+        gradient_clip_val=gradient_clip_val,
         nonfinite=nonfinite,
     )
 
@@ -72,7 +92,13 @@ def fit(module: GPTLightningModule, steps: list[list[dict[str, Tensor]]], **trai
 
 
 def parameters_of(module: GPTLightningModule) -> Tensor:
-    return torch.cat([p.detach().flatten() for p in module.parameters()])
+    """All the parameters, flat; whole ones where they are sharded (every rank must call it then)."""
+    return torch.cat([whole(p).detach().flatten() for p in module.parameters()])
+
+
+def whole(tensor: Tensor) -> Tensor:
+    """A sharded tensor (DTensor) gathered whole on every rank; any other as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 class NanGradient(L.Callback):
@@ -113,5 +139,75 @@ def ddp_run(out_dir: Path) -> None:
     )
 
 
+class StepMetrics(L.Callback):
+    """Records every step's logged train/loss and train/grad_norm."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[float]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.steps.append([float(trainer.callback_metrics[name]) for name in ("train/loss", "train/grad_norm")])
+
+
+def sharded_losses() -> dict[str, dict[str, Any]]:
+    """Every registry entry that runs here, with every option of losslab's that it honours."""
+    losses = {}
+    for name, loss in LOSSES.items():
+        if loss.unavailable_reason() is None:
+            options = {"z_loss": 1e-3, "label_smoothing": 0.1, "softcap": 30.0}
+            losses[name] = {k: v for k, v in options.items() if k not in getattr(loss, "unsupported", ())}
+    if "torch_lce" in losses:
+        losses["torch_lce"]["chunking_method"] = None  # torch's chunked path has no label smoothing
+    return losses
+
+
+def local_and_total_sizes(module: GPTLightningModule) -> dict[str, list[int]]:
+    """This rank's and all ranks' element counts of the parameters and of the optimizer state."""
+    optimizer = module.trainer.optimizers[0]
+    states = [state for param_state in optimizer.state.values() for state in param_state.values() if state.dim() > 0]
+    return {
+        name: [sum(local(t).numel() for t in tensors), sum(t.numel() for t in tensors)]
+        for name, tensors in (("parameters", list(module.parameters())), ("optimizer_state", states))
+    }
+
+
+def local(tensor: Tensor) -> Tensor:
+    """This rank's shard of a sharded tensor (DTensor); any other whole."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def sharded_run(out_dir: Path) -> None:
+    """On 2 ranks, three steps under DDP and under FSDP from the same weights: of every loss in
+    float64 with plain SGD (a gradient scaled wrongly shows), then with AdamW and clipping that
+    bites, and under bf16 autocast."""
+    steps = [step_batches(lengths, seed=i)[0] for i, lengths in enumerate(SHARDED_STEPS)]
+    strategies = {"ddp": partial(DDPStrategy, process_group_backend="gloo"), "fsdp": ShardedDataParallel}
+    # float64 by hand: ModelParallelStrategy refuses precision="64-true"
+    float64 = {"dtype": torch.float64, "precision": "32-true"}
+    runs = {loss: ({"loss": loss, **options}, float64) for loss, options in sharded_losses().items()}
+    adamw = partial(torch.optim.AdamW, lr=0.01, fused=True)
+    runs["adamw_clipped"] = ({"optimizer": adamw, "gradient_clip_val": 0.05}, float64)
+    runs["bf16"] = ({"loss": "fused", "z_loss": 1e-3}, {"dtype": torch.float32, "precision": "bf16-mixed"})
+    results = {}
+    for run, (module_options, numbers) in runs.items():
+        for strategy_name, strategy in strategies.items():
+            module = tiny_module(**module_options).to(numbers["dtype"])
+            metrics = StepMetrics()
+            trainer = fit(
+                module, steps, precision=numbers["precision"], devices=2, strategy=strategy(), callbacks=[metrics]
+            )
+            results[run, strategy_name] = {
+                "steps": metrics.steps,
+                "parameters": parameters_of(module),
+                "sizes": local_and_total_sizes(module),
+                # what a checkpoint holds of the optimizer: whole, on rank 0
+                "optimizer_state": trainer.strategy.optimizer_state(trainer.optimizers[0]),
+            }
+    torch.save(results, out_dir / f"sharded-rank{trainer.global_rank}.pt")
+
+
 if __name__ == "__main__":
-    ddp_run(Path(sys.argv[1]))
+    if sys.argv[2:] == ["fsdp"]:
+        sharded_run(Path(sys.argv[1]))
+    else:
+        ddp_run(Path(sys.argv[1]))

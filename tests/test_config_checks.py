@@ -160,6 +160,7 @@ BAD = [
         "+callbacks.rng_state.seed=1",
         re.escape("callbacks.rng_state.seed=1: RNGState has no option seed; it takes no options"),
     ),
+    ("trainer=fsdp trainer.precision=64-true", r"trainer.precision=64-true: FSDP \(trainer=fsdp\) takes 32-true"),
     ("+loss.class_weights=[1.0,2.0]", r"loss.class_weights=\[1.0, 2.0\]: training takes no class weights"),
     ("+model.vocab_size=1000", r"model.vocab_size=1000: losslab sets this itself: the tokenizer sets it"),
     (

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 # data.vocab_size, which counts the 256 bytes and <|endoftext|> too, so it is at least 257.
 FIXED_VOCAB_SIZES = {"bytes": 257, "gpt2": 50257}
 BPE_MIN_VOCAB_SIZE = 257
+FSDP_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true")
 
 # Options of a `_target_` that a training run does not take from the config (losslab passes them
 # itself, or cannot honour them), with what to do instead.
@@ -485,6 +486,18 @@ def ignore_index_is_no_token(cfg: DictConfig) -> str | None:
     )
 
 
+def precision_fits_the_strategy(cfg: DictConfig) -> str | None:
+    """FSDP (trainer=fsdp) takes no float64: Lightning refuses it, but only once the data is built."""
+    strategy, precision = value_at(cfg, "trainer.strategy"), value_at(cfg, "trainer.precision")
+    sharded = isinstance(strategy, dict) and str(strategy.get("_target_", "")).endswith("ShardedDataParallel")
+    if not sharded or precision in FSDP_PRECISIONS or precision is UNSET:
+        return None
+    return (
+        f"trainer.precision={shown(precision)}: FSDP (trainer=fsdp) takes {', '.join(FSDP_PRECISIONS)}: "
+        "use precision=fp32 or precision=bf16"
+    )
+
+
 def loss_builds(cfg: DictConfig) -> str | None:
     """The loss's own checks of its option values (label_smoothing in [0, 1]...)."""
     loss = value_at(cfg, "loss")
@@ -498,4 +511,10 @@ def loss_builds(cfg: DictConfig) -> str | None:
     return None
 
 
-RELATIONS = (rows_fit_the_model, vocab_size_fits_the_tokenizer, ignore_index_is_no_token, loss_builds)
+RELATIONS = (
+    rows_fit_the_model,
+    vocab_size_fits_the_tokenizer,
+    ignore_index_is_no_token,
+    precision_fits_the_strategy,
+    loss_builds,
+)

@@ -1,20 +1,26 @@
 """A GPT in nanoGPT's spirit: embeddings, pre-LayerNorm blocks, causal attention, tied LM head.
 
-The training step asks the model for its final hidden states and hands ``(hidden,
-model.lm_head.weight, targets)`` to a loss from :mod:`losslab.losses`, so that a fused loss never
-sees the full ``(tokens, V)`` logits. ``forward(ids, targets)`` gives ``(logits, loss)`` as usual.
+The training step asks the model for ``loss(ids, targets, loss_fn)``, which hands ``(hidden,
+lm_head.weight, targets)`` to a loss from :mod:`losslab.losses`, so that a fused loss never sees the
+full ``(tokens, V)`` logits. ``forward(ids, targets)`` gives ``(logits, loss)`` as usual.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
 from losslab.targets import IGNORE_INDEX
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,17 @@ class GPT(nn.Module):
             x = block(x)
         return self.ln_f(x)
 
+    def loss(self, ids: Tensor, targets: Tensor, loss_fn: Callable[..., T]) -> T:
+        """What ``loss_fn(hidden, lm_head.weight, targets, lm_head.bias)`` returns for the final hidden
+        states of ``ids``: a loss from :mod:`losslab.losses`, given the LM head rather than its logits.
+
+        A method of the model, so that sharded training can run it as one of the model's forwards
+        (``register_fsdp_forward_method``, see :func:`fully_shard_gpt`): the loss then sees the LM
+        head's whole weight, not this process's shard of it.
+        """
+        head = self.lm_head
+        return loss_fn(self.hidden_states(ids), head.weight, targets, head.bias)
+
     def forward(self, ids: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits ``(B, T, V)`` and, given aligned ``targets`` (see :mod:`losslab.targets`), the mean loss."""
         logits = self.lm_head(self.hidden_states(ids))
@@ -184,3 +201,19 @@ class GPT(nn.Module):
                 next_id = torch.multinomial(probs, num_samples=1, generator=generator)
             ids = torch.cat((ids, next_id), dim=1)
         return ids
+
+
+def fully_shard_gpt(model: GPT, mesh: DeviceMesh) -> None:
+    """Shard ``model``'s parameters in place over the processes of ``mesh`` with FSDP2.
+
+    Each block is a group of its own, gathered whole only around its forward and its backward; the
+    root's group holds the rest: the embeddings, the last LayerNorm and the LM head, whose weight is
+    the token embedding's (tied). That one parameter is gathered once for both uses; a group of its
+    own for the embedding would leave the head holding a shard.
+    """
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # The training step calls model.loss, not forward: registered, it gathers the root's group as
+    # forward does, so that the loss gets the LM head's whole weight (and its gradient is reduced).
+    register_fsdp_forward_method(model, "loss")

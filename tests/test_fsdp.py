@@ -1,0 +1,137 @@
+"""Sharded training (``trainer=fsdp``, FSDP2 through Lightning's ModelParallelStrategy): every loss
+takes the steps it takes under DDP, each process holds half the parameters and optimizer state, and
+a sharded run's checkpoints resume exactly, on one device too, and serve generate and export."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import test_resume
+import torch
+from test_resume import assert_same_run, checkpoint_step, kill_after_checkpoint, last_checkpoint, logged, run
+
+from losslab.generate import generate, load_checkpoint
+from losslab.losses import LOSSES
+from losslab.run_status import STATUS_FILE
+
+STEPS_SCRIPT = Path(__file__).with_name("steps.py")
+root = test_resume.root  # a fixture: a folder with test_resume's corpus, for this module's runs too
+# Without biases: the attention's key bias has a gradient of 0 in exact arithmetic (softmax ignores
+# what it adds to all of a query's scores alike), so it holds float noise only, which AdamW turns
+# into steps as large as any other weight's, and two runs that round differently part there.
+NO_BIAS = ["model.bias=false"]
+# test_resume's runs (dropout, last.ckpt every 3 steps, validation every 5), shorter
+STEPS = 12
+FSDP = ["trainer=fsdp", *NO_BIAS, f"trainer.max_steps={STEPS}"]
+DDP = ["trainer=ddp", *NO_BIAS, f"trainer.max_steps={STEPS}"]
+# float32 runs of train.py under FSDP and DDP: the same sums, reduced in another order. Measured
+# here: the logged losses equal, the weights 4e-7 apart (relative to their tensor's largest).
+LOSS_REL, WEIGHT_REL = 1e-6, 1e-5
+
+
+@pytest.fixture(scope="module")
+def sharded_steps(tmp_path_factory) -> list[dict]:
+    """Each rank's results of ``python tests/steps.py OUT_DIR fsdp`` (see ``steps.sharded_run``)."""
+    out = tmp_path_factory.mktemp("sharded")
+    command = [sys.executable, str(STEPS_SCRIPT), str(out), "fsdp"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return [torch.load(out / f"sharded-rank{rank}.pt") for rank in range(2)]
+
+
+def relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest difference, relative to the largest value expected."""
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+def test_every_loss_takes_the_same_steps_sharded_as_under_ddp(sharded_steps):
+    names = {name for name, _ in sharded_steps[0]}
+    assert {name for name, loss in LOSSES.items() if not loss.unavailable_reason()} <= names
+    for results in sharded_steps:
+        for name in names:
+            ddp, fsdp = results[name, "ddp"], results[name, "fsdp"]
+            # float64, but a peer that computes in float32 and bf16 autocast round more
+            computes_float64 = getattr(LOSSES.get(name), "computes_float64", True) and name != "bf16"
+            tolerance = 1e-12 if computes_float64 else 1e-5
+            assert relative_difference(fsdp["parameters"], ddp["parameters"]) < tolerance, name
+            steps = [torch.tensor(side["steps"], dtype=torch.float64) for side in (fsdp, ddp)]  # loss, grad norm
+            assert relative_difference(*steps) < tolerance, name
+    for name in names:
+        assert torch.equal(*(results[name, "fsdp"]["parameters"] for results in sharded_steps)), name
+
+
+def test_each_rank_holds_half_the_parameters_and_optimizer_state(sharded_steps):
+    for name in ("parameters", "optimizer_state"):
+        sizes = [results["adamw_clipped", "fsdp"]["sizes"][name] for results in sharded_steps]
+        total = sizes[0][1]
+        assert sum(local for local, _ in sizes) == total, name
+        for local, _ in sizes:
+            # a tensor of an odd number of rows splits one row unevenly
+            assert local == pytest.approx(total / 2, rel=0.01), name
+        assert all(local == total for local, _ in (r["adamw_clipped", "ddp"]["sizes"][name] for r in sharded_steps))
+
+
+def test_a_sharded_checkpoint_holds_the_optimizer_state_as_ddp_numbers_it(sharded_steps):
+    ddp, fsdp = (sharded_steps[0]["adamw_clipped", strategy]["optimizer_state"] for strategy in ("ddp", "fsdp"))
+    assert fsdp["param_groups"] == ddp["param_groups"]  # the parameters numbered in the same order
+    assert fsdp["state"].keys() == ddp["state"].keys()
+    for param_id, state in ddp["state"].items():
+        for name, value in state.items():
+            assert relative_difference(fsdp["state"][param_id][name], value) < 1e-12, (param_id, name)
+
+
+@pytest.fixture(scope="module")
+def sharded_run(root) -> str:
+    run(root, "fsdp", FSDP)
+    return "fsdp"
+
+
+def test_train_py_logs_under_fsdp_the_losses_and_weights_of_ddp(root, sharded_run):
+    run(root, "ddp", DDP)
+    for tag in ["train/loss", "val/loss"]:
+        expected, got = logged(root / "ddp", tag), logged(root / sharded_run, tag)
+        assert got.keys() == expected.keys()
+        assert list(got.values()) == pytest.approx(list(expected.values()), rel=LOSS_REL), tag
+    expected, got = (torch.load(last_checkpoint(root, name), weights_only=True) for name in ("ddp", sharded_run))
+    assert got["state_dict"].keys() == expected["state_dict"].keys()
+    for name, weight in expected["state_dict"].items():
+        if weight.is_floating_point():
+            assert relative_difference(got["state_dict"][name], weight) < WEIGHT_REL, name
+        else:
+            assert torch.equal(got["state_dict"][name], weight), name
+
+
+def test_a_sharded_run_logs_and_checkpoints_once_as_ddp_does(root, sharded_run):
+    folder = root / sharded_run
+    events = folder.rglob("events.out.tfevents.*")  # named ...<host>.<pid>.<n>
+    assert len({file.name.split(".")[-2] for file in events}) == 1  # one process wrote them: rank 0
+    assert json.loads((folder / STATUS_FILE).read_text())["status"] == "finished"
+    checkpoints = sorted((folder / "checkpoints").iterdir())
+    assert [path.name for path in checkpoints] == [f"best-step{STEPS}.ckpt", "last.ckpt"]
+    assert all(path.is_file() for path in checkpoints)  # whole files, not distributed folders
+    # of the same step: one file, hard-linked
+    assert os.path.samefile(*checkpoints)
+
+
+def test_a_killed_sharded_run_resumes_exactly(root, sharded_run):
+    killed = kill_after_checkpoint(root, "fsdp-killed", step=3, overrides=FSDP)
+    run(root, "fsdp-resumed", [*FSDP, f"ckpt_path={killed}"])
+    assert_same_run(root, sharded_run, ["fsdp-killed", "fsdp-resumed"])
+
+
+def test_a_sharded_runs_checkpoint_resumes_on_one_device_and_serves_generate_and_export(root, sharded_run, tmp_path):
+    last = last_checkpoint(root, sharded_run)
+    model, tokenizer = load_checkpoint(last)
+    [sample] = generate(model, tokenizer, "the ", max_new_tokens=10, seed=1)
+    assert sample.startswith("the ")
+    further = [f"trainer.max_steps={STEPS + 2}", f"schedule.total_steps={STEPS}"]
+    resumed = run(root, "fsdp-then-one-device", [*NO_BIAS, *further, f"ckpt_path={last}"])
+    assert checkpoint_step(resumed) == STEPS + 2
+    pytest.importorskip("transformers", reason="exporting needs transformers: pip install -e '.[export]'")
+    from losslab.export import export_checkpoint
+
+    export_checkpoint(last, tmp_path / "exported")
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
