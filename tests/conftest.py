@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest_plugins = ["pytester"]  # tests/test_shared_material.py runs pytest on small test files
 
@@ -48,3 +49,13 @@ def shakespeare_path() -> Path:
 def cache_dir(tmp_path_factory) -> Path:
     """Token files and trained tokenizers, shared by the tests' runs."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def compile_every_shape():
+    """cce compiles (torch.compile) its CPU implementation for every new shape and option, and the
+    tests, in one process, make more of those than torch._dynamo's default limit of 8 recompilations."""
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = 256
+    yield
+    torch._dynamo.config.recompile_limit = limit

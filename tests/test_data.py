@@ -6,16 +6,10 @@ import pytest
 import tiktoken
 import torch
 
-from losslab import data
-from losslab.data import (
-    DocumentRows,
-    GPTDataModule,
-    cached_token_split,
-    load_documents,
-    paragraphs,
-    split_documents,
-    token_dtype,
-)
+from losslab.data import GPTDataModule, load_documents, token_cache
+from losslab.data.batching import DocumentRows
+from losslab.data.documents import paragraphs, split_documents
+from losslab.data.token_cache import encode_documents, read_token_split, token_dtype, token_files
 from losslab.targets import count_targets
 
 
@@ -83,7 +77,7 @@ def test_corpus_errors(tmp_path):
         load_documents("text", write(tmp_path / "blank.txt", "\n  \n\n"))
     with pytest.raises(ValueError, match="needs data.path"):
         load_documents("text")
-    with pytest.raises(ValueError, match="pydoc, shakespeare, text"):
+    with pytest.raises(ValueError, match="pydoc, shakespeare, text, jsonl, parquet"):
         load_documents("wikipedia")
 
 
@@ -162,7 +156,7 @@ def test_token_cache_is_reused_and_rebuilt_when_damaged(tmp_path, monkeypatch):
         raise AssertionError("tokenized again instead of reading the cache")
 
     with monkeypatch.context() as patch:
-        patch.setattr(data, "write_token_split", no_tokenizing)
+        patch.setattr(token_cache, "write_token_splits", no_tokenizing)
         np.testing.assert_array_equal(make_datamodule(tmp_path).datasets["train"].tokens, tokens)
 
     with open(bin_file, "r+b") as file:
@@ -176,7 +170,10 @@ def test_token_dtype(tmp_path):
     assert token_dtype(65537) == token_dtype(100277) == np.uint32
     ranks = {bytes([b]): b for b in range(256)}
     big = tiktoken.Encoding("big", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 70000})
-    split = cached_token_split(["hi", "you"], big, tmp_path, "big")
+    dtype = token_dtype(big.n_vocab)
+    with token_files(tmp_path, "big", dtype) as files:
+        files.write(*encode_documents(big, ["hi", "you"], dtype))
+    split = read_token_split(tmp_path, "big")
     assert split.tokens.dtype == np.uint32
     assert split.tokens.tolist() == [104, 105, 70000, 121, 111, 117, 70000]
     assert split.offsets.tolist() == [0, 3, 7]

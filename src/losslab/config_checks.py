@@ -312,6 +312,18 @@ RULES = (
         "a document's longest piece must be an int >= 1 characters",
         "data.max_document_chars=4096",
     ),
+    Rule(
+        "data.bpe_train_bytes",
+        int_at_least(1),
+        "the BPE's training sample must be an int >= 1 bytes",
+        "data.bpe_train_bytes=100_000_000",
+    ),
+    Rule(
+        "data.text_field",
+        lambda v: isinstance(v, str) and v != "",
+        "the records' text field must be a non-empty name",
+        "data.text_field=text",
+    ),
     Rule("data.num_workers", int_at_least(0), "the loader's workers must be an int >= 0", "data.num_workers=2"),
     Rule("loss.name", lambda v: v in tuple(LOSSES), f"no such loss: choose one of {', '.join(LOSSES)}", None),
     Rule("trainer.max_steps", int_at_least(1), "the run must train an int >= 1 steps", "trainer.max_steps=500"),

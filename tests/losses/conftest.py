@@ -20,13 +20,3 @@ def skip_peers_that_cannot_run(request):
     name = getattr(request.node, "callspec", None) and request.node.callspec.params.get("name")
     if name in LOSSES and LOSSES[name].unavailable_reason():
         pytest.skip(f"{name}: {LOSSES[name].unavailable_reason()}")
-
-
-@pytest.fixture(autouse=True)
-def compile_every_shape():
-    """cce compiles (torch.compile) its CPU implementation for every new shape and option, and the
-    grid has more of those than torch._dynamo's default limit of 8 recompilations."""
-    limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = 256
-    yield
-    torch._dynamo.config.recompile_limit = limit
