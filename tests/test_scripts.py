@@ -64,3 +64,4 @@ def test_bench_train_compares_lightning_with_a_plain_loop(tmp_path):
     ratio = float(out.rsplit("Lightning / plain = ", 1)[1])
     assert ratio > 0
     assert "| plain PyTorch |" in out and "| Lightning |" in out
+    assert "plain loop's first step" in out

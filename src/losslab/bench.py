@@ -7,14 +7,11 @@ A row of the benchmark is a *setup*: a function that takes the inputs and the dt
 the :class:`Step` to measure, one forward and backward. :func:`setups` holds them all: one per
 entry of the loss registry ``losslab.losses.LOSSES`` that can run here (a newly registered loss is
 benchmarked by itself; a peer whose package or device is missing is left out, see
-:func:`unavailable`), then the reference rows of :data:`REFERENCES`:
-
-- ``torch_lce_chunked``: the registry's ``torch_lce`` (torch's own ``linear_cross_entropy``) with
-  ``batch_chunk_size`` equal to fused's default chunk size, so that the two chunked
-  implementations process the same rows at a time;
-- ``floor``: the bare matmuls any implementation needs, at full size in the compute dtype:
-  ``logits = hidden @ weight.T``, then ``logits @ weight`` and ``logits.T @ hidden`` (the logits
-  standing in for their gradient): the work every implementation does, without the loss.
+:func:`unavailable`), and after it the variants the entry asks for
+(:meth:`~losslab.losses.TokenLoss.bench_variants`: other options, such as a peer's chunking set to
+fused's); then the ``floor``, the bare matmuls any implementation needs, at full size in the
+compute dtype: ``logits = hidden @ weight.T``, then ``logits @ weight`` and ``logits.T @ hidden``
+(the logits standing in for their gradient): the work every implementation does, without the loss.
 
 The dtype of a row is ``float32``, or ``bf16``: mixed-precision training, float32 inputs with
 ``torch.autocast(device, dtype=torch.bfloat16)`` around the forward. (torch 2.13's
@@ -47,7 +44,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from losslab.losses import LOSSES, REFERENCE, build_loss, default_chunk_size
+from losslab.losses import LOSSES, REFERENCE, build_loss
 from losslab.memory import peak_rss_mib, reset_peak_rss
 
 MIB = 2**20
@@ -126,11 +123,12 @@ def setup_loss(name: str, inputs: Inputs, dtype: str) -> Step:
     return loss_step(name, build_loss(name), inputs, dtype)
 
 
-def setup_torch_lce_chunked(inputs: Inputs, dtype: str) -> Step:
-    """The registry's ``torch_lce`` in chunks of fused's default size."""
-    chunk_size = default_chunk_size(inputs.weight.shape[0])
-    loss_fn = build_loss("torch_lce", batch_chunk_size=chunk_size, chunking_method=None)
-    return loss_step(f"torch_lce (batch_chunk_size={chunk_size})", loss_fn, inputs, dtype)
+def setup_variant(name: str, variant: str, inputs: Inputs, dtype: str) -> Step:
+    """The registered loss ``name`` built with the options of one of its benchmark variants,
+    labelled by the options that are set: ``torch_lce (batch_chunk_size=512)``."""
+    options = LOSSES[name].bench_variants(inputs.weight.shape[0])[variant]
+    label = ", ".join(f"{key}={value}" for key, value in options.items() if value is not None)
+    return loss_step(f"{name} ({label})", build_loss(name, **options), inputs, dtype)
 
 
 def setup_floor(inputs: Inputs, dtype: str) -> Step:
@@ -145,18 +143,16 @@ def setup_floor(inputs: Inputs, dtype: str) -> Step:
     return Step("matmul floor", run)
 
 
-# The rows that are not losses of the registry, in table order.
-REFERENCES: dict[str, Setup] = {
-    "torch_lce_chunked": setup_torch_lce_chunked,
-    FLOOR: setup_floor,
-}
-
-
 def setups() -> dict[str, Setup]:
     """Every row the benchmark can run here, in table order: each registered loss that can, then
-    the references."""
+    their variants, then the floor."""
     runnable = [name for name in LOSSES if name not in unavailable()]
-    return {**{name: partial(setup_loss, name) for name in runnable}, **REFERENCES}
+    rows: dict[str, Setup] = {name: partial(setup_loss, name) for name in runnable}
+    for name in runnable:
+        # The variants' names do not depend on the vocabulary, only their options do.
+        for variant in LOSSES[name].bench_variants(vocab_size=1):
+            rows[f"{name}_{variant}"] = partial(setup_variant, name, variant)
+    return {**rows, FLOOR: setup_floor}
 
 
 def unavailable() -> dict[str, str]:

@@ -94,6 +94,12 @@ class TokenLoss(nn.Module):
         """Why this implementation cannot run on this machine (see the peers), or None."""
         return None
 
+    @classmethod
+    def bench_variants(cls, vocab_size: int) -> dict[str, dict]:
+        """Rows the benchmark adds for this entry besides its defaults: a row name (``chunked``
+        becomes ``<name>_chunked``) to the options it is built with, at a vocabulary size."""
+        return {}
+
     def __init__(
         self,
         ignore_index: int = IGNORE_INDEX,

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from losslab.losses.fused import default_chunk_size
 from losslab.losses.peer import PeerLoss, PeerOutput
 
 
@@ -49,6 +50,12 @@ class TorchLinearCrossEntropyLoss(PeerLoss):
         if not hasattr(F, "linear_cross_entropy"):
             return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy: {cls.install}"
         return None
+
+    @classmethod
+    def bench_variants(cls, vocab_size: int) -> dict[str, dict]:
+        """Chunks of fused's default size, so that the two chunked implementations process the
+        same rows at a time."""
+        return {"chunked": {"batch_chunk_size": default_chunk_size(vocab_size), "chunking_method": None}}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, batch_chunk_size={self.batch_chunk_size}, chunking_method={self.chunking_method!r}"
