@@ -172,6 +172,24 @@ def test_timestamped_runs_are_named_by_the_settings_that_differ(tmp_path):
     assert [row["run"] for row in rows] == ["`loss.name=fused`", "`loss.name=naive`"]
 
 
+def test_runs_are_named_by_the_config_group_chosen_rather_than_the_settings_it_brings(tmp_path):
+    runs = tmp_path / "logs" / "runs"
+    for name, trainer, backend, val_loss in [
+        ("2026-12-02_09-12-56_a1b2c3", "ddp", "gloo", 2.0),
+        ("2026-12-02_09-30-00_d4e5f6", "fsdp", None, 2.1),
+    ]:
+        settings = hparams(runs / name) | {"trainer": {"strategy": {"process_group_backend": backend}}}
+        folder = write_run(runs / name, [val_loss], status("finished"), settings)
+        # Hydra's record of the composition, with its own groups (not the project's) and unset ones
+        choices = {"trainer": trainer, "loss": "fused", "hparams_search": None, "hydra/launcher": "basic"}
+        (folder / ".hydra").mkdir()
+        (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+
+    rows = compare(runs)
+
+    assert [row["run"] for row in rows] == ["`trainer=ddp`", "`trainer=fsdp`"]
+
+
 def test_runs_alike_are_told_apart_by_their_folders(tmp_path):
     runs = tmp_path / "logs" / "runs"
     small = hparams(runs, lr=0.001, batch_size=4)

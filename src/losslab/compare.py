@@ -13,8 +13,8 @@ lowest final validation loss first; the runs that did not finish follow, whateve
 
 A run is named by its path under the runs' common parent, as in TensorBoard's run selector, and its
 row by what sets it apart from the others: a sweep's runs by the overrides that their folders are
-named by (``loss=fused``), other runs by the settings of their ``hparams.yaml`` that differ
-(``loss.name=fused``).
+named by (``loss=fused``), other runs by the config groups chosen and the settings that differ
+(``trainer=fsdp``, ``model.n_layer=4``).
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ def read_status(folder: Path) -> dict[str, Any]:
 
 def read_settings(folder: Path) -> dict[str, str] | None:
     """The settings of the run's hparams.yaml (its resolved config) by dotted key (``loss.name``),
-    their values as a Hydra override writes them; None for a run without the file.
+    their values as a Hydra override writes them, and the option chosen in each config group
+    (``trainer``: ``fsdp``) where Hydra recorded it; None for a run without hparams.yaml.
 
     Left out: the keys that are no setting (see ``is_setting``), and the copies of the data module's
     arguments that Lightning adds at the top level (``corpus``, ``batch_size``...), so that a row
@@ -176,7 +177,19 @@ def read_settings(folder: Path) -> dict[str, str] | None:
         for key in flat
         if "." not in key and any(other.endswith(f".{key}") and flat[other] == flat[key] for other in flat)
     }
-    return {key: override_value(value) for key, value in flat.items() if is_setting(key) and key not in copies}
+    settings = {key: override_value(value) for key, value in flat.items() if is_setting(key) and key not in copies}
+    return read_group_choices(folder) | settings
+
+
+def read_group_choices(folder: Path) -> dict[str, str]:
+    """The option of each of the project's config groups that the run was composed with, from
+    Hydra's ``.hydra/hydra.yaml`` (``{"loss": "fused", "trainer": "ddp", ...}``); empty without it."""
+    path = folder / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return {}
+    with path.open() as file:
+        choices = ((yaml.safe_load(file) or {}).get("hydra") or {}).get("runtime", {}).get("choices", {})
+    return {group: option for group, option in choices.items() if option is not None and not group.startswith("hydra")}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -286,11 +299,14 @@ def split_names(names: list[str]) -> tuple[str, dict[str, str]]:
 
 def settings_names(runs: dict[str, Run]) -> dict[str, str]:
     """Each run named by its settings whose value differs between the runs that have them
-    (``loss.name=fused``, not the options of one loss alone); by its own name when that says nothing
-    (no hparams.yaml, or no setting differs), and by both when another run has the same settings."""
+    (``loss.name=fused``, not the options of one loss alone; ``trainer=fsdp``, the group's choice,
+    not the options it brings); by its own name when that says nothing (no hparams.yaml, or no
+    setting differs), and by both when another run has the same settings."""
     known = [run.settings for run in runs.values() if run.settings is not None]
     keys = sorted({key for settings in known for key in settings})
     differing = [key for key in keys if len({settings[key] for settings in known if key in settings}) > 1]
+    # A group's choice says it all: trainer=fsdp, not also the strategy options that come with it.
+    differing = [key for key in differing if key.split(".")[0] not in differing or "." not in key]
     labels = {}
     for name, run in runs.items():
         settings = run.settings or {}
