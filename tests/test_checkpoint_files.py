@@ -17,7 +17,7 @@ import tiktoken
 import torch
 from test_train import make_config
 
-from losslab.checkpointing import CheckpointError, load_checkpoint_file
+from losslab.checkpoint_files import CheckpointError, load_checkpoint_file
 from losslab.generate import load_checkpoint
 from losslab.model import GPT, GPTConfig
 from losslab.tokenizers import (

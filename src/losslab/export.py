@@ -27,7 +27,7 @@ import tiktoken
 import torch
 from torch import Tensor, nn
 
-from losslab.checkpointing import CheckpointError
+from losslab.checkpoint_files import CheckpointError
 from losslab.generate import load_checkpoint
 from losslab.model import GPT
 from losslab.tokenizers import export_tokenizer

@@ -17,7 +17,7 @@ from pathlib import Path
 import tiktoken
 import torch
 
-from losslab.checkpointing import (
+from losslab.checkpoint_files import (
     CheckpointError,
     load_checkpoint_file,
     model_from_checkpoint,

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from losslab.checkpointing import CheckpointError, load_checkpoint_file
+from losslab.checkpoint_files import CheckpointError, load_checkpoint_file
 from losslab.config_checks import ConfigError, check_config, check_overrides
 from losslab.data import GPTDataModule
 from losslab.hparams import HParamsTab, chosen_options
