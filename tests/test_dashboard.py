@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2, metadata
-from test_train import CONF, make_config
+from test_train import CONF, make_config, scalars
 from torch.utils.tensorboard import SummaryWriter
 
 from losslab import callbacks
@@ -43,6 +43,18 @@ def test_the_layout_charts_what_the_run_logs(tmp_path, cache_dir):
             assert [tag for tag in logged if re.search(pattern, tag)], (chart.title, pattern)
     loss_chart = category.chart[0].multiline.tag
     assert {tag for tag in logged if any(re.search(p, tag) for p in loss_chart)} == {"train/loss", "val/loss"}
+
+
+def test_a_run_is_one_event_file_read_in_step_order_however_many_runs_came_before(tmp_path, cache_dir):
+    """TensorBoard reads a folder's event files in name order; their names end in a per-process
+    counter, so a second file of a run (``...10`` after ``...9``) could be read before its first."""
+    for _ in range(6):  # two writers a run, were they not one: past the counter's ninth
+        SummaryWriter(str(tmp_path / "earlier")).close()
+    train(make_config(tmp_path, cache_dir, []))
+    run = tmp_path / "run"
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1
+    steps = [step for step, _ in scalars(run, steps=True)["val/loss"]]
+    assert steps == sorted(steps) and steps[0] == 0
 
 
 def test_a_finished_run_says_what_it_achieved(tmp_path, cache_dir, caplog):

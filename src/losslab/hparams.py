@@ -1,7 +1,10 @@
 """TensorBoard's HPARAMS tab: each run's chosen options next to its final validation metrics.
 
-A sweep's runs then sort and filter by loss, precision, model size, data and tokenizer, with
-``hp/val_loss``, ``hp/val_ppl``, ``hp/val_bpb`` and ``hp/val_acc`` in the same table.
+A sweep's runs then sort and filter by loss, precision, model size, data and tokenizer. The tab's
+metric columns are the run's own scalars, each at its last value (TensorBoard takes every scalar
+tag of a run as a metric): ``val/loss``, ``val/ppl``, ``val/bpb`` and ``val/acc`` are the final
+validation's, since a run validates its last step. No copies of them are logged: single-point
+charts would head TIME SERIES, above the curves.
 
 A run writes its options (TensorBoard's "session start info") but no experiment summary, the list of
 all the tab's columns: without one, TensorBoard works out from the runs it shows which options
@@ -18,9 +21,6 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from tensorboard.plugins.hparams.summary_v2 import hparams_pb
-
-# The validation metrics the tab shows, under the names it shows them.
-TAB_METRICS = {"val/loss": "hp/val_loss", "val/ppl": "hp/val_ppl", "val/bpb": "hp/val_bpb", "val/acc": "hp/val_acc"}
 
 
 def chosen_options(cfg: DictConfig, vocab_size: int) -> DictConfig:
@@ -64,19 +64,17 @@ def tab_values(node: dict[str, Any], prefix: str = "") -> dict[str, bool | int |
 
 
 class HParamsTab(L.Callback):
-    """At the end of training, logs ``options`` with the last validation's metrics to the HPARAMS tab
-    (and ``options`` to the logger's ``hparams.yaml``)."""
+    """At the end of training, once the run has validated, logs ``options`` to the HPARAMS tab (and
+    to the logger's ``hparams.yaml``)."""
 
     def __init__(self, options: DictConfig) -> None:
         self.options = options
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        final = trainer.callback_metrics
-        metrics = {tab: float(final[name]) for name, tab in TAB_METRICS.items() if name in final}
+        validated = "val/loss" in trainer.callback_metrics
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger) and metrics and trainer.is_global_zero:
+            if isinstance(logger, TensorBoardLogger) and validated and trainer.is_global_zero:
                 logger.log_hyperparams(self.options)  # without metrics: hparams.yaml only, no summary
-                logger.log_metrics(metrics, step=trainer.global_step)
                 # trial "": the tab names the row by the run (loss=fused), not by a hash of its options
                 session = hparams_pb(tab_values(OmegaConf.to_container(self.options)), trial_id="")
                 logger.experiment.file_writer.add_summary(session, trainer.global_step)

@@ -212,7 +212,7 @@ class GPTLightningModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Asking to stop at the last step makes Lightning validate once more before it ends, so that
-        # the run's final metrics (hp/*, the Optuna objective, compare's val loss) are of that step.
+        # the run's final metrics (the HPARAMS tab, the Optuna objective, compare's val loss) are of that step.
         if reached_max_steps(self.trainer):
             self.trainer.should_stop = True
 

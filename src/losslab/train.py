@@ -124,6 +124,8 @@ def fit(cfg: DictConfig, folder: Path) -> RunOutcome:
     if cfg.ckpt_path is None:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the curve's first point
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if logger:
+        logger.close()
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     outcome = RunOutcome(status.status, trainer.global_step, trainer.max_steps, metrics, folder)
     if trainer.is_global_zero:
