@@ -25,8 +25,11 @@ def test_a_diverged_run_logs_nan_keeps_no_best_and_says_it_diverged(tmp_path, ca
     outcome = train(make_config(tmp_path, cache_dir, DIVERGING))
     curves = scalars(tmp_path / "run")
     assert math.isfinite(curves["val/loss"][0])  # before training
-    for tag in ["val/loss", "val/ppl", "val/bpb"]:
+    for tag in ["val/loss", "val/ppl", "val/bpb", "val/acc"]:
         assert all(math.isnan(value) for value in curves[tag][1:]), (tag, curves[tag])
+    # non-finite logits predict nothing: no accuracy where the loss is NaN
+    nan_steps = [i for i, loss in enumerate(curves["train/loss"]) if math.isnan(loss)]
+    assert nan_steps and all(math.isnan(curves["train/acc"][i]) for i in nan_steps)
     assert math.isnan(outcome.metrics["val/loss"])  # the Optuna objective: NaN fails the trial
     assert outcome.status == "diverged"
     checkpoints = sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir())

@@ -51,6 +51,12 @@ def reached_max_steps(trainer: L.Trainer) -> bool:
     return 0 <= trainer.max_steps <= trainer.global_step
 
 
+def correct_count(parts: LossParts) -> Tensor:
+    """The number of targets predicted right, NaN when the loss is not finite: the argmax of
+    non-finite logits (NaN counts as the largest) is no prediction."""
+    return torch.where(torch.isfinite(parts.nll), parts.accuracy.float(), math.nan)
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Learning-rate multiplier: linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at
     ``total_steps``, where it stays."""
@@ -155,8 +161,9 @@ class GPTLightningModule(L.LightningModule):
                 self.loss_fn.predict = self.trainer._logger_connector.should_update_logs  # train/acc
                 parts = self.loss_sums(micro)
                 self.manual_backward(parts.loss * scale)
-            accuracy = torch.full_like(parts.nll, math.nan) if parts.accuracy is None else parts.accuracy
-            sums.append(torch.stack([parts.loss.detach(), parts.nll, parts.z_loss, accuracy]))
+            has_accuracy = parts.accuracy is not None  # a peer gives no predictions; none on unlogged steps
+            correct = correct_count(parts) if has_accuracy else torch.zeros_like(parts.nll)
+            sums.append(torch.stack([parts.loss.detach(), parts.nll, parts.z_loss, correct]))
             if parts.inexact_grads is not None:
                 inexact_grads.append(parts.inexact_grads)
         objective, nll, z_loss, accuracy = strategy.reduce(torch.stack(sums).sum(0), reduce_op="sum") / n_tokens
@@ -182,7 +189,7 @@ class GPTLightningModule(L.LightningModule):
         self.log("train/ppl", torch.exp(nll))
         if self.loss_fn.label_smoothing > 0 or self.loss_fn.z_loss > 0:
             self.log("train/objective", objective)
-        if not torch.isnan(accuracy):  # a peer that gives no predictions has no accuracy
+        if has_accuracy:
             self.log("train/acc", accuracy)
         self.log("train/grad_norm", norm)
         self.log("train/skipped_steps", self.skipped_steps.float())
@@ -237,7 +244,7 @@ class GPTLightningModule(L.LightningModule):
         parts = self.loss_sums(batch)
         self.val_nll.update(parts.nll.float())
         if parts.accuracy is not None:
-            self.val_correct.update(parts.accuracy.float())
+            self.val_correct.update(correct_count(parts))
         self.val_tokens.update(real.sum())
         self.val_bytes.update(self.token_bytes[targets[real]].sum())
 
