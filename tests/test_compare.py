@@ -121,11 +121,13 @@ def test_runs_that_did_not_finish_are_never_ranked_first(tmp_path):
 
 
 def test_nan_shows_as_nan_and_a_missing_value_as_n_a(tmp_path):
-    write_run(tmp_path / "loss=diverged", [3.0, NAN], status("diverged"))
+    run = write_run(tmp_path / "loss=diverged", [3.0, NAN], status("diverged"))
+    with SummaryWriter(str(run)) as writer:
+        writer.add_scalar("val/acc", NAN, 10)
 
     [row] = compare(tmp_path)
 
-    assert row["val loss"] == "nan" and row["val ppl"] == "nan"
+    assert row["val loss"] == "nan" and row["val ppl"] == "nan" and row["val acc"] == "nan"  # not nan%
     assert row["best val loss"] == "3.0000"  # the finite values only
     assert row["val bpb"] == "n/a"  # never logged
 
@@ -188,6 +190,30 @@ def test_runs_are_named_by_the_config_group_chosen_rather_than_the_settings_it_b
     rows = compare(runs)
 
     assert [row["run"] for row in rows] == ["`trainer=ddp`", "`trainer=fsdp`"]
+
+
+def test_a_setting_that_varies_under_one_choice_of_its_group_still_names_the_runs(tmp_path):
+    runs = tmp_path / "logs" / "runs"
+    for name, loss, smoothing, val_loss in [
+        ("2026-12-02_09-00-00_aaaaaa", "naive", 0.0, 2.0),
+        ("2026-12-02_10-00-00_bbbbbb", "fused", 0.0, 2.1),
+        ("2026-12-02_11-00-00_cccccc", "fused", 0.3, 2.2),
+    ]:
+        settings = hparams(runs / name, loss=loss)
+        settings["loss"] |= {"label_smoothing": smoothing}
+        folder = write_run(runs / name, [val_loss], status("finished"), settings)
+        (folder / ".hydra").mkdir()
+        choices = {"hydra": {"runtime": {"choices": {"loss": loss}}}}
+        (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(choices))
+
+    rows = compare(runs)
+
+    # loss.name comes with the choice; fused's chunk_size too; label_smoothing does not
+    assert [row["run"] for row in rows] == [
+        "`loss=naive,loss.label_smoothing=0.0`",
+        "`loss=fused,loss.label_smoothing=0.0`",
+        "`loss=fused,loss.label_smoothing=0.3`",
+    ]
 
 
 def test_runs_alike_are_told_apart_by_their_folders(tmp_path):

@@ -79,13 +79,15 @@ def test_a_diverged_run_says_so_with_its_best_finite_loss_and_no_sample(tmp_path
     with SummaryWriter(str(tmp_path)) as writer:
         for step, loss in [(0, 5.0), (10, 4.0), (20, math.nan)]:
             writer.add_scalar("val/loss", loss, step)
+            writer.add_scalar("val/acc", 1 / loss, step)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").touch()
     metrics = {"val/loss": math.nan, "val/ppl": math.nan, "val/bpb": math.nan}
     said = summary(RunOutcome("diverged", 20, 20, metrics, tmp_path), "the last val/loss is nan").splitlines()
     assert said[0] == "Diverged: at step 20/20 val/loss nan, val/ppl nan, val/bpb nan; the last val/loss is nan."
     assert said[2].split() == ["val/loss", "nan", "4.0000", "5.0000"]  # final, best, first
-    assert said[3].strip() == "Best val/loss at step 10."
+    assert said[3].split() == ["val/acc", "nan", "25.00%", "20.00%"]  # nan, not nan%
+    assert said[4].strip() == "Best val/loss at step 10."
     assert not any("Sample:" in line for line in said)
 
 

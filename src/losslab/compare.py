@@ -305,8 +305,20 @@ def settings_names(runs: dict[str, Run]) -> dict[str, str]:
     known = [run.settings for run in runs.values() if run.settings is not None]
     keys = sorted({key for settings in known for key in settings})
     differing = [key for key in keys if len({settings[key] for settings in known if key in settings}) > 1]
-    # A group's choice says it all: trainer=fsdp, not also the strategy options that come with it.
-    differing = [key for key in differing if key.split(".")[0] not in differing or "." not in key]
+
+    def follows_from_choice(key: str) -> bool:
+        """Whether ``key`` is a setting of a group whose choice differs, and is the same in every run
+        with the same choice: ``trainer=fsdp`` says it all, not also the strategy options it brings."""
+        group = key.split(".")[0]
+        if "." not in key or group not in differing:
+            return False
+        by_choice: dict[str, set[str]] = {}
+        for settings in known:
+            if key in settings and group in settings:
+                by_choice.setdefault(settings[group], set()).add(settings[key])
+        return all(len(values) == 1 for values in by_choice.values())
+
+    differing = [key for key in differing if not follows_from_choice(key)]
     labels = {}
     for name, run in runs.items():
         settings = run.settings or {}
@@ -386,8 +398,13 @@ def cell(key: str, value: float | bool | str | None) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return FORMATS[key].format(value)
+        return format_number(FORMATS[key], value)
     return value
+
+
+def format_number(template: str, value: float) -> str:
+    """``value`` in ``template`` (``"{:.2%}"``...), NaN as a bare ``nan`` (not ``nan%``)."""
+    return "nan" if math.isnan(value) else template.format(value)
 
 
 def plot_curves(runs: dict[str, Run], path: str | Path, dpi: int = 100) -> None:

@@ -9,7 +9,7 @@ import os
 import shlex
 from pathlib import Path
 
-from losslab.compare import Curves, Run, load_runs, run_folders, summarize
+from losslab.compare import Curves, Run, format_number, load_runs, run_folders, summarize
 from losslab.dashboard import DASHBOARD_URL
 
 # The validation metrics of the table, each with its format and whether lower is better.
@@ -56,7 +56,8 @@ def validation_table(curves: Curves) -> list[str]:
         points = [event.value for event in curves[tag]]
         finite = [value for value in points if math.isfinite(value)]
         best = (min if lower_is_better else max)(finite) if finite else math.nan
-        lines.append(f"{tag:<10}" + "".join(f"{text.format(value):>12}" for value in (points[-1], best, points[0])))
+        cells = (format_number(text, value) for value in (points[-1], best, points[0]))
+        lines.append(f"{tag:<10}" + "".join(f"{text:>12}" for text in cells))
     return lines
 
 
