@@ -57,7 +57,7 @@ def validation_table(curves: Curves) -> list[str]:
         finite = [value for value in points if math.isfinite(value)]
         best = (min if lower_is_better else max)(finite) if finite else math.nan
         cells = (format_number(text, value) for value in (points[-1], best, points[0]))
-        lines.append(f"{tag:<10}" + "".join(f"{text:>12}" for text in cells))
+        lines.append(f"{tag:<10}" + "".join(f"{cell:>12}" for cell in cells))
     return lines
 
 

@@ -25,7 +25,7 @@ from losslab.data.corpora import open_corpus
 from losslab.data.documents import MAX_DOCUMENT_CHARS, training_sample
 from losslab.data.token_cache import TokenSplit, cached_token_splits
 from losslab.targets import IGNORE_INDEX
-from losslab.tokenizers import build_tokenizer, token_byte_lengths, tokenizer_fingerprint
+from losslab.tokenizers import build_tokenizer, token_byte_lengths
 
 BPE_TRAIN_BYTES = 100_000_000  # the bpe tokenizer learns from this much of the training split
 
@@ -111,7 +111,6 @@ class GPTDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser()
         self.tokenizer: tiktoken.Encoding | None = None
         self.token_bytes: Tensor | None = None  # (vocab_size,) bytes per token, for bits per byte
-        self.tokenizer_fingerprint: str | None = None  # see losslab.tokenizers.tokenizer_fingerprint
         self.datasets: dict[str, Dataset] = {}
 
     @property
@@ -136,7 +135,6 @@ class GPTDataModule(L.LightningDataModule):
             ranks_path=hp.ranks_path,
         )
         self.token_bytes = torch.from_numpy(token_byte_lengths(self.tokenizer))
-        self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)
         splits = cached_token_splits(corpus, self.tokenizer, hp.val_fraction, self.cache_dir / "tokens")
         for split, tokens in splits.items():
             check_split(hp.corpus, split, tokens, hp.context_length, self.tokenizer.n_vocab)
