@@ -21,6 +21,8 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from losslab.checkpoint_files import check_checkpoint_file
+from losslab.files import temporary_path
 from losslab.lightning_module import reached_max_steps
 
 KEEP = ("both", "last", "best")
@@ -29,9 +31,10 @@ KEEP = ("both", "last", "best")
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Saves a checkpoint whole or not at all, on the local file system.
 
-    The checkpoint goes to ``<name>.tmp`` beside its path, is synced to disk, then renamed over
-    the path, and the rename is synced too: a run killed during a save (or the machine losing
-    power) leaves the previous checkpoint as it was.
+    The checkpoint goes to a new temporary file beside its path (:func:`losslab.files.temporary_path`:
+    never a link planted there, and a killed save's leftover is removed by the next save), is synced
+    to disk, then renamed over the path, and the rename is synced too: a run killed during a save (or
+    the machine losing power) leaves the previous checkpoint as it was.
 
     A checkpoint of the same step as the one saved just before it in the same folder (``last.ckpt``
     and the best, when the last validation is the best) is a hard link to that file: the same
@@ -46,12 +49,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: _PATH, map_location: Any = "cpu", weights_only: bool | None = None
     ) -> dict[str, Any]:
-        """Lightning's load, always with ``weights_only=True``: a checkpoint never runs code.
+        """Lightning's load of a file that passed :func:`check_checkpoint_file` (whole, its
+        checksums right), always with ``weights_only=True``: a checkpoint never runs code.
 
         The tensors are loaded to the CPU, as by Lightning's own default; it moves them after.
         """
         if weights_only is False:
             raise ValueError("losslab loads checkpoints with weights_only=True only: they hold no code")
+        check_checkpoint_file(path)
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
@@ -59,14 +64,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = temporary_path(path)
         step = checkpoint.get("global_step")
-        if not self.link_previous(step, path, tmp):
-            with open(tmp, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-        os.replace(tmp, path)
+        try:
+            if not self.link_previous(step, path, tmp):
+                with open(tmp, "xb") as file:  # a new file: never a link planted at its name
+                    torch.save(checkpoint, file)
+                    file.flush()
+                    os.fsync(file.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         self.previous = (step, path)
         folder = os.open(path.parent, os.O_RDONLY)
         try:
@@ -81,8 +89,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         previous_step, previous_path = self.previous
         if previous_step != step or previous_path == path or previous_path.parent != path.parent:
             return False
-        tmp.unlink(missing_ok=True)
-        try:
+        try:  # a new name, like open(..., "x"): link() never replaces what is there
             os.link(previous_path, tmp)
         except OSError:  # gone, or a file system without hard links: write it out instead
             return False

@@ -1,12 +1,20 @@
-"""Writing a file whole or not at all."""
+"""Writing a file whole or not at all, through a temporary file that no one else can have planted,
+and that a later writer removes if its own writer was killed."""
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+import secrets
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+# <name>.<host>-<pid>.<random>.tmp: the process that writes it, and a part no one can guess
+TEMPORARY = re.compile(r"\.(?P<host>.+)-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
 
 
 @contextmanager
@@ -14,14 +22,46 @@ def replaced_atomically(path: Path) -> Iterator[BinaryIO]:
     """A binary file for ``path``'s new content, which replaces ``path`` in one rename at the end.
 
     Readers never see a half-written file, and a process that still maps the old one keeps it.
-    The temporary name holds the process id: processes that build the same cache at the same
-    time never rename each other's file away.
+    The temporary file is created new (see :func:`temporary_path`), so processes that build the same
+    cache at the same time never write to or rename away each other's file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     try:
-        with open(tmp, "wb") as file:
+        with open(tmp, "xb") as file:
             yield file
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporary_path(path: Path) -> Path:
+    """A name beside ``path`` for its next content, once the leftovers of killed writers are removed.
+
+    The name holds this host and process, which tells a later writer whether its writer is gone, and
+    a random part: created with ``open(..., "x")`` (``O_CREAT | O_EXCL``), it is a new file, never a
+    link or a file that someone planted there beforehand.
+    """
+    remove_leftovers(path)
+    return path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def remove_leftovers(path: Path) -> None:
+    """Remove the temporary files of ``path`` that processes of this host wrote and were killed before
+    renaming (a process of another host, which may share the folder, cannot be known to be gone)."""
+    host = socket.gethostname()
+    for leftover in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
+        writer = TEMPORARY.fullmatch(leftover.name[len(path.name) :])
+        if writer and writer["host"] == host and not is_running(int(writer["pid"])):
+            leftover.unlink(missing_ok=True)
+
+
+def is_running(pid: int) -> bool:
+    """Whether process ``pid`` of this host is alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

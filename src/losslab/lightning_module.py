@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
+from losslab.checkpoint_files import check_checkpoint_file
 from losslab.losses import LossParts, TokenLoss
 from losslab.model import GPT, fully_shard_gpt
 from losslab.targets import count_targets, real_targets
@@ -329,7 +330,7 @@ class ShardedDataParallel(ModelParallelStrategy):
     A checkpoint is the file DDP writes: the full state, gathered on rank 0 and saved by the
     trainer's ``CheckpointIO`` (:class:`losslab.checkpointing.AtomicCheckpointIO`), its optimizer
     state numbered as a plain optimizer numbers it, so that any strategy resumes any checkpoint and
-    every script reads it. Resuming reads it with ``weights_only=True`` only.
+    every script reads it. Resuming checks the file whole (its CRCs) and reads it with ``weights_only=True`` only.
 
     Args:
         process_group_backend: ``gloo``, ``nccl``...; ``None`` picks the device's (gloo on CPU).
@@ -363,6 +364,7 @@ class ShardedDataParallel(ModelParallelStrategy):
         if weights_only is False:
             raise ValueError("losslab loads checkpoints with weights_only=True only: they hold no code")
         path = self.broadcast(checkpoint_path)
+        check_checkpoint_file(path)
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, checkpoint.pop("state_dict"), options=full)
