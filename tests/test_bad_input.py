@@ -6,6 +6,9 @@ range in tests/losses/test_losses.py; an empty or missing corpus, one smaller th
 window, non-UTF-8 text and a token file whose checksum changed in test_data.py.
 """
 
+import hashlib
+import json
+import re
 import subprocess
 import sys
 
@@ -60,18 +63,44 @@ def test_resuming_a_checkpoint_of_another_model_names_the_differences(tmp_path):
     train(make_config(tmp_path / "resumed", cache, resumed))
 
 
-@pytest.mark.parametrize("damage", ["truncated tokens", "missing offsets", "garbled description", "empty description"])
+DAMAGES = {
+    "truncated tokens": ".bin: not the size and sha256 recorded",
+    "missing offsets": "offsets.npy missing or not a regular file",
+    "garbled description": "JSONDecodeError",
+    "empty description": "its description is not an object with the files' records",
+    "description holding a list": "its description is not an object with the files' records",
+    "description of another dtype": "its description gives the tokens as 'uint32', where this tokenizer's are uint16",
+    "tokens cut, description updated": "its offsets end at token",
+    "token file replaced by a folder": ".bin missing or not a regular file",
+    "description replaced by a folder": "json missing or not a regular file",
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_damaged_token_cache_is_rebuilt(tmp_path, damage):
     tokens = np.array(make_datamodule(tmp_path, tokenizer="bytes").datasets["train"].tokens)
     folder = tmp_path / "cache" / "tokens"
     (name,) = {path.name.split(".")[0] for path in folder.glob("pydoc-train-*")}
+    bin_file, description = folder / f"{name}.bin", folder / f"{name}.json"
+    meta = json.loads(description.read_text())
     if damage == "truncated tokens":
-        with open(folder / f"{name}.bin", "r+b") as file:
+        with open(bin_file, "r+b") as file:
             file.truncate(len(tokens))
     elif damage == "missing offsets":
         (folder / f"{name}.offsets.npy").unlink()
+    elif damage == "description of another dtype":  # the files as they were: it read them as other tokens
+        description.write_text(json.dumps({**meta, "dtype": "uint32"}))
+    elif damage == "tokens cut, description updated":
+        with open(bin_file, "r+b") as file:
+            file.truncate(len(tokens))
+        record = {"size": len(tokens), "sha256": hashlib.sha256(bin_file.read_bytes()).hexdigest()}
+        description.write_text(json.dumps({**meta, "files": {**meta["files"], bin_file.name: record}}))
+    elif damage.endswith("replaced by a folder"):
+        path = bin_file if damage.startswith("token file") else description
+        path.unlink()
+        (path / "inside").mkdir(parents=True)
     else:
-        (folder / f"{name}.json").write_text('{"dtype": "uint16", "fi' if damage == "garbled description" else "{}")
-    with pytest.warns(UserWarning, match=r"token cache .* is damaged .*: rebuilding it"):
+        description.write_text({"garbled": '{"dtype": "uint16", "fi', "empty": "{}"}.get(damage.split()[0], "[1, 2]"))
+    with pytest.warns(UserWarning, match=r"token cache .* is damaged \(.*" + re.escape(DAMAGES[damage])):
         rebuilt = make_datamodule(tmp_path, tokenizer="bytes").datasets["train"].tokens
     np.testing.assert_array_equal(rebuilt, tokens)

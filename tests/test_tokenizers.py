@@ -1,3 +1,5 @@
+import base64
+import re
 import time
 from pydoc_data.topics import topics
 
@@ -68,6 +70,40 @@ def test_bpe_is_cached(tmp_path, monkeypatch):
     cached = build_tokenizer("bpe", vocab_size=300, train_text=SMALL_TEXT, cache_dir=tmp_path)
     assert cached.token_byte_values() == enc.token_byte_values()
     assert cached.encode_ordinary(UNSEEN) == enc.encode_ordinary(UNSEEN)
+
+
+@pytest.mark.parametrize(
+    "damage,problem",
+    [
+        ("a line that is not <base64> <rank>", "ValueError"),
+        ("truncated", "its ranks are not 0 to 298"),
+        ("a token's bytes changed", "token 298 .* is not two tokens of lower rank merged"),
+        ("a folder", "not a regular file"),
+    ],
+)
+def test_a_damaged_bpe_in_the_cache_is_trained_again(tmp_path, damage, problem):
+    enc = build_tokenizer("bpe", vocab_size=300, train_text=SMALL_TEXT, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.tiktoken")
+    lines = path.read_bytes().splitlines(keepends=True)
+    if damage == "a folder":
+        path.unlink()
+        (path / "inside").mkdir(parents=True)
+    else:
+        damaged = {
+            "a line that is not <base64> <rank>": [*lines[:-1], b"not a rank\n"],
+            "truncated": lines[:-1],
+            "a token's bytes changed": [
+                *lines[:-1],
+                base64.b64encode(enc.decode_single_token_bytes(298) + b"\0") + b" 298\n",
+            ],
+        }[damage]
+        path.write_bytes(b"".join(damaged))
+    with pytest.warns(
+        UserWarning, match=f"the trained tokenizer {re.escape(str(path))} is damaged .*{problem}.*: training it again"
+    ):
+        again = build_tokenizer("bpe", vocab_size=300, train_text=SMALL_TEXT, cache_dir=tmp_path)
+    assert again.token_byte_values() == enc.token_byte_values()
+    assert path.read_bytes() == b"".join(lines)
 
 
 def test_bpe_trains_in_seconds_on_pydoc():

@@ -81,7 +81,9 @@ def file_problem(path: Path) -> str | None:
     if stat.S_ISDIR(mode):
         return "is a folder: give a checkpoint file in it (checkpoints/last.ckpt of a run)"
     if not stat.S_ISREG(mode):  # reading a FIFO waits for a writer; a device never ends
-        return "is not a regular file (a FIFO, socket or device): give a checkpoint file (checkpoints/last.ckpt of a run)"
+        return (
+            "is not a regular file (a FIFO, socket or device): give a checkpoint file (checkpoints/last.ckpt of a run)"
+        )
     try:
         with open(path, "rb") as file:
             start = file.read(len(ZIP_SIGNATURE))

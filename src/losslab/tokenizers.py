@@ -22,6 +22,8 @@ import hashlib
 import heapq
 import json
 import os
+import shutil
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -109,9 +111,45 @@ def bpe_tokenizer(train_text: Sequence[str], vocab_size: int, cache_dir: str | P
     if cache_dir is None:
         return encoding_from_ranks(name, train_bpe(train_text, vocab_size))
     path = Path(cache_dir) / f"{name}.tiktoken"
-    if not path.exists():
-        save_ranks(train_bpe(train_text, vocab_size), path)
-    return encoding_from_ranks(name, load_ranks(path))
+    ranks = cached_bpe_ranks(path, vocab_size)
+    if ranks is None:
+        ranks = train_bpe(train_text, vocab_size)
+        save_ranks(ranks, path)
+    return encoding_from_ranks(name, ranks)
+
+
+def cached_bpe_ranks(path: Path, vocab_size: int) -> dict[bytes, int] | None:
+    """The ranks that :func:`train_bpe` left in ``path``; None when there are none, or when they are
+    damaged (with a warning that says how: they are trained again)."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        problem = None if path.is_file() else "not a regular file"  # reading a FIFO would wait forever
+        ranks = load_ranks(path) if problem is None else {}
+        problem = problem or bpe_ranks_problem(ranks, vocab_size)
+    except (OSError, ValueError) as error:  # unreadable, or a line that is not <base64> <rank>
+        problem = f"{type(error).__name__}: {error}"
+    if problem is None:
+        return ranks
+    warnings.warn(f"the trained tokenizer {path} is damaged ({problem}): training it again", stacklevel=2)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)  # renaming the new ranks over a folder would fail
+    return None
+
+
+def bpe_ranks_problem(ranks: dict[bytes, int], vocab_size: int) -> str | None:
+    """What keeps ``ranks`` from being ranks that :func:`train_bpe` gives for ``vocab_size``: the 256
+    bytes in order, then tokens each made of two tokens of lower rank, ``vocab_size - 1`` in all."""
+    by_rank = sorted(ranks.items(), key=lambda item: item[1])
+    if [rank for _, rank in by_rank] != list(range(vocab_size - 1)):
+        return f"its ranks are not 0 to {vocab_size - 2}"
+    for token, rank in by_rank:
+        if rank < 256 and token != bytes([rank]):
+            return f"token {rank} is {token!r}, not the byte {bytes([rank])!r}"
+        parts = ((token[:i], token[i:]) for i in range(1, len(token)))
+        if rank >= 256 and not any(ranks.get(a, rank) < rank and ranks.get(b, rank) < rank for a, b in parts):
+            return f"token {rank} ({token!r}) is not two tokens of lower rank merged"
+    return None
 
 
 def ranks_to_bytes(ranks: dict[bytes, int]) -> bytes:

@@ -2,8 +2,9 @@
 
 In ``cache_dir/tokens``, ``<name>.bin`` holds a split's documents' tokens back to back, each
 followed by ``<|endoftext|>``; ``<name>.offsets.npy`` where each document starts, then the end;
-``<name>.json`` the token dtype and the size and sha256 of both files, checked on load: files
-that do not match are written again. ``<name>`` is the corpus, the split and a hash of what
+``<name>.json`` the token dtype and the size and sha256 of both files, checked on load with the
+offsets against the token file's length: a split whose files disagree in any way (or are not
+regular files) is removed, with a warning, and written again. ``<name>`` is the corpus, the split and a hash of what
 the tokens depend on: the corpus's identity (see :meth:`Corpus.identity`), the validation share
 and the tokenizer's tokens.
 
@@ -66,13 +67,19 @@ def cached_token_splits(
     corpus: Corpus, enc: tiktoken.Encoding, val_fraction: float, folder: Path
 ) -> dict[str, TokenSplit]:
     """The tokens of each split of ``corpus`` from ``folder``; the splits whose files are absent or
-    damaged are written first, in one pass over the corpus."""
+    damaged (see :func:`cache_problem`) are written first, in one pass over the corpus."""
     key = text_digest([RULES_VERSION, corpus.identity(), repr(val_fraction), tokenizer_fingerprint(enc)])
     names = {split: f"{corpus.name}-{split}-{key[:16]}" for split in SPLITS}
-    to_write = {split: name for split, name in names.items() if not cache_is_valid(folder / f"{name}.json")}
+    dtype = token_dtype(enc.n_vocab)
+    to_write = {split: name for split, name in names.items() if not cache_is_valid(folder, name, dtype)}
     if to_write:
         write_token_splits(corpus, enc, val_fraction, folder, to_write)
     return {split: read_token_split(folder, name) for split, name in names.items()}
+
+
+def cache_files(folder: Path, name: str) -> list[Path]:
+    """The files of a cached split: its tokens, its offsets and their description."""
+    return [folder / f"{name}{suffix}" for suffix in (".bin", ".offsets.npy", ".json")]
 
 
 def read_token_split(folder: Path, name: str) -> TokenSplit:
@@ -84,23 +91,53 @@ def read_token_split(folder: Path, name: str) -> TokenSplit:
     )
 
 
-def cache_is_valid(meta_path: Path) -> bool:
-    """Whether the files that ``meta_path`` describes are there with their recorded size and sha256."""
-    if not meta_path.exists():
+def cache_is_valid(folder: Path, name: str, dtype: np.dtype) -> bool:
+    """Whether ``folder/<name>.*`` holds a whole split of tokens of ``dtype``. A damaged one gets a
+    warning that says what is wrong with it, and is written anew (a folder at one of its names is
+    removed first: renaming a file over it would fail). Without a description it is absent (or another
+    process is writing it), and written anew without a word."""
+    if not os.path.lexists(folder / f"{name}.json"):
         return False
     try:
-        records = json.loads(meta_path.read_text())["files"]
-        paths = {meta_path.parent / file: record for file, record in records.items()}
-    except (ValueError, KeyError, AttributeError):  # the description itself is damaged
-        paths = None
-    if paths and all(path.exists() and file_record(path) == record for path, record in paths.items()):
+        problem = cache_problem(folder, name, dtype)
+    except (OSError, ValueError) as error:  # unreadable, not JSON, not an .npy file...
+        problem = f"{type(error).__name__}: {error}"
+    if problem is None:
         return True
-    warnings.warn(
-        f"the token cache {meta_path.with_suffix('.*')} is damaged (its files or their description "
-        "do not match the sizes and checksums recorded): rebuilding it",
-        stacklevel=2,
-    )
+    warnings.warn(f"the token cache {folder / name}.* is damaged ({problem}): rebuilding it", stacklevel=2)
+    for path in cache_files(folder, name):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
     return False
+
+
+def cache_problem(folder: Path, name: str, dtype: np.dtype) -> str | None:
+    """What is wrong with the cached split ``folder/<name>.*``, if anything: its description must be a
+    JSON object giving ``dtype``, and the size and sha256 of exactly its two files, which must be
+    regular files of those sizes and checksums; the offsets must start at 0, never decrease and end
+    at the number of tokens in the token file. Raises OSError or ValueError where a file cannot be
+    read as what it should be."""
+    tokens, offsets, description = cache_files(folder, name)
+    if not all(path.is_file() for path in cache_files(folder, name)):
+        missing = [path.name for path in cache_files(folder, name) if not path.is_file()]
+        return f"{', '.join(missing)} missing or not a regular file"
+    meta = json.loads(description.read_text())
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+        return "its description is not an object with the files' records"
+    if meta.get("dtype") != dtype.name:
+        return f"its description gives the tokens as {meta.get('dtype')!r}, where this tokenizer's are {dtype.name}"
+    if sorted(meta["files"]) != sorted([tokens.name, offsets.name]):
+        return f"its description records {sorted(meta['files'])}, not its two files"
+    changed = [file for file, record in meta["files"].items() if file_record(folder / file) != record]
+    if changed:
+        return f"{', '.join(changed)}: not the size and sha256 recorded"
+    ends = np.load(offsets, allow_pickle=False)
+    n_tokens, remainder = divmod(tokens.stat().st_size, dtype.itemsize)
+    if ends.dtype != np.int64 or ends.ndim != 1 or len(ends) < 2 or ends[0] != 0 or (np.diff(ends) < 0).any():
+        return "its offsets are not where documents start"
+    if remainder or ends[-1] != n_tokens:
+        return f"its offsets end at token {ends[-1]:,}, its token file holds {tokens.stat().st_size:,} bytes of {dtype.name}"
+    return None
 
 
 def write_token_splits(
