@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
+from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from omegaconf import DictConfig, OmegaConf
 
 from losslab.config_checks import FIXED_VOCAB_SIZES, ConfigError, check_config, check_overrides
@@ -60,10 +61,49 @@ def test_an_existing_checkpoint_path_passes(tmp_path):
 
 
 BAD = [
-    ("optimizer.lr=-0.01", re.escape("optimizer.lr=-0.01: the learning rate must be > 0 (e.g. optimizer.lr=3e-3)")),
+    (
+        "optimizer.lr=-0.01",
+        re.escape(
+            "optimizer.lr=-0.01: the learning rate must be > 0 and finite in float32, the weights' dtype "
+            "(at most 3.4e+38) (e.g. optimizer.lr=3e-3)"
+        ),
+    ),
+    # beyond float32's range, the weights' dtype: NaN weights at the first step
+    ("optimizer.lr=inf", r"optimizer.lr=inf: the learning rate must be > 0 and finite in float32"),
+    ("optimizer.lr=1e308", r"optimizer.lr=1e\+308: the learning rate must be > 0 and finite in float32"),
+    ("optimizer.lr=nan", r"optimizer.lr=nan: the learning rate must be > 0"),
+    ("optimizer.weight_decay=inf", r"optimizer.weight_decay=inf: the weight decay must be a finite number >= 0"),
+    (
+        "loss.softcap=nan",
+        re.escape("loss=cross_entropy: softcap=nan must be a finite number > 0, or None to turn it off"),
+    ),
+    ("loss.softcap=inf", re.escape("loss=cross_entropy: softcap=inf must be a finite number > 0")),
+    ("loss.z_loss=nan", re.escape("loss=cross_entropy: z_loss=nan must be a finite number >= 0")),
+    (
+        "step.gradient_clip_val=inf",
+        r"step.gradient_clip_val=inf: the clipping norm must be a finite number > 0, or null for no clipping",
+    ),
+    (
+        "callbacks.last_checkpoint.every_n_train_steps=0",
+        re.escape(
+            "callbacks.last_checkpoint.every_n_train_steps=0: last.ckpt is written every this many steps (and at "
+            "the end): an int >= 1 (e.g. callbacks.last_checkpoint.every_n_train_steps=50)"
+        ),
+    ),
+    ("seed=-1", re.escape("seed=-1: the seed must be an int from 0 to 4294967295 (numpy's seeds) (e.g. seed=1337)")),
+    ("seed=4294967296", r"seed=4294967296: the seed must be an int from 0 to 4294967295"),
+    (
+        "trainer.precision=banana",
+        r"trainer.precision=banana: Lightning's precision must be one of .*bf16-mixed, 32-true.* \(e.g. precision=bf16\)",
+    ),
+    ("trainer.accelerator=banana", r"trainer.accelerator=banana: the accelerator must be one of auto, cpu, gpu, cuda"),
+    ("data.batch_size=1e8", r"data.batch_size=100000000.0: the batch size must be an int >= 1"),
+    ("model.context_length=1e8", r"model.context_length=100000000.0: must be an int >= 1"),
+    ("data=text", re.escape("data.path=???: data=text reads your own files: give data.path=<a file, a folder of")),
+    ("data=jsonl data.path=null", r"data.path=null: data=jsonl reads your own files"),
     (
         "optimizer.weight_decay=-0.1",
-        r"optimizer.weight_decay=-0.1: the weight decay must be >= 0 .*\(e.g. optimizer.weight_decay=0.1\)",
+        r"optimizer.weight_decay=-0.1: the weight decay must be a finite number >= 0 .*\(e.g. optimizer.weight_decay=0.1\)",
     ),
     ("optimizer.betas=[0.9,1.0]", re.escape("optimizer.betas=[0.9, 1.0]: the betas must be two numbers in [0, 1)")),
     ("data.batch_size=0", r"data.batch_size=0: the batch size must be an int >= 1 .*\(e.g. data.batch_size=16\)"),
@@ -105,7 +145,7 @@ BAD = [
         "data=shakespeare data.max_document_chars=0",
         r"data.max_document_chars=0: a document's longest piece must be an int >= 1",
     ),
-    ("step.gradient_clip_val=0", r"step.gradient_clip_val=0: the clipping norm must be > 0, or null for no clipping"),
+    ("step.gradient_clip_val=0", r"step.gradient_clip_val=0: the clipping norm must be a finite number > 0, or null"),
     ("step.nonfinite=ignore", r"step.nonfinite=ignore: a non-finite step must skip or stop"),
     ("data.val_fraction=1.0", re.escape("data.val_fraction=1.0: the validation share must be in (0, 1)")),
     ("data.val_batches=0", r"data.val_batches=0: the validation batches must be an int >= 1, or null"),
@@ -179,6 +219,19 @@ def test_a_bad_value_or_key_is_one_line_naming_it_and_the_fix(overrides, message
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda"])
+def test_an_accelerator_this_machine_lacks_is_refused_before_any_data_work(monkeypatch, accelerator):
+    cfg = compose_config(f"trainer.accelerator={accelerator}")
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: True))
+    check_config(cfg)
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: False))
+    monkeypatch.setattr(MPSAccelerator, "is_available", staticmethod(lambda: False))
+    with pytest.raises(
+        ConfigError, match=rf"^trainer.accelerator={accelerator}: no {accelerator.upper()} is available"
+    ):
+        check_config(cfg)
+
+
 def test_a_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
 
@@ -201,6 +254,19 @@ def test_check_overrides_suggests_the_key_meant():
     )
 
 
+def test_check_overrides_suggests_the_group_choice_meant():
+    losses = "cce, cross_entropy, fused, liger, logsumexp, naive, torch_lce"
+    assert check_overrides(["loss=fusd"]) == (
+        f"unknown loss choice fusd (in loss=fusd): did you mean loss=fused? (or one of {losses})"
+    )
+    assert check_overrides(["-m", "loss=naive,fusd"]).startswith("unknown loss choice fusd (in loss=naive,fusd)")
+    assert check_overrides(["data=txt"]).startswith("unknown data choice txt (in data=txt): did you mean data=text?")
+    assert (
+        check_overrides(["precision=zzz"])
+        == "unknown precision choice zzz (in precision=zzz): choose one of bf16, fp32"
+    )
+
+
 def test_check_overrides_passes_what_hydra_handles():
     overrides = [
         "loss=fused",
@@ -208,6 +274,8 @@ def test_check_overrides_passes_what_hydra_handles():
         "loss=naive,fused",
         "hydra/launcher=slurm",
         "experiment=tiny",
+        "experiment=null",
+        "loss=choice(naive,fused)",
         "trainer.max_steps=5",
         "seed=3",
         "hydra.run.dir=x",

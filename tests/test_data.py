@@ -1,3 +1,4 @@
+import os
 import urllib.error
 import urllib.request
 
@@ -10,6 +11,7 @@ from losslab.data import GPTDataModule, load_documents, token_cache
 from losslab.data.batching import DocumentRows
 from losslab.data.documents import paragraphs, split_documents
 from losslab.data.token_cache import encode_documents, read_token_split, token_dtype, token_files
+from losslab.files import DataError
 from losslab.targets import count_targets
 
 
@@ -53,7 +55,7 @@ def test_shakespeare_download_failure_suggests_a_local_path(tmp_path, monkeypatc
         raise urllib.error.URLError("no network in tests")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError, match="data.path="):
+    with pytest.raises(DataError, match="data.path="):
         load_documents("shakespeare", cache_dir=tmp_path)
 
 
@@ -67,16 +69,22 @@ def test_text_corpus_from_a_file_a_folder_and_a_glob(tmp_path):
 
 
 def test_corpus_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         load_documents("text", tmp_path / "missing.txt")
-    with pytest.raises(FileNotFoundError, match="matches no files"):
+    with pytest.raises(DataError, match="matches no files"):
         load_documents("text", str(tmp_path / "*.txt"))
-    with pytest.raises(ValueError, match=r"holds no \*.txt files"):
+    with pytest.raises(DataError, match=r"holds no \*.txt files"):
         load_documents("text", tmp_path)
-    with pytest.raises(ValueError, match="holds no text"):
+    with pytest.raises(DataError, match="holds no text"):
         load_documents("text", write(tmp_path / "blank.txt", "\n  \n\n"))
-    with pytest.raises(ValueError, match="needs data.path"):
+    with pytest.raises(DataError, match="needs data.path"):
         load_documents("text")
+    (tmp_path / "fifos").mkdir()
+    os.mkfifo(tmp_path / "fifos" / "a.txt")  # reading one would wait for a writer
+    with pytest.raises(DataError, match=r"a.txt is not a regular file \(a FIFO, socket or device\)"):
+        load_documents("text", tmp_path / "fifos" / "a.txt")
+    with pytest.raises(DataError, match=r"holds no \*.txt files"):  # in a folder, only regular files count
+        load_documents("text", tmp_path / "fifos")
     with pytest.raises(ValueError, match="pydoc, shakespeare, text, jsonl, parquet"):
         load_documents("wikipedia")
 
@@ -118,6 +126,18 @@ def test_non_utf8_bytes_are_replaced_with_a_warning(tmp_path):
         assert load_documents("text", latin1) == ["caf\ufffd", "ok"]
 
 
+def test_binary_files_are_refused_and_a_stray_nul_is_kept_with_a_warning(tmp_path):
+    (tmp_path / "zeros.txt").write_bytes(bytes(100_000))  # a file never written, say
+    (tmp_path / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 40)
+    for name, offset in [("zeros.txt", 0), ("image.txt", 8)]:
+        with pytest.raises(DataError, match=rf"{name} is binary, not text \(a NUL byte at offset {offset}, within its"):
+            load_documents("text", tmp_path / name)
+    text = "a paragraph of plain text\n\n" * 400  # 10,800 bytes, then "one " and a NUL
+    (tmp_path / "stray.txt").write_text(text + "one \0 here")
+    with pytest.warns(UserWarning, match=r"stray.txt holds NUL bytes \(the first at offset 10804\)"):
+        assert load_documents("text", tmp_path / "stray.txt")[-1] == "one \0 here"
+
+
 def test_split_is_deterministic_spread_and_disjoint():
     documents = [f"document {i}" for i in range(100)]
     splits = split_documents(documents, 0.1)
@@ -144,8 +164,24 @@ def test_fewer_than_ten_documents_give_val_the_last():
 
 def test_too_small_corpus(tmp_path):
     corpus = write(tmp_path / "small.txt", "\n\n".join(["short"] * 20))
-    with pytest.raises(ValueError, match=r"val split of corpus 'text' has \d+ tokens.*context_length"):
+    with pytest.raises(DataError, match=r"val split of corpus 'text' has \d+ tokens.*model.context_length"):
         make_datamodule(tmp_path, corpus="text", path=str(corpus), tokenizer="bytes", context_length=64)
+    with pytest.raises(
+        DataError, match=r"train split of corpus 'pydoc' has \d+ tokens, fewer than context_length \+ 1 = 100000001"
+    ):
+        make_datamodule(tmp_path, tokenizer="bytes", context_length=10**8)
+
+
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_a_step_larger_than_an_epoch_is_refused_not_cut_to_the_epoch(tmp_path, mode):
+    # every step would have been the whole epoch: data.batch_size=100000000 trained as ~14,000
+    message = r"data.batch_size=\d+ x step.accumulate=\d is more rows per step than an epoch of corpus 'pydoc' holds"
+    with pytest.raises(DataError, match=message):
+        make_datamodule(tmp_path, tokenizer="bytes", mode=mode, batch_size=10**8)
+    epoch = len(make_datamodule(tmp_path, tokenizer="bytes", mode=mode).train_sampler())
+    make_datamodule(tmp_path, tokenizer="bytes", mode=mode, batch_size=epoch // 2, accumulate=2)
+    with pytest.raises(DataError, match=rf"use data.batch_size x step.accumulate <= {epoch}, or more data"):
+        make_datamodule(tmp_path, tokenizer="bytes", mode=mode, batch_size=epoch // 2 + 1, accumulate=2)
 
 
 def test_token_cache_is_reused_and_rebuilt_when_damaged(tmp_path, monkeypatch):

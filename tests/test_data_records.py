@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from losslab.data import GPTDataModule, load_documents
+from losslab.files import DataError
 
 
 def write_jsonl(path, records: list, gz: bool = False):
@@ -73,6 +74,41 @@ def test_jsonl_refusals_name_the_file_and_the_line(tmp_path):
     )
 
 
+def test_damaged_gzip_and_deeply_nested_json_are_refused_in_one_line(tmp_path):
+    whole = write_jsonl(tmp_path / "whole.jsonl.gz", [{"text": f"record {i} " * 20} for i in range(500)], gz=True)
+    data = whole.read_bytes()
+    (tmp_path / "truncated.jsonl.gz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "not-gzip.jsonl.gz").write_bytes(b'{"text": "plain, not compressed"}\n')
+    write_jsonl(tmp_path / "nested.jsonl", ["[" * 100_000 + "]" * 100_000])
+    refusals = {
+        "truncated.jsonl.gz": r"is not a whole gzip file \(Compressed file ended before the end-of-stream marker",
+        "not-gzip.jsonl.gz": r"is not a whole gzip file \(Not a gzipped file",
+        "nested.jsonl": r"line 1 nests arrays or objects too deeply for Python's JSON reader: write one flat",
+    }
+    for name, message in refusals.items():
+        with pytest.raises(DataError, match=f"^{tmp_path / name} {message}") as error:
+            load_documents("jsonl", tmp_path / name)
+        assert "\n" not in str(error.value)
+
+
+def test_a_file_that_is_not_parquet_or_is_damaged_is_refused_in_one_line(tmp_path):
+    pyarrow = pytest.importorskip("pyarrow")
+    from pyarrow import parquet
+
+    (tmp_path / "text.parquet").write_text("plain text, given as Parquet")
+    parquet.write_table(pyarrow.table({"text": [f"row {i} " * 50 for i in range(2000)]}), tmp_path / "whole.parquet")
+    data = bytearray((tmp_path / "whole.parquet").read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 200] = b"\xff" * 200  # inside a data page
+    (tmp_path / "damaged.parquet").write_bytes(data)
+    (tmp_path / "truncated.parquet").write_bytes(data[: len(data) // 2])
+    for name in ["text.parquet", "damaged.parquet", "truncated.parquet"]:
+        with pytest.raises(
+            DataError, match=f"^{tmp_path / name} is not a readable Parquet file \\(.*\\): give"
+        ) as error:
+            load_documents("parquet", tmp_path / name)
+        assert "\n" not in str(error.value)
+
+
 def test_jsonl_unpaired_surrogates_are_replaced_with_a_warning(tmp_path):
     path = write_jsonl(tmp_path / "s.jsonl", ['{"text": "half \\ud83d of a pair"}', '{"text": "whole \\ud83d\\ude00"}'])
     with pytest.warns(UserWarning, match=r"s.jsonl line 1 holds unpaired UTF-16 surrogates"):
@@ -105,5 +141,5 @@ def test_parquet_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
 
     (tmp_path / "a.parquet").write_bytes(b"PAR1")
     monkeypatch.setattr(builtins, "__import__", without_pyarrow)
-    with pytest.raises(ImportError, match=r"pyarrow, which is not installed: pip install pyarrow"):
+    with pytest.raises(DataError, match=r"pyarrow, which is not installed: pip install pyarrow"):
         load_documents("parquet", tmp_path / "a.parquet")

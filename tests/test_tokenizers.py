@@ -9,6 +9,7 @@ import tiktoken
 
 from losslab import tokenizers
 from losslab.data import load_documents
+from losslab.files import DataError
 from losslab.tokenizers import build_tokenizer, token_byte_lengths, train_bpe
 
 UNSEEN = "naïve café, 日本語 🤖 \x00\x7f\U0010ffff and <|endoftext|> as text"
@@ -29,7 +30,7 @@ def test_gpt2_from_ranks_path(tiktoken_cache, tmp_path, monkeypatch):
     assert enc.n_vocab == 50257 and enc.eot_token == 50256
     wrong = tmp_path / "wrong.tiktoken"
     wrong.write_bytes(b"IQ== 0\n")
-    with pytest.raises(ValueError, match="sha256"):
+    with pytest.raises(DataError, match="is not GPT-2's ranks file .*: give data.ranks_path="):
         build_tokenizer("gpt2", ranks_path=wrong)
 
 
@@ -41,7 +42,7 @@ def test_gpt2_without_ranks_says_how_to_get_them(tmp_path, monkeypatch):
         raise requests.ConnectionError("no network in tests")
 
     monkeypatch.setattr(requests, "get", offline)
-    with pytest.raises(RuntimeError, match="Set TIKTOKEN_CACHE_DIR .* or give ranks_path") as error:
+    with pytest.raises(DataError, match="set TIKTOKEN_CACHE_DIR .* or give data.ranks_path=") as error:
         build_tokenizer("gpt2")
     assert error.value.__suppress_context__
 

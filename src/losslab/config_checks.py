@@ -4,7 +4,8 @@ Two checks, for the two moments a config can be wrong:
 
 - :func:`check_overrides` reads the command line before Hydra composes it: an override of a key
   that no file under ``conf/`` has (``model.n_layr=2``) gets "did you mean model.n_layer?"
-  instead of Hydra's advice to add it with ``+``.
+  instead of Hydra's advice to add it with ``+``, and a misspelt choice (``loss=fusd``) "did you
+  mean loss=fused?" instead of Hydra's traceback.
 - :func:`check_config` reads the composed config: every value against what it must be
   (``optimizer.lr=-0.01``), the values that must agree with each other (``data.vocab_size`` and
   the tokenizer), and every key against what reads it (the ``_target_``'s signature, or for the
@@ -18,14 +19,19 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
+import numpy as np
+import torch
 import yaml
 from hydra.utils import get_object
+from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
@@ -44,6 +50,13 @@ if TYPE_CHECKING:
 FIXED_VOCAB_SIZES = {"bytes": 257, "gpt2": 50257}
 BPE_MIN_VOCAB_SIZE = 257
 FSDP_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true")
+# what Lightning's Trainer(precision=...) takes: its own list
+PRECISIONS = tuple(value for kind in get_args(_PRECISION_INPUT) for value in get_args(kind))
+# Trainer(accelerator=...): "gpu" is CUDA's or Apple's MPS, whichever is there
+ACCELERATORS = ("auto", "cpu", "gpu", *sorted(AcceleratorRegistry.available_accelerators() - {"cpu"}))
+MAX_SEED = np.iinfo(np.uint32).max  # numpy's, which Lightning's seed_everything seeds too
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+PATH_CORPORA = ("text", "jsonl", "parquet")  # the corpora read from data.path, which they need
 
 # Options of a `_target_` that a training run does not take from the config (losslab passes them
 # itself, or cannot honour them), with what to do instead.
@@ -86,11 +99,13 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_overrides(overrides: list[str]) -> str | None:
-    """The first command-line override of a key that no file under ``conf/`` has, as a message.
+    """The first command-line override of a key, or a group choice, that no file under ``conf/``
+    has, as a message.
 
     ``overrides`` is ``sys.argv[1:]`` of ``python train.py``: flags (``-m``, ``--cfg job``) and
     anything that is not ``key=value`` are skipped, and so are additions and deletions (``+``,
-    ``++``, ``~``), Hydra's own keys (``hydra.``, ``hydra/``) and group choices (``loss=fused``).
+    ``++``, ``~``) and Hydra's own keys (``hydra.``, ``hydra/``). A group choice (``loss=fusd``)
+    must be a file of the group (:func:`unknown_choice`): "did you mean loss=fused?".
     A key counts as known when any option of any group has it (``loss.chunk_size`` is fused's
     only, yet known): which option was chosen is Hydra's to check. An unknown top-level key
     (``foo=1``) is reported too. A key added with ``+`` is :func:`check_config`'s to judge, once
@@ -101,11 +116,32 @@ def check_overrides(overrides: list[str]) -> str | None:
     for override in overrides:
         if override.startswith(("-", "+", "~")) or "=" not in override:
             continue
-        key = override.split("=", 1)[0]
-        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or key in conf_groups() or "@" in key:
+        key, value = override.split("=", 1)
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or "@" in key:
             continue
-        if key not in conf_keys():
+        if key in conf_groups():
+            problem = unknown_choice(key, value, override)
+            if problem:
+                return problem
+        elif key not in conf_keys():
             return f"unknown config key {key} (in {override}): {did_you_mean(key)}"
+    return None
+
+
+def unknown_choice(group: str, value: str, override: str) -> str | None:
+    """A choice of ``group`` in ``value`` (``fusd``, or a sweep's ``naive,fusd``) that no file under
+    ``conf/<group>/`` is, with the closest one. Sweep functions (``choice(...)``), lists and
+    interpolations are Hydra's to read."""
+    if any(char in value for char in "()[]{}$'\""):
+        return None
+    options = sorted(file.name.removesuffix(".yaml") for g, file in conf_files() if g == group)
+    for choice in (part.strip() for part in value.split(",")):
+        if choice in options or choice == "null":
+            continue
+        matches = difflib.get_close_matches(choice, options, n=1)
+        choices = f"one of {', '.join(options)}"
+        fix = f"did you mean {group}={matches[0]}? (or {choices})" if matches else f"choose {choices}"
+        return f"unknown {group} choice {choice} (in {override}): {fix}"
     return None
 
 
@@ -228,6 +264,10 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_finite(value: Any) -> bool:
+    return is_number(value) and math.isfinite(value)
+
+
 def int_at_least(minimum: int) -> Callable[[Any], bool]:
     return lambda value: is_int(value) and value >= minimum
 
@@ -254,7 +294,12 @@ class Rule:
 
 
 RULES = (
-    Rule("seed", is_int, "the seed must be an int", "seed=1337"),
+    Rule(
+        "seed",
+        lambda v: is_int(v) and 0 <= v <= MAX_SEED,
+        f"the seed must be an int from 0 to {MAX_SEED} (numpy's seeds)",
+        "seed=1337",
+    ),
     Rule(
         "ckpt_path",
         lambda v: v is None or (isinstance(v, str) and Path(v).is_file()),
@@ -268,11 +313,16 @@ RULES = (
         f"the checkpoints to keep must be one of {', '.join(KEEP)}",
         "keep_checkpoints=last",
     ),
-    Rule("optimizer.lr", lambda v: is_number(v) and v > 0, "the learning rate must be > 0", "optimizer.lr=3e-3"),
+    Rule(
+        "optimizer.lr",
+        lambda v: is_number(v) and 0 < v <= FLOAT32_MAX,
+        f"the learning rate must be > 0 and finite in float32, the weights' dtype (at most {FLOAT32_MAX:.2g})",
+        "optimizer.lr=3e-3",
+    ),
     Rule(
         "optimizer.weight_decay",
-        lambda v: is_number(v) and v >= 0,
-        "the weight decay must be >= 0 (0 turns it off)",
+        lambda v: is_finite(v) and v >= 0,
+        "the weight decay must be a finite number >= 0 (0 turns it off)",
         "optimizer.weight_decay=0.1",
     ),
     Rule("optimizer.betas", are_betas, "the betas must be two numbers in [0, 1)", "optimizer.betas=[0.9,0.95]"),
@@ -362,9 +412,28 @@ RULES = (
     Rule("step.accumulate", int_at_least(1), "a step must take an int >= 1 micro-batches", "step.accumulate=2"),
     Rule(
         "step.gradient_clip_val",
-        lambda v: v is None or (is_number(v) and v > 0),
-        "the clipping norm must be > 0, or null for no clipping",
+        lambda v: v is None or (is_finite(v) and v > 0),
+        "the clipping norm must be a finite number > 0, or null for no clipping",
         "step.gradient_clip_val=1.0",
+    ),
+    Rule(
+        "callbacks.last_checkpoint.every_n_train_steps",
+        int_at_least(1),
+        "last.ckpt is written every this many steps (and at the end): an int >= 1",
+        "callbacks.last_checkpoint.every_n_train_steps=50",
+    ),
+    Rule(
+        "trainer.precision",
+        lambda v: v in PRECISIONS,
+        f"Lightning's precision must be one of {', '.join(dict.fromkeys(map(str, PRECISIONS)))}",
+        "precision=bf16",
+    ),
+    # Lightning also takes an Accelerator object (a node with a _target_)
+    Rule(
+        "trainer.accelerator",
+        lambda v: is_target(v) or v in ACCELERATORS,
+        f"the accelerator must be one of {', '.join(ACCELERATORS)}",
+        "trainer.accelerator=gpu",
     ),
     Rule(
         "step.nonfinite",
@@ -523,7 +592,36 @@ def loss_builds(cfg: DictConfig) -> str | None:
     return None
 
 
+def corpus_has_a_path(cfg: DictConfig) -> str | None:
+    """data=text, jsonl and parquet read the user's files: data.path must name them."""
+    corpus, path = value_at(cfg, "data.corpus"), value_at(cfg, "data.path")
+    if corpus not in PATH_CORPORA or path not in (UNSET, None):
+        return None
+    return (
+        f"data.path={'???' if path is UNSET else 'null'}: data={corpus} reads your own files: "
+        f"give data.path=<a file, a folder of {corpus} files or a glob>"
+    )
+
+
+def accelerator_is_here(cfg: DictConfig) -> str | None:
+    """A device that this machine lacks: Lightning would refuse it only after the data is built."""
+    accelerator = value_at(cfg, "trainer.accelerator")
+    if accelerator not in ACCELERATORS or accelerator in ("auto", "cpu"):
+        return None
+    names = ("cuda", "mps") if accelerator == "gpu" else (accelerator,)
+    if any(AcceleratorRegistry[name]["accelerator"].is_available() for name in names):
+        return None
+    cpu_build = torch.version.cuda is None and accelerator in ("gpu", "cuda")
+    why = f"torch {torch.__version__} is {'a build without CUDA' if cpu_build else 'given none'}"
+    return (
+        f"trainer.accelerator={accelerator}: no {accelerator.upper()} is available here ({why}): drop "
+        "trainer.accelerator to train on what is here (auto), or run where there is one"
+    )
+
+
 RELATIONS = (
+    corpus_has_a_path,
+    accelerator_is_here,
     rows_fit_the_model,
     vocab_size_fits_the_tokenizer,
     ignore_index_is_no_token,

@@ -1,5 +1,6 @@
-"""Writing a file whole or not at all, through a temporary file that no one else can have planted,
-and that a later writer removes if its own writer was killed."""
+"""The files a run reads and writes: :class:`DataError` for the data files it cannot use (a corpus,
+GPT-2's ranks), and writing a file whole or not at all, through a temporary file that no one else
+can have planted and that a later writer removes if its own writer was killed."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ from typing import BinaryIO
 
 # <name>.<host>-<pid>.<random>.tmp: the process that writes it, and a part no one can guess
 TEMPORARY = re.compile(r"\.(?P<host>.+)-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
+
+
+class DataError(ValueError):
+    """A corpus, or a tokenizer's file, that cannot be used: said in one line that names the file or
+    the key, and the fix (train.py prints it alone, as it does a ConfigError)."""
 
 
 @contextmanager

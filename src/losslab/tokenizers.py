@@ -34,7 +34,7 @@ import regex
 import tiktoken
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
-from losslab.files import replaced_atomically
+from losslab.files import DataError, replaced_atomically
 
 TOKENIZERS = ("gpt2", "bpe", "bytes")
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -87,11 +87,11 @@ def gpt2_tokenizer(ranks_path: str | Path | None = None) -> tiktoken.Encoding:
         return tiktoken.get_encoding("r50k_base")
     except (OSError, ValueError):  # offline (requests' errors are OSErrors) or a corrupt download
         # `from None`: the network stack trace says less than this message
-        raise RuntimeError(
+        raise DataError(
             "cannot load GPT-2's tokenizer: tiktoken found no cached GPT-2 ranks in "
             f"{os.environ.get('TIKTOKEN_CACHE_DIR', 'its default cache')} and could not download "
-            "them. Set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached GPT-2 ranks, "
-            "or give ranks_path (a local r50k_base.tiktoken file)."
+            "them: set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached GPT-2 ranks, "
+            "or give data.ranks_path=<a local r50k_base.tiktoken file>"
         ) from None
 
 
@@ -180,7 +180,9 @@ def load_ranks(path: Path, expected_sha256: str | None = None) -> dict[bytes, in
     """
     data = path.read_bytes()
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise ValueError(f"{path} is not the expected ranks file: its sha256 is not {expected_sha256}")
+        raise DataError(
+            f"{path} is not GPT-2's ranks file (its sha256 is not {expected_sha256}): give data.ranks_path=<r50k_base.tiktoken>"
+        )
     return ranks_from_bytes(data)
 
 
@@ -199,9 +201,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
     for _ in range(n_merges):
         pair = pairs.pop_most_frequent()
         if pair is None:
-            raise ValueError(
-                f"the training text is too small for vocab_size={vocab_size}: "
-                f"it has no pairs left to merge after {len(tokens)} tokens"
+            raise DataError(
+                f"the training text is too small for vocab_size={vocab_size}: it has no pairs left to merge "
+                f"after {len(tokens)} tokens: use data.vocab_size<={len(tokens) + 1}, or more text"
             )
         pairs.merge(pair, len(tokens))
         tokens.append(tokens[pair[0]] + tokens[pair[1]])

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from losslab.checkpoint_files import CheckpointError, load_checkpoint_file
 from losslab.config_checks import ConfigError, check_config, check_overrides
 from losslab.data import GPTDataModule
+from losslab.files import DataError
 from losslab.hparams import HParamsTab, chosen_options
 from losslab.lightning_module import GPTLightningModule
 from losslab.model import GPT
@@ -184,7 +185,7 @@ def run(cfg: DictConfig) -> float:
     route_library_logs()
     try:
         outcome = train(cfg)
-    except (ConfigError, CheckpointError) as error:
+    except (ConfigError, CheckpointError, DataError) as error:
         sys.exit(f"error: {error}")  # one line, not a traceback: the fix is in the message
     if outcome.status == "interrupted":
         sys.exit(130)  # as a shell reports Ctrl-C; a sweep stops there too

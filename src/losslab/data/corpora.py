@@ -28,19 +28,23 @@ import json
 import re
 import urllib.request
 import warnings
+import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from pydoc_data.topics import topics
 from typing import Any
 
 from losslab.data.documents import MAX_DOCUMENT_CHARS, stream_paragraphs
+from losslab.files import DataError
 from losslab.tokenizers import text_digest
 
 CORPORA = ("pydoc", "shakespeare", "text", "jsonl", "parquet")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 READ_BYTES = 1 << 20  # a text file is read this many bytes at a time
+BINARY_SNIFF_BYTES = 8000  # a NUL byte in a text file's first 8,000 bytes makes it binary (git's rule)
 PARQUET_ROWS = 1024  # rows read at a time
 LONE_SURROGATES = re.compile("[\ud800-\udfff]")  # what a JSON string may hold that UTF-8 cannot
 JSON_KINDS = {
@@ -74,7 +78,7 @@ class Corpus(ABC):
             empty = False
             yield document
         if empty:
-            raise ValueError(
+            raise DataError(
                 f"corpus {self.name!r} ({self.where()}) holds no text: point data.path at files with text in them"
             )
 
@@ -160,7 +164,7 @@ class JsonLines(Files):
         for file in self.files:
             with open(file, "rb") as raw, gzip.open(raw) if file.suffix == ".gz" else raw as lines:
                 reported = 0  # bytes of the file read, compressed or not
-                for number, line in enumerate(lines, start=1):
+                for number, line in enumerate(gzip_lines(lines, file), start=1):
                     record = line.strip()
                     if record:  # a blank line, at the end of a file say, holds no record
                         text = record_text(record, self.text_field, file, number)
@@ -169,6 +173,17 @@ class JsonLines(Files):
                         progress(raw.tell() - reported)
                         reported = raw.tell()
                 progress(raw.tell() - reported)
+
+
+def gzip_lines(lines: Iterable[bytes], file: Path) -> Iterator[bytes]:
+    """The lines of ``file`` as ``lines`` gives them; a gzip stream that is truncated or damaged
+    (which gzip reports as EOFError, OSError or zlib.error) ends in a DataError naming the file."""
+    try:
+        yield from lines
+    except (EOFError, OSError, zlib.error) as error:
+        raise DataError(
+            f"{file} is not a whole gzip file ({error}): compress it again, or check it with gzip -t {file}"
+        ) from None
 
 
 class ParquetFiles(Files):
@@ -181,17 +196,38 @@ class ParquetFiles(Files):
     def read(self, progress: Progress) -> Iterator[str]:
         parquet = import_parquet()
         for file in self.files:
-            table = parquet.ParquetFile(file)
+            with parquet_errors(file):
+                table = parquet.ParquetFile(file)
             check_text_column(table.schema_arrow, self.text_field, file)
             size, n_rows = file.stat().st_size, table.metadata.num_rows
             rows = reported = 0  # progress is told of the file's bytes in proportion to the rows read
-            for batch in table.iter_batches(batch_size=PARQUET_ROWS, columns=[self.text_field]):
+            batches = table.iter_batches(batch_size=PARQUET_ROWS, columns=[self.text_field])
+            while True:
+                with parquet_errors(file):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
                 for row, text in enumerate(batch.column(0).to_pylist(), start=rows):
                     yield from as_documents(text, f"{file} row {row}")
                 rows += batch.num_rows
                 progress(size * rows // n_rows - reported)
                 reported = size * rows // n_rows
             progress(size - reported)  # all of it, even with no rows
+
+
+@contextmanager
+def parquet_errors(file: Path) -> Iterator[None]:
+    """A file that pyarrow cannot read as Parquet (it is not one, or it is truncated or damaged:
+    ArrowInvalid, or OSError for a damaged page) ends in a DataError naming the file."""
+    import pyarrow
+
+    try:
+        yield
+    except (pyarrow.ArrowException, OSError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise DataError(
+            f"{file} is not a readable Parquet file ({reason}): give Parquet files in data.path, or write this one again"
+        ) from None
 
 
 def as_documents(text: str | None, where: str) -> list[str]:
@@ -213,20 +249,25 @@ def record_text(line: bytes, field: str, file: Path, number: int) -> str | None:
     try:
         record = json.loads(line)
     except ValueError as error:  # not JSON, or not UTF-8
-        raise ValueError(f"{file} line {number} is not JSON ({error}): write one JSON object per line") from None
+        raise DataError(f"{file} line {number} is not JSON ({error}): write one JSON object per line") from None
+    except RecursionError:
+        raise DataError(
+            f"{file} line {number} nests arrays or objects too deeply for Python's JSON reader: "
+            "write one flat JSON object per line"
+        ) from None
     if not isinstance(record, dict):
-        raise ValueError(
+        raise DataError(
             f"{file} line {number} is {JSON_KINDS.get(type(record), 'null')}, not a JSON object: "
             "write one object per line"
         )
     if field not in record:
-        raise ValueError(
+        raise DataError(
             f"{file} line {number} has no field {field!r} (its fields: {', '.join(record) or 'none'}): "
             "set data.text_field=<the field that holds the text>"
         )
     text = record[field]
     if text is not None and not isinstance(text, str):
-        raise ValueError(
+        raise DataError(
             f"{file} line {number}: field {field!r} holds {JSON_KINDS[type(text)]}, not a string: "
             "set data.text_field=<the field that holds the text>"
         )
@@ -238,7 +279,7 @@ def import_parquet() -> Any:
     try:
         import pyarrow.parquet
     except ImportError:
-        raise ImportError(
+        raise DataError(
             "data=parquet reads Parquet with pyarrow, which is not installed: pip install pyarrow "
             '(or pip install -e ".[parquet]")'
         ) from None
@@ -250,25 +291,45 @@ def check_text_column(schema: Any, field: str, file: Path) -> None:
     import pyarrow
 
     if field not in schema.names:
-        raise ValueError(
+        raise DataError(
             f"{file} has no column {field!r} (its columns: {', '.join(schema.names)}): "
             "set data.text_field=<the column that holds the text>"
         )
     kind = schema.field(field).type
     if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
-        raise ValueError(
+        raise DataError(
             f"{file}: column {field!r} holds {kind}, not strings: set data.text_field=<the column that holds the text>"
         )
 
 
 def text_pieces(path: Path, progress: Progress = no_progress) -> Iterator[str]:
     """The text of ``path`` as UTF-8, read :data:`READ_BYTES` bytes at a time; invalid bytes
-    become U+FFFD, with a warning naming the file and the first of them."""
+    become U+FFFD, with a warning naming the file and the first of them.
+
+    A binary file is refused: one with a NUL byte in its first :data:`BINARY_SNIFF_BYTES` bytes, as
+    git and grep tell binary files (an image, an archive, a file of zeros). NUL bytes further on are
+    kept, with a warning: text with a stray NUL is still text, and a corpus is often too large to
+    fail for one at its end.
+    """
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0  # of the next block in the file
+    nul_warned = False
     with open(path, "rb") as file:
         while True:
             block = file.read(READ_BYTES)
+            nul = block.find(b"\0")
+            if nul >= 0 and offset + nul < BINARY_SNIFF_BYTES:
+                raise DataError(
+                    f"{path} is binary, not text (a NUL byte at offset {nul + offset}, within its first "
+                    f"{BINARY_SNIFF_BYTES:,} bytes): give text files in data.path (UTF-8)"
+                )
+            if nul >= 0 and not nul_warned:
+                warnings.warn(
+                    f"{path} holds NUL bytes (the first at offset {nul + offset}), which text does not: they "
+                    "are kept as characters; remove them if the file is damaged",
+                    stacklevel=2,
+                )
+                nul_warned = True
             try:
                 text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as error:
@@ -299,13 +360,15 @@ def corpus_files(path: str | Path, patterns: tuple[str, ...]) -> list[Path]:
         files = sorted({file for pattern in patterns for file in path.rglob(pattern) if file.is_file()})
         if not files:
             names = " or ".join(patterns)
-            raise ValueError(f"folder {path} holds no {names} files: put the corpus in {names} files or give a glob")
+            raise DataError(f"folder {path} holds no {names} files: put the corpus in {names} files or give a glob")
         return files
+    if path.exists():  # reading a FIFO waits for a writer, a device may never end
+        raise DataError(f"corpus path {path} is not a regular file (a FIFO, socket or device): set data.path to a file")
     if not any(char in str(path) for char in "*?["):
-        raise FileNotFoundError(f"corpus path {path} does not exist: set data.path to a file, a folder or a glob")
+        raise DataError(f"corpus path {path} does not exist: set data.path to a file, a folder or a glob")
     files = sorted(Path(file) for file in glob.glob(str(path), recursive=True) if Path(file).is_file())
     if not files:
-        raise FileNotFoundError(f"glob {path} matches no files: check data.path")
+        raise DataError(f"glob {path} matches no files: check data.path")
     return files
 
 
@@ -318,12 +381,12 @@ def download_shakespeare(folder: Path) -> Path:
         with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
             data = response.read()
     except OSError as error:
-        raise RuntimeError(
+        raise DataError(
             f"could not download tiny Shakespeare from {SHAKESPEARE_URL} ({error}): "
             "download it yourself and set data.path=<your local copy>"
         ) from None
     if hashlib.sha256(data).hexdigest() != SHAKESPEARE_SHA256:
-        raise RuntimeError(
+        raise DataError(
             f"the file downloaded from {SHAKESPEARE_URL} is not tiny Shakespeare (its sha256 differs): "
             "set data.path=<a local copy> instead"
         )
@@ -351,7 +414,7 @@ def open_corpus(
     if corpus not in CORPORA:
         raise ValueError(f"unknown corpus {corpus!r}: choose one of {', '.join(CORPORA)}")
     if path is None:
-        raise ValueError(f"the {corpus} corpus needs data.path=<a file, a folder of {corpus} files or a glob>")
+        raise DataError(f"the {corpus} corpus needs data.path=<a file, a folder of {corpus} files or a glob>")
     if corpus in ("shakespeare", "text"):
         return TextFiles(corpus, corpus_files(path, ("*.txt",)), max_document_chars)
     if corpus == "jsonl":

@@ -24,6 +24,7 @@ from losslab.data.batching import (
 from losslab.data.corpora import open_corpus
 from losslab.data.documents import MAX_DOCUMENT_CHARS, training_sample
 from losslab.data.token_cache import TokenSplit, cached_token_splits
+from losslab.files import DataError
 from losslab.targets import IGNORE_INDEX
 from losslab.tokenizers import build_tokenizer, token_byte_lengths
 
@@ -35,13 +36,13 @@ def check_split(corpus: str, split: str, tokens: TokenSplit, context_length: int
     token id outside the vocabulary: checked once here, where the data enters, so that nothing
     checks it again at every step."""
     if len(tokens.tokens) < context_length + 1:
-        raise ValueError(
+        raise DataError(
             f"the {split} split of corpus {corpus!r} has {len(tokens.tokens)} tokens, fewer than "
-            f"context_length + 1 = {context_length + 1}: use a smaller context_length or more data"
+            f"context_length + 1 = {context_length + 1}: use a smaller model.context_length or more data"
         )
     largest = int(tokens.tokens.max())
     if largest >= vocab_size:
-        raise ValueError(
+        raise DataError(
             f"the {split} split of corpus {corpus!r} holds token id {largest}, outside the tokenizer's "
             f"vocabulary of {vocab_size}: delete its token files in the cache (cache_dir/tokens) to rebuild them"
         )
@@ -139,6 +140,13 @@ class GPTDataModule(L.LightningDataModule):
         for split, tokens in splits.items():
             check_split(hp.corpus, split, tokens, hp.context_length, self.tokenizer.n_vocab)
             self.datasets[split] = self.make_dataset(split, tokens)
+        epoch = len(self.train_sampler())
+        if hp.batch_size * hp.accumulate > epoch:  # the loader would cut every step to the whole epoch
+            raise DataError(
+                f"data.batch_size={hp.batch_size} x step.accumulate={hp.accumulate} is more rows per step than an "
+                f"epoch of corpus {hp.corpus!r} holds ({epoch:,}): use data.batch_size x step.accumulate <= {epoch}, "
+                "or more data"
+            )
 
     def make_dataset(self, split: str, tokens: TokenSplit) -> Dataset:
         context_length = self.hparams.context_length
@@ -146,15 +154,21 @@ class GPTDataModule(L.LightningDataModule):
             return DocumentRows(tokens.tokens, tokens.offsets, context_length)
         return PackedWindows(tokens.tokens, context_length, stride=1 if split == "train" else context_length)
 
-    def train_dataloader(self) -> ResumableDataLoader:
+    def train_sampler(self) -> EpochSampler:
         dataset = self.datasets["train"]
         if self.hparams.mode == "padded":
-            sampler = EpochSampler(len(dataset), seed=self.hparams.seed)
-        else:
-            # an epoch draws as many windows as it takes to see about every token once
-            n_windows = len(dataset) // self.hparams.context_length + 1
-            sampler = EpochSampler(len(dataset), num_samples=n_windows, replacement=True, seed=self.hparams.seed)
-        return self.loader(dataset, sampler, loader_class=ResumableDataLoader, accumulate=self.hparams.accumulate)
+            return EpochSampler(len(dataset), seed=self.hparams.seed)
+        # an epoch draws as many windows as it takes to see about every token once
+        n_windows = len(dataset) // self.hparams.context_length + 1
+        return EpochSampler(len(dataset), num_samples=n_windows, replacement=True, seed=self.hparams.seed)
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        return self.loader(
+            self.datasets["train"],
+            self.train_sampler(),
+            loader_class=ResumableDataLoader,
+            accumulate=self.hparams.accumulate,
+        )
 
     def val_dataloader(self) -> DataLoader:
         dataset = self.datasets["val"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 
+from losslab.files import DataError
+
 MAX_DOCUMENT_CHARS = 4096  # above tiny Shakespeare's longest speech (3,080), which stays whole
 SPLITS = ("train", "val")
 BLANK_LINES = re.compile(r"\n\s*\n")
@@ -162,7 +164,7 @@ def assign_splits(documents: Iterable[str], val_fraction: float) -> Iterator[tup
                 yield "train", held
             held = document
     if n_documents < 2:
-        raise ValueError(
+        raise DataError(
             f"{n_documents} document(s) cannot be split into train and val, which need one each: "
             "separate documents with blank lines, add more text, or lower data.max_document_chars "
             "(paragraphs longer than it are cut into several documents)"

@@ -14,6 +14,7 @@ and takes the same options with the same meaning as :func:`torch.nn.functional.c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import ClassVar, NamedTuple
 
@@ -116,10 +117,10 @@ class TokenLoss(nn.Module):
             raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1]")
-        if z_loss < 0:
-            raise ValueError(f"z_loss={z_loss} must be >= 0")
-        if softcap is not None and softcap <= 0:
-            raise ValueError(f"softcap={softcap} must be > 0, or None to turn it off")
+        if not 0 <= z_loss < math.inf:  # not `z_loss < 0`, which lets nan through
+            raise ValueError(f"z_loss={z_loss} must be a finite number >= 0")
+        if softcap is not None and not 0 < softcap < math.inf:
+            raise ValueError(f"softcap={softcap} must be a finite number > 0, or None to turn it off")
         if class_weights is not None:
             class_weights = torch.as_tensor(class_weights)
             if class_weights.dim() != 1 or not class_weights.is_floating_point():
