@@ -318,6 +318,8 @@ def leaf_keys(node: dict, prefix: str = "") -> list[str]:
         ("--temperature", "nan", "must be >= 0, got nan"),
         ("--max-new-tokens", "-5", "must be >= 1, got -5"),
         ("--max-new-tokens", "0", "must be >= 1, got 0"),
+        ("--max-new-tokens", "1000000000000", "must be <= 1,000,000, got 1000000000000"),
+        ("--num-samples", "1000000000000", "must be <= 10,000, got 1000000000000"),
         ("--num-samples", "0", "must be >= 1, got 0"),
         ("--top-k", "-3", "must be >= 0, got -3"),
         ("--top-k", "x", "invalid int value: 'x'"),

@@ -12,6 +12,7 @@ import tiktoken
 import torch
 from test_checkpoint_files import tokenizer_named
 
+from losslab.checkpoint_files import CheckpointError
 from losslab.lightning_module import GPTLightningModule
 from losslab.losses import build_loss
 from losslab.model import GPT, GPTConfig
@@ -111,6 +112,54 @@ def test_export_py_writes_the_model_and_refuses_in_one_line(tmp_path):
         .splitlines()[-1]
         .startswith(f"error: {tmp_path / 'biased.ckpt'} was trained with model.lm_head_bias=true")
     )
+
+
+def test_export_never_writes_over_a_file_other_files_or_an_export_unasked(tmp_path):
+    tokenizer = build_tokenizer("bytes")
+    write_checkpoint(tmp_path / "last.ckpt", small_config(tokenizer.n_vocab), tokenizer)
+    (tmp_path / "a file").write_text("keep me")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    refusals = {
+        "a file": r"is a file, not a folder: give the folder to export to \(it is created\)",
+        "notes": r"already holds other files \(todo.txt\): give a new or empty folder to export to",
+    }
+    for name, message in refusals.items():
+        for overwrite in (False, True):
+            with pytest.raises(ExportError, match=f"^{tmp_path / name} {message}$"):
+                export_checkpoint(tmp_path / "last.ckpt", tmp_path / name, overwrite=overwrite)
+    assert (tmp_path / "a file").read_text() == (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+    (tmp_path / "empty").mkdir()
+    export_checkpoint(tmp_path / "last.ckpt", tmp_path / "empty")  # an empty folder is a new one
+    exported = (tmp_path / "empty" / "model.safetensors").read_bytes()
+    message = "already holds an export: give another folder, or --overwrite to replace it"
+    with pytest.raises(ExportError, match=message):
+        export_checkpoint(tmp_path / "last.ckpt", tmp_path / "empty")
+    write_checkpoint(tmp_path / "other.ckpt", small_config(tokenizer.n_vocab, bias=False), tokenizer)
+    export_checkpoint(tmp_path / "other.ckpt", tmp_path / "empty", overwrite=True)
+    assert (tmp_path / "empty" / "model.safetensors").read_bytes() != exported
+
+
+def test_a_damaged_or_diverged_checkpoint_is_never_exported(tmp_path):
+    tokenizer = build_tokenizer("bytes")
+    model = write_checkpoint(tmp_path / "last.ckpt", small_config(tokenizer.n_vocab), tokenizer)
+    data = bytearray((tmp_path / "last.ckpt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "flipped.ckpt").write_bytes(data)
+    with pytest.raises(CheckpointError, match="flipped.ckpt is truncated or damaged .*does not match its CRC-32"):
+        export_checkpoint(tmp_path / "flipped.ckpt", tmp_path / "out")
+    with torch.no_grad():
+        model.ln_f.weight[3] = float("nan")
+    module = GPTLightningModule(
+        model, partial(build_loss, "cross_entropy"), torch.optim.SGD, tokenizer=tokenizer_to_data(tokenizer)
+    )
+    checkpoint = {"state_dict": module.state_dict(), "global_step": 0}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "nan.ckpt")
+    with pytest.raises(CheckpointError, match=r"nan.ckpt holds non-finite weights \(ln_f.weight: 1 of 32 values"):
+        export_checkpoint(tmp_path / "nan.ckpt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def export_py(checkpoint: Path, out_dir: Path) -> subprocess.CompletedProcess:

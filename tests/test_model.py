@@ -74,6 +74,15 @@ def test_generate_extends_and_greedy_is_deterministic(model):
     assert sampled.shape == (2, 25) and sampled.max() < 101
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-320, 5e-324])
+def test_a_near_zero_temperature_samples_as_greedy_without_nan(model, temperature):
+    # dividing the logits by it gave inf (float32 overflows above 3.4e38, and holds no 1e-320), then nan
+    ids = torch.randint(0, 101, (2, 4))
+    g = torch.Generator().manual_seed(1)
+    greedy = model.generate(ids, 6, temperature=0)
+    torch.testing.assert_close(model.generate(ids, 6, temperature=temperature, top_k=5, generator=g), greedy)
+
+
 def test_a_bias_in_the_lm_head_reaches_the_logits_and_the_loss():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=101, context_length=16, n_layer=1, n_head=2, n_embd=32, lm_head_bias=True))

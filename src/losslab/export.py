@@ -2,7 +2,7 @@
 
     python scripts/export.py logs/runs/<run>/checkpoints/last.ckpt exported/
 
-writes to ``exported/``:
+writes to ``exported/`` (a new or empty folder; ``--overwrite`` replaces an earlier export in it):
 
 - ``config.json`` and ``model.safetensors``: ``GPT2LMHeadModel.from_pretrained("exported")``;
 - ``tokenizer.json`` and ``tokenizer_config.json``: ``AutoTokenizer.from_pretrained("exported")``,
@@ -43,11 +43,16 @@ except ModuleNotFoundError as error:
 
 
 class ExportError(ValueError):
-    """A model that ``GPT2LMHeadModel`` cannot hold."""
+    """A model that ``GPT2LMHeadModel`` cannot hold, or a folder that must not be written to."""
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> None:
-    """Write the model and tokenizer of a losslab checkpoint to ``out_dir`` (see the module's doc)."""
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> None:
+    """Write the model and tokenizer of a losslab checkpoint to ``out_dir`` (see the module's doc).
+
+    ``out_dir`` is a new or empty folder; with ``overwrite``, a folder holding an earlier export,
+    whose files are replaced. Anything else is refused (ExportError) before the checkpoint is read.
+    """
+    check_out_dir(Path(out_dir), overwrite)
     model, tokenizer = load_checkpoint(checkpoint)
     if model.config.lm_head_bias:
         raise ExportError(
@@ -57,6 +62,25 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> None:
     gpt2_model(model, tokenizer.eot_token).save_pretrained(out_dir)
     hf_tokenizer(tokenizer, model.config.context_length).save_pretrained(out_dir)
     export_tokenizer(tokenizer, out_dir)
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Raise ExportError unless ``out_dir`` is absent, an empty folder, or (``overwrite``) a folder
+    holding an export: never a file, never a folder of other files, never an export silently."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is a file, not a folder: give the folder to export to (it is created)")
+    held = sorted(path.name for path in out_dir.iterdir())
+    if not held:
+        return
+    if not (out_dir / "config.json").is_file():
+        raise ExportError(
+            f"{out_dir} already holds other files ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
+            "give a new or empty folder to export to"
+        )
+    if not overwrite:
+        raise ExportError(f"{out_dir} already holds an export: give another folder, or --overwrite to replace it")
 
 
 def gpt2_model(model: GPT, eot_token: int) -> GPT2LMHeadModel:
@@ -154,10 +178,11 @@ def hf_tokenizer(enc: tiktoken.Encoding, context_length: int) -> PreTrainedToken
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a .ckpt file written by train.py")
-    parser.add_argument("out_dir", help="the folder to write the model and tokenizer to")
+    parser.add_argument("out_dir", help="the folder to write the model and tokenizer to: new or empty")
+    parser.add_argument("--overwrite", action="store_true", help="replace the export that out_dir holds")
     args = parser.parse_args()
     try:
-        export_checkpoint(args.checkpoint, args.out_dir)
+        export_checkpoint(args.checkpoint, args.out_dir, args.overwrite)
     except (CheckpointError, ExportError) as error:
         sys.exit(f"error: {error}")  # one line, not a traceback: the fix is in the message
     print(f"Exported to {args.out_dir}: load it with transformers.GPT2LMHeadModel.from_pretrained({args.out_dir!r})")

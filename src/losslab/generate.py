@@ -25,6 +25,11 @@ from losslab.checkpoint_files import (
 )
 from losslab.model import GPT
 
+# Each new token is a forward pass, at some hundreds to thousands of tokens/s on a CPU: a million
+# takes minutes to hours. Beyond these, a typo (10**12) would run for ever, its ids filling memory.
+MAX_NEW_TOKENS = 1_000_000
+MAX_SAMPLES = 10_000
+
 
 def load_checkpoint(path: str | Path) -> tuple[GPT, tiktoken.Encoding]:
     """The GPT (in eval mode) and the tokenizer stored in a losslab checkpoint; CheckpointError
@@ -51,13 +56,18 @@ def generate(
     return [tokenizer.decode(row.tolist()) for row in out]
 
 
-def at_least(minimum: float, kind: Callable[[str], float] = int) -> Callable[[str], float]:
-    """An argparse ``type``: the argument as ``kind`` (int or float), refused below ``minimum``."""
+def at_least(
+    minimum: float, kind: Callable[[str], float] = int, at_most: float | None = None
+) -> Callable[[str], float]:
+    """An argparse ``type``: the argument as ``kind`` (int or float), refused below ``minimum`` (and
+    above ``at_most``)."""
 
     def parse(text: str) -> float:
         value = kind(text)
         if not value >= minimum:  # not `<`, which lets nan through
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        if at_most is not None and value > at_most:
+            raise argparse.ArgumentTypeError(f"must be <= {at_most:,}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" names the type by it
@@ -68,10 +78,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a .ckpt file written by train.py")
     parser.add_argument("--prompt", default="\n", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=at_least(1), default=200, help="tokens to add to the prompt, >= 1")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=at_least(1, at_most=MAX_NEW_TOKENS),
+        default=200,
+        help=f"tokens to add to the prompt, 1 to {MAX_NEW_TOKENS:,}",
+    )
     parser.add_argument("--temperature", type=at_least(0, float), default=0.8, help=">= 0; 0 samples greedily")
     parser.add_argument("--top-k", type=at_least(0), default=50, help="sample among the k likeliest tokens; 0 for all")
-    parser.add_argument("--num-samples", type=at_least(1), default=1, help="continuations to sample, >= 1")
+    parser.add_argument(
+        "--num-samples",
+        type=at_least(1, at_most=MAX_SAMPLES),
+        default=1,
+        help=f"continuations to sample, 1 to {MAX_SAMPLES:,}",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     try:

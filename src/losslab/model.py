@@ -193,7 +193,9 @@ class GPT(nn.Module):
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
-                logits = logits / temperature
+                # less the row's maximum, in float64 (which holds any positive temperature, 5e-324 too): a
+                # near-zero temperature then gives 0 and -inf, never inf - inf = nan
+                logits = (logits - logits.amax(dim=-1, keepdim=True)).double() / temperature
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
