@@ -19,7 +19,7 @@ from tensorboard.plugins import base_plugin
 from tensorboard.plugins.hparams import backend_context, metadata, plugin_data_pb2
 
 from losslab.compare import read_runs
-from losslab.sweeps import shared_keys
+from losslab.sweeps import run_name, shared_keys
 from losslab.train import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +102,25 @@ def test_folder_suffix_is_drawn_per_config_so_sweeps_in_one_second_differ(tmp_pa
     assert first.hydra.sweep.dir != second.hydra.sweep.dir
     assert first.hydra.run.dir != second.hydra.run.dir
     assert first.hydra.sweep.dir == first.hydra.sweep.dir  # one value per config: its jobs share it
+
+
+def test_a_run_s_folder_is_one_folder_inside_its_sweep_s_whatever_its_values(tmp_path):
+    register_resolvers()
+    overrides = [f"paths.log_dir={tmp_path}", "data=jsonl", "data.text_field=../../../../x", "hydra.job.num=3"]
+    with initialize_config_module(config_module="losslab.conf", version_base="1.3"):
+        cfg = compose("train", overrides, return_hydra_config=True)
+    assert cfg.hydra.job.override_dirname == "data.text_field=../../../../x,data=jsonl"  # Hydra's, as given
+    sweep = Path(cfg.hydra.sweep.dir)
+    run = sweep / cfg.hydra.sweep.subdir
+    assert run.name == "data.text_field=..%2F..%2F..%2F..%2Fx,data=jsonl" and run.resolve().parent == sweep.resolve()
+
+
+def test_run_names_keep_plain_values_and_fit_a_file_system():
+    assert run_name("loss=fused,precision=bf16", 0) == "loss=fused,precision=bf16"
+    assert run_name("data.text_field=a/b%2Fc", 0) == "data.text_field=a%2Fb%252Fc"  # one way back: unique
+    assert run_name("", 4) == "4"  # every override excluded (data.path=a,b): the job's number, not the sweep's folder
+    long = [run_name(f"data.text_field={'é' * 200}{end}", 0) for end in "ab"]
+    assert long[0] != long[1] and all(len(name.encode()) <= 255 for name in long)
 
 
 def test_a_sweep_logs_its_runs_under_one_root_named_by_what_it_sweeps(sweeps):

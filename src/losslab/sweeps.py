@@ -1,8 +1,10 @@
-"""Hydra callbacks of a sweep (``python train.py -m ...``, registered in conf/hydra/default.yaml):
-its runs are named by what it sweeps, and it ends with the comparison of its runs."""
+"""A sweep's runs (``python train.py -m ...``): their folders are named by what the sweep varies
+(:func:`run_name`, a resolver of conf/hydra/default.yaml, and the callback :class:`NameRunsBySweep`),
+and it ends with the comparison of its runs (:class:`CompareAtEnd`)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +19,25 @@ from losslab.dashboard import DASHBOARD_URL
 from losslab.report import shown
 
 log = logging.getLogger(__name__)
+MAX_NAME_BYTES = 255  # a folder name's longest on Linux, macOS and Windows file systems
+
+
+def run_name(override_dirname: str, job_num: int) -> str:
+    """The folder name, inside its sweep's, of a run named by its overrides (Hydra's
+    ``override_dirname``: ``loss=fused,precision=bf16``, which stays as it is).
+
+    A value holding ``/`` (``data.text_field=../../x``) would name a folder elsewhere: ``/`` is
+    written ``%2F`` (and ``%`` itself ``%25``), so the name is one folder, inside the sweep's. A
+    name longer than file systems take (255 bytes) is cut, with a hash of the whole to keep it
+    unique; an empty one (every override excluded) is the job's number, as in Hydra's own sweeps.
+    """
+    name = override_dirname.replace("%", "%25").replace("/", "%2F")
+    if not name:
+        return str(job_num)
+    if len(name.encode()) > MAX_NAME_BYTES:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        name = name.encode()[: MAX_NAME_BYTES - len(digest) - 1].decode(errors="ignore") + "-" + digest
+    return name
 
 
 def shared_keys(task_overrides: list[str], sweeper_params: Mapping[str, Any] | None) -> list[str]:

@@ -30,6 +30,7 @@ from losslab.lightning_module import GPTLightningModule
 from losslab.model import GPT
 from losslab.report import run_report
 from losslab.run_status import STATUS_FILE, GracefulInterrupt, RunStatus
+from losslab.sweeps import run_name
 from losslab.tokenizers import tokenizer_to_data
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,15 @@ def register_resolvers() -> None:
     """The resolvers that conf/hydra/default.yaml names the run and sweep folders with.
 
     ``${uid:}`` is their random suffix, cached so that a sweep's jobs share it (Hydra copies the
-    sweep config's resolver cache into each job's config); ``${run_dir:...}`` is :func:`run_dir`.
+    sweep config's resolver cache into each job's config); ``${run_dir:...}`` is :func:`run_dir`;
+    ``${run_name:...}`` is :func:`losslab.sweeps.run_name`.
     """
     if not OmegaConf.has_resolver("uid"):
         OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True)
     if not OmegaConf.has_resolver("run_dir"):
         OmegaConf.register_new_resolver("run_dir", run_dir)
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", run_name)
 
 
 @dataclass
