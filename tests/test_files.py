@@ -3,6 +3,7 @@ the target is never followed), and the leftover of a writer killed before its re
 the next writer. Both writers: ``replaced_atomically`` (caches, tokenizers, status) and checkpoints."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -71,12 +72,15 @@ def test_a_killed_writer_s_leftover_is_removed_by_the_next_writer(tmp_path):
     killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path)], timeout=60)
     assert killed.returncode == -signal.SIGKILL
     (leftover,) = tmp_path.glob("tokens.bin.*.tmp")
-    # a live writer's temporary file, and one of another host (whose processes cannot be seen), stay
-    live = tmp_path / f"tokens.bin.{socket.gethostname()}-{os.getpid()}.89abcdef.tmp"
-    other_host = tmp_path / "tokens.bin.elsewhere-1.89abcdef.tmp"
-    live.touch()
-    other_host.touch()
+    # the killed writer's files of other names in the folder go too (a cache's name changes with its
+    # corpus); a live writer's, and those of another host (whose processes cannot be seen), stay
+    host, dead_pid = socket.gethostname(), re.search(r"-(\d+)\.[0-9a-f]{8}\.tmp$", leftover.name)[1]
+    killed_other = tmp_path / f"old-tokens.json.{host}-{dead_pid}.0badc0de.tmp"
+    live = tmp_path / f"tokens.bin.{host}-{os.getpid()}.89abcdef.tmp"
+    other_host = tmp_path / f"tokens.bin.other-{host}-{dead_pid}.89abcdef.tmp"
+    for temporary in (killed_other, live, other_host):
+        temporary.touch()
     with replaced_atomically(path) as file:
         file.write(b"whole")
-    assert path.read_bytes() == b"whole" and not leftover.exists()
+    assert path.read_bytes() == b"whole" and not leftover.exists() and not killed_other.exists()
     assert sorted(tmp_path.iterdir()) == sorted([path, live, other_host])

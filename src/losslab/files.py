@@ -4,7 +4,6 @@ can have planted and that a later writer removes if its own writer was killed.""
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import secrets
@@ -13,9 +12,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
-
-# <name>.<host>-<pid>.<random>.tmp: the process that writes it, and a part no one can guess
-TEMPORARY = re.compile(r"\.(?P<host>.+)-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
 
 
 class DataError(ValueError):
@@ -53,12 +49,13 @@ def temporary_path(path: Path) -> Path:
 
 
 def remove_leftovers(path: Path) -> None:
-    """Remove the temporary files of ``path`` that processes of this host wrote and were killed before
-    renaming (a process of another host, which may share the folder, cannot be known to be gone)."""
-    host = socket.gethostname()
-    for leftover in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
-        writer = TEMPORARY.fullmatch(leftover.name[len(path.name) :])
-        if writer and writer["host"] == host and not is_running(int(writer["pid"])):
+    """Remove the temporary files in ``path``'s folder (of any file in it: a cache's name changes with
+    its corpus) that processes of this host wrote and were killed before renaming. A process of
+    another host, which may share the folder, cannot be known to be gone: its files stay."""
+    ours = re.compile(rf"\.{re.escape(socket.gethostname())}-(?P<pid>\d+)\.[0-9a-f]{{8}}\.tmp$")
+    for leftover in path.parent.glob("*.tmp"):
+        writer = ours.search(leftover.name)
+        if writer and not is_running(int(writer["pid"])):
             leftover.unlink(missing_ok=True)
 
 
