@@ -179,7 +179,7 @@ BAD = [
     (
         "ckpt_path=nope/last.ckpt",
         re.escape(
-            "ckpt_path=nope/last.ckpt: no such file: give the path of a checkpoint (e.g. ckpt_path=logs/runs/<run>/checkpoints/last.ckpt)"
+            "ckpt_path=nope/last.ckpt: no such file (or not a regular file): give the path of a checkpoint (e.g. ckpt_path=logs/runs/<run>/checkpoints/last.ckpt)"
         ),
     ),
     ("+model.n_layr=2", re.escape("model.n_layr=2: GPTConfig has no option n_layr; did you mean model.n_layer?")),

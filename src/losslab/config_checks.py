@@ -303,7 +303,7 @@ RULES = (
     Rule(
         "ckpt_path",
         lambda v: v is None or (isinstance(v, str) and Path(v).is_file()),
-        "no such file: give the path of a checkpoint",
+        "no such file (or not a regular file): give the path of a checkpoint",
         "ckpt_path=logs/runs/<run>/checkpoints/last.ckpt",
     ),
     Rule("branch", lambda v: isinstance(v, bool), "branch must be true or false", "branch=true"),
@@ -336,7 +336,7 @@ RULES = (
     Rule(
         "data.ranks_path",
         lambda v: v is None or (isinstance(v, str) and Path(v).is_file()),
-        "no such file: give a local copy of GPT-2's ranks",
+        "no such file (or not a regular file): give a local copy of GPT-2's ranks",
         "data.ranks_path=path/to/r50k_base.tiktoken",
     ),
     Rule(
