@@ -102,7 +102,7 @@ def file_problem(path: Path) -> str | None:
 def archive_problem(path: Path) -> str | None:
     """What is damaged in the zip archive at ``path``, if anything: every member read whole, its
     bytes checked against the CRC-32 in its header (torch.save stores one for each; torch.load never
-    checks them). Reads the whole file, at the speed of the disk or page cache (about 3 GB/s here);
+    checks them). Reads the whole file, at the speed of the disk or page cache (1.5-3 GB/s here);
     a file checked before, unchanged since (the same inode, size and modification time), is not
     read again."""
     info = path.stat()

@@ -30,11 +30,11 @@ import urllib.request
 import warnings
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from pydoc_data.topics import topics
-from typing import Any
+from typing import Any, BinaryIO
 
 from losslab.data.documents import MAX_DOCUMENT_CHARS, stream_paragraphs
 from losslab.files import DataError
@@ -162,9 +162,10 @@ class JsonLines(Files):
 
     def read(self, progress: Progress) -> Iterator[str]:
         for file in self.files:
-            with open(file, "rb") as raw, gzip.open(raw) if file.suffix == ".gz" else raw as lines:
+            with open(file, "rb") as raw:
+                lines = gzip_lines(raw, file) if file.suffix == ".gz" else raw
                 reported = 0  # bytes of the file read, compressed or not
-                for number, line in enumerate(gzip_lines(lines, file), start=1):
+                for number, line in enumerate(lines, start=1):
                     record = line.strip()
                     if record:  # a blank line, at the end of a file say, holds no record
                         text = record_text(record, self.text_field, file, number)
@@ -175,11 +176,12 @@ class JsonLines(Files):
                 progress(raw.tell() - reported)
 
 
-def gzip_lines(lines: Iterable[bytes], file: Path) -> Iterator[bytes]:
-    """The lines of ``file`` as ``lines`` gives them; a gzip stream that is truncated or damaged
-    (which gzip reports as EOFError, OSError or zlib.error) ends in a DataError naming the file."""
+def gzip_lines(raw: BinaryIO, file: Path) -> Iterator[bytes]:
+    """The lines of the gzip-compressed ``file``, read from ``raw``; a stream that is truncated or
+    damaged (which gzip reports as EOFError, OSError or zlib.error) ends in a DataError naming it."""
     try:
-        yield from lines
+        with gzip.open(raw) as lines:
+            yield from lines
     except (EOFError, OSError, zlib.error) as error:
         raise DataError(
             f"{file} is not a whole gzip file ({error}): compress it again, or check it with gzip -t {file}"

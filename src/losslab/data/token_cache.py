@@ -4,9 +4,9 @@ In ``cache_dir/tokens``, ``<name>.bin`` holds a split's documents' tokens back t
 followed by ``<|endoftext|>``; ``<name>.offsets.npy`` where each document starts, then the end;
 ``<name>.json`` the token dtype and the size and sha256 of both files, checked on load with the
 offsets against the token file's length: a split whose files disagree in any way (or are not
-regular files) is removed, with a warning, and written again. ``<name>`` is the corpus, the split and a hash of what
-the tokens depend on: the corpus's identity (see :meth:`Corpus.identity`), the validation share
-and the tokenizer's tokens.
+regular files) is written again, with a warning that says what is wrong. ``<name>`` is the corpus,
+the split and a hash of what the tokens depend on: the corpus's identity (see
+:meth:`Corpus.identity`), the validation share and the tokenizer's tokens.
 
 The corpus is read once for both splits, as a stream: documents go to their split as they come
 (:func:`~losslab.data.documents.assign_splits`), are tokenized in batches on every core (tiktoken
@@ -118,8 +118,8 @@ def cache_problem(folder: Path, name: str, dtype: np.dtype) -> str | None:
     at the number of tokens in the token file. Raises OSError or ValueError where a file cannot be
     read as what it should be."""
     tokens, offsets, description = cache_files(folder, name)
-    if not all(path.is_file() for path in cache_files(folder, name)):
-        missing = [path.name for path in cache_files(folder, name) if not path.is_file()]
+    missing = [path.name for path in (tokens, offsets, description) if not path.is_file()]
+    if missing:
         return f"{', '.join(missing)} missing or not a regular file"
     meta = json.loads(description.read_text())
     if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
