@@ -8,8 +8,9 @@ What losslab adds, and how any checkpoint is read back safely, is in :mod:`lossl
 
 from __future__ import annotations
 
+import math
 import os
-import warnings
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,13 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from losslab.divergence import beats_untrained
 from losslab.lightning_module import reached_max_steps
 
 KEEP = ("both", "last", "best")
+BEST_NAME = re.compile(r"best-step(\d+)(?:-v\d+)?\.ckpt")  # -v<N>: a copy made by an older version
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -96,10 +100,14 @@ def check_keep(keep: str) -> str:
 
 
 class BestCheckpoint(ModelCheckpoint):
-    """Keeps ``dirpath/best-step<N>.ckpt``, the checkpoint of the lowest finite ``val/loss``.
+    """Keeps ``dirpath/best-step<N>.ckpt``, the checkpoint of the lowest ``val/loss`` that beats the
+    untrained model's (see :mod:`losslab.divergence`).
 
     A NaN or infinite validation loss is never the best (Lightning's own ``ModelCheckpoint`` takes
-    one as the first best when it has none). With ``keep="last"`` it keeps nothing.
+    one as the first best when it has none), nor one no lower than step 0's. With ``keep="last"`` it
+    keeps nothing. A resumed run goes on with the best its checkpoint knew (``last.ckpt`` is saved
+    after its step's validation); best checkpoints on disk of later steps were saved by the
+    interrupted run after that checkpoint, in steps the resumed run takes again, and are removed.
     """
 
     def __init__(self, dirpath: _PATH, keep: str = "both") -> None:
@@ -110,21 +118,33 @@ class BestCheckpoint(ModelCheckpoint):
             monitor="val/loss",
             mode="min",
             save_top_k=0 if check_keep(keep) == "last" else 1,
+            enable_version_counter=False,  # a step taken again replaces its best-step<N>.ckpt, never -v1
         )
 
     def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
-        if current is None or not torch.isfinite(current):
+        initial = getattr(trainer.lightning_module, "initial_val_loss", math.nan)
+        if current is None or not beats_untrained(float(current), initial):
             return False
         return super().check_monitor_top_k(trainer, current)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.ckpt_path is None or self.dirpath is None:
+            return
+        for path in Path(self.dirpath).glob("best-step*.ckpt"):
+            match = BEST_NAME.fullmatch(path.name)
+            if match and int(match[1]) > trainer.global_step and str(path) != self.best_model_path:
+                trainer.strategy.remove_checkpoint(path)
+
 
 class LastCheckpoint(ModelCheckpoint):
-    """Saves ``dirpath/last.ckpt`` every ``every_n_train_steps`` steps and when training ends.
+    """Saves ``dirpath/last.ckpt`` every ``every_n_train_steps`` steps and at the step where training
+    ends, after that step's validation when it has one, so that the checkpoint knows the best
+    checkpoint that validation made; and, on SIGTERM, at the step the signal came in.
 
-    A plain ``ModelCheckpoint(save_last=True)`` saves at the end only when it has saved nothing
-    before, so a run whose last step is not a multiple of ``every_n_train_steps`` would end with
-    an older ``last.ckpt``. With ``keep="best"``, ``last.ckpt`` is still written during training
-    (a killed run resumes from it) and removed once the run has reached its last step.
+    A plain ``ModelCheckpoint(save_last=True)`` saves before the step's validation, and at the end
+    only when it has saved nothing before. With ``keep="best"``, ``last.ckpt`` is still written
+    during training (a killed run resumes from it) and removed once the run has reached its last step.
     """
 
     def __init__(self, dirpath: _PATH, every_n_train_steps: int, keep: str = "both") -> None:
@@ -133,22 +153,55 @@ class LastCheckpoint(ModelCheckpoint):
             every_n_train_steps=every_n_train_steps,
             save_top_k=0,
             save_last=True,
+            save_on_train_epoch_end=False,
             enable_version_counter=False,  # always last.ckpt, never last-v1.ckpt
         )
         self.keep = check_keep(keep)
+        self.pending = False  # a save waits for the step's validation
+        self.validated_step = -1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        # ModelCheckpoint warns that, under manual optimization, a step's checkpoint holds the
-        # weights after its optimizer step: that is what resuming at the next step needs.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-            super().on_train_batch_end(trainer, pl_module, *args)
+        ends = trainer.should_stop or reached_max_steps(trainer)
+        due = self.pending or ends or trainer.global_step % self._every_n_train_steps == 0
+        if not due or self._should_skip_saving_checkpoint(trainer):
+            return
+        # Lightning's own decision whether this step validates (it does when training ends)
+        epoch_loop = trainer.fit_loop.epoch_loop
+        validates = epoch_loop._should_check_val_epoch() and (
+            ends or epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+        )
+        self.pending = validates
+        if not validates:
+            self.save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.validated_step = trainer.global_step
+        if self.pending and not self._should_skip_saving_checkpoint(trainer):
+            self.save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or self._should_skip_saving_checkpoint(trainer):
+            return
+        # Lightning raises it once the step is done, its validation too. Resuming after a step that
+        # validated, it counts the step's batch again (it expects a checkpoint saved during that
+        # validation, before the count): saved as it would have been then, the logged steps stay in step.
+        epoch_loop = trainer.fit_loop.epoch_loop
+        uncounted = int(self.validated_step == trainer.global_step and not trainer.should_stop)
+        epoch_loop._batches_that_stepped -= uncounted
+        try:
+            self.save(trainer)
+        finally:
+            epoch_loop._batches_that_stepped += uncounted
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self.save(trainer)
         if self.keep == "best" and reached_max_steps(trainer) and self.last_model_path:
             trainer.strategy.remove_checkpoint(self.last_model_path)
+
+    def save(self, trainer: L.Trainer) -> None:
+        self.pending = False
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class RNGState(L.Callback):
