@@ -21,6 +21,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from losslab.divergence import beats_untrained
@@ -159,6 +160,7 @@ class LastCheckpoint(ModelCheckpoint):
         self.keep = check_keep(keep)
         self.pending = False  # a save waits for the step's validation
         self.validated_step = -1
+        self.sigterm_held = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         ends = trainer.should_stop or reached_max_steps(trainer)
@@ -174,7 +176,17 @@ class LastCheckpoint(ModelCheckpoint):
         if not validates:
             self.save(trainer)
 
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        # Lightning ends a validation that SIGTERM interrupts at once, and a run resumed after that
+        # never validates its step (it counts the validation as done): the validation ends first, and
+        # the signal takes effect at the end of the step (see on_exception).
+        if trainer.received_sigterm and trainer.state.fn == TrainerFn.FITTING:
+            trainer._signal_connector.received_sigterm = False
+            self.sigterm_held = True
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.sigterm_held:
+            trainer._signal_connector.received_sigterm, self.sigterm_held = True, False
         self.validated_step = trainer.global_step
         if self.pending and not self._should_skip_saving_checkpoint(trainer):
             self.save(trainer)

@@ -90,16 +90,18 @@ class FolderState:
     new: bool  # nothing there but what Hydra wrote for this job
     log_size: int
     status: tuple[int, int] | None  # status.json's inode and time: a job that trains rewrites it
+    lock: str | None  # what run.lock said (the job before)
 
     @classmethod
     def of(cls, folder: Path) -> FolderState:
         names = {path.name for path in folder.iterdir()} if folder.is_dir() else set()
-        train_log = folder / "train.log"
+        train_log, lock = folder / "train.log", folder / LOCK_FILE
         return cls(
             folder,
             new=names <= BEFORE_TRAINING and not (folder / RECORD / "resume-1").exists(),
             log_size=train_log.stat().st_size if train_log.exists() else 0,
             status=stamp(folder / STATUS_FILE),
+            lock=lock.read_text() if lock.exists() else None,
         )
 
     def trained(self) -> bool:
@@ -107,16 +109,21 @@ class FolderState:
         return stamp(self.folder / STATUS_FILE) != self.status
 
     def restore(self, record: str | None) -> None:
-        """Leave the folder as the job found it: a new one removed; in a run's folder, the job's
-        record (``record``, Hydra's subfolder for it) removed and its lines cut from train.log."""
+        """Leave the folder as the job found it, the job still holding its lock: a new one removed;
+        in a run's folder, the job's record (``record``, Hydra's subfolder for it) removed, its lines
+        cut from train.log and the lock's note of the job before it back."""
         if self.new:
             shutil.rmtree(self.folder, ignore_errors=True)
             return
         if record and record != RECORD:
             shutil.rmtree(self.folder / record, ignore_errors=True)
-        train_log = self.folder / "train.log"
+        train_log, lock = self.folder / "train.log", self.folder / LOCK_FILE
         if train_log.exists() and train_log.stat().st_size > self.log_size:
             os.truncate(train_log, self.log_size)
+        if self.lock is None:
+            lock.unlink(missing_ok=True)
+        else:
+            lock.write_text(self.lock)
 
 
 def holds_run(folder: Path) -> bool:

@@ -118,14 +118,15 @@ def train(cfg: DictConfig) -> RunOutcome:
     state = FolderState.of(folder)
     try:
         with locked(folder, f"ckpt_path={cfg.ckpt_path}" if cfg.ckpt_path else "a new run") if first else nullcontext():
-            return train_in(cfg, folder, state.new)
+            try:
+                return train_in(cfg, folder, state.new)
+            except BaseException as error:
+                if first and (not state.trained() or isinstance(error, Terminated)):
+                    state.restore(record)
+                raise
     except FolderInUse:
         if record and record != RECORD:
-            shutil.rmtree(folder / record, ignore_errors=True)  # Hydra's record of this job alone
-        raise
-    except BaseException:
-        if first and not state.trained():
-            state.restore(record)
+            shutil.rmtree(folder / record, ignore_errors=True)  # Hydra's record of this job, and nothing else
         raise
 
 
@@ -170,7 +171,10 @@ def fit(cfg: DictConfig, folder: Path) -> RunOutcome:
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Lightning's own handler from here (see run_status)
     if cfg.ckpt_path is None:
-        trainer.validate(module, datamodule=datamodule, verbose=False)  # the curve's first point
+        try:
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # the curve's first point
+        except SIGTERMException:
+            raise Terminated("stopped by SIGTERM before training: nothing to resume") from None
     terminated = False
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
