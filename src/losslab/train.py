@@ -119,11 +119,15 @@ def train(cfg: DictConfig) -> RunOutcome:
     try:
         with locked(folder, f"ckpt_path={cfg.ckpt_path}" if cfg.ckpt_path else "a new run") if first else nullcontext():
             try:
-                return train_in(cfg, folder, state.new)
+                with terminated_as_error():
+                    outcome = train_in(cfg, folder, state.new)
             except BaseException as error:
                 if first and (not state.trained() or isinstance(error, Terminated)):
                     state.restore(record)
                 raise
+            if first and not state.trained():  # nothing to train
+                state.restore(record)
+            return outcome
     except FolderInUse:
         if record and record != RECORD:
             shutil.rmtree(folder / record, ignore_errors=True)  # Hydra's record of this job, and nothing else
@@ -143,8 +147,7 @@ def train_in(cfg: DictConfig, folder: Path, new: bool) -> RunOutcome:
         )
     if new and rank_zero_only.rank == 0:
         remove_leftovers(folder.parent, keep=folder)
-    with terminated_as_error():
-        return fit(cfg, folder)
+    return fit(cfg, folder)
 
 
 def fit(cfg: DictConfig, folder: Path) -> RunOutcome:
