@@ -8,9 +8,12 @@ What losslab adds, and how any checkpoint is read back safely, is in :mod:`lossl
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +25,13 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from losslab.divergence import beats_untrained
 from losslab.lightning_module import reached_max_steps
 
 KEEP = ("both", "last", "best")
+
+log = logging.getLogger(__name__)
 BEST_NAME = re.compile(r"best-step(\d+)(?:-v\d+)?\.ckpt")  # -v<N>: a copy made by an older version
 
 
@@ -139,13 +143,20 @@ class BestCheckpoint(ModelCheckpoint):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """Saves ``dirpath/last.ckpt`` every ``every_n_train_steps`` steps and at the step where training
-    ends, after that step's validation when it has one, so that the checkpoint knows the best
-    checkpoint that validation made; and, on SIGTERM, at the step the signal came in.
+    """Saves ``dirpath/last.ckpt`` every ``every_n_train_steps`` steps, at the step where training
+    ends and at the step in which SIGTERM came (a scheduler preempting the job), after that step's
+    validation when it has one, so that the checkpoint knows the best checkpoint it made.
 
     A plain ``ModelCheckpoint(save_last=True)`` saves before the step's validation, and at the end
     only when it has saved nothing before. With ``keep="best"``, ``last.ckpt`` is still written
     during training (a killed run resumes from it) and removed once the run has reached its last step.
+
+    SIGTERM is noted by a handler of this callback's, in place of Lightning's own, which stops the
+    run where Lightning next looks (in the middle of a validation, or after an epoch has ended:
+    points that a run resumed from a checkpoint made there would not go on from exactly) and, under
+    DDP, broadcasts from inside the handler, whatever collective the other processes are in (a run
+    hangs). Here every process agrees at the end of the step, saves it, and then raises Lightning's
+    flag, so that Lightning stops the run at once (``SIGTERMException``, which ``RunStatus`` records).
     """
 
     def __init__(self, dirpath: _PATH, every_n_train_steps: int, keep: str = "both") -> None:
@@ -159,51 +170,42 @@ class LastCheckpoint(ModelCheckpoint):
         )
         self.keep = check_keep(keep)
         self.pending = False  # a save waits for the step's validation
-        self.validated_step = -1
-        self.sigterm_held = False
+        self.sigterm = False  # this process got SIGTERM
+        self.stopping = False  # some process got it: every process saves this step, then stops
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # Lightning puts back the handler it found when training ends.
+        if threading.current_thread() is threading.main_thread():  # only there can Python take signals
+            signal.signal(signal.SIGTERM, self.note_sigterm)
+
+    def note_sigterm(self, signum: int, frame: Any) -> None:
+        self.sigterm = True
+        log.warning("SIGTERM: stopping once this step is saved")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.stopping = trainer.strategy.reduce_boolean_decision(self.sigterm, all=False)
         ends = trainer.should_stop or reached_max_steps(trainer)
-        due = self.pending or ends or trainer.global_step % self._every_n_train_steps == 0
-        if not due or self._should_skip_saving_checkpoint(trainer):
-            return
-        # Lightning's own decision whether this step validates (it does when training ends)
-        epoch_loop = trainer.fit_loop.epoch_loop
-        validates = epoch_loop._should_check_val_epoch() and (
-            ends or epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
-        )
-        self.pending = validates
-        if not validates:
-            self.save(trainer)
-
-    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        # Lightning ends a validation that SIGTERM interrupts at once, and a run resumed after that
-        # never validates its step (it counts the validation as done): the validation ends first, and
-        # the signal takes effect at the end of the step (see on_exception).
-        if trainer.received_sigterm and trainer.state.fn == TrainerFn.FITTING:
-            trainer._signal_connector.received_sigterm = False
-            self.sigterm_held = True
+        due = self.pending or ends or self.stopping or trainer.global_step % self._every_n_train_steps == 0
+        if due and not self._should_skip_saving_checkpoint(trainer):
+            # Lightning's own decision whether this step validates (it does when training ends)
+            epoch_loop = trainer.fit_loop.epoch_loop
+            self.pending = epoch_loop._should_check_val_epoch() and (
+                ends or epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+            )
+            if not self.pending:
+                self.save(trainer)
+        if self.stopping and not self.pending:
+            self.stop(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.sigterm_held:
-            trainer._signal_connector.received_sigterm, self.sigterm_held = True, False
-        self.validated_step = trainer.global_step
-        if self.pending and not self._should_skip_saving_checkpoint(trainer):
-            self.save(trainer)
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or self._should_skip_saving_checkpoint(trainer):
+        if trainer.state.fn != TrainerFn.FITTING:
             return
-        # Lightning raises it once the step is done, its validation too. Resuming after a step that
-        # validated, it counts the step's batch again (it expects a checkpoint saved during that
-        # validation, before the count): saved as it would have been then, the logged steps stay in step.
-        epoch_loop = trainer.fit_loop.epoch_loop
-        uncounted = int(self.validated_step == trainer.global_step and not trainer.should_stop)
-        epoch_loop._batches_that_stepped -= uncounted
-        try:
+        self.stopping = trainer.strategy.reduce_boolean_decision(self.stopping or self.sigterm, all=False)
+        if (self.pending or self.stopping) and not self._should_skip_saving_checkpoint(trainer):
             self.save(trainer)
-        finally:
-            epoch_loop._batches_that_stepped += uncounted
+        if self.stopping:
+            self.stop(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:
@@ -214,6 +216,11 @@ class LastCheckpoint(ModelCheckpoint):
     def save(self, trainer: L.Trainer) -> None:
         self.pending = False
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def stop(self, trainer: L.Trainer) -> None:
+        """After SIGTERM, the step saved: Lightning stops the run at the end of the step, unless it ends there."""
+        if not (trainer.should_stop or reached_max_steps(trainer)):
+            trainer._signal_connector.received_sigterm = True
 
 
 class RNGState(L.Callback):

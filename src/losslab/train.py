@@ -172,7 +172,7 @@ def fit(cfg: DictConfig, folder: Path) -> RunOutcome:
         if trainer.is_global_zero:
             log.info(f"Logs: {folder}\nView them: tensorboard --logdir {folder.parent}")
 
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Lightning's own handler from here (see run_status)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Lightning's handlers from here, then LastCheckpoint's
     if cfg.ckpt_path is None:
         try:
             trainer.validate(module, datamodule=datamodule, verbose=False)  # the curve's first point
@@ -182,6 +182,8 @@ def fit(cfg: DictConfig, folder: Path) -> RunOutcome:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     except SIGTERMException:  # the step it came in is saved, and the run recorded as interrupted
+        if cfg.ckpt_path is None and trainer.global_step == 0:  # before the first step: nothing to resume
+            raise Terminated("stopped by SIGTERM before training: nothing to resume") from None
         terminated = True
     if logger:
         logger.close()
