@@ -114,6 +114,8 @@ def test_a_sharded_run_logs_and_checkpoints_once_as_ddp_does(root, sharded_run):
     assert all(path.is_file() for path in checkpoints)  # whole files, not distributed folders
     # of the same step: one file, hard-linked
     assert os.path.samefile(*checkpoints)
+    for advice in ["sync_dist=True", "DistributedSampler"]:  # Lightning's, for what it cannot see is synced
+        assert advice not in (folder / "train.log").read_text(), advice
 
 
 def test_a_killed_sharded_run_resumes_exactly(root, sharded_run):

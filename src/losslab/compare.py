@@ -247,10 +247,11 @@ def training_time(folder: Path) -> float | None:
     interrupted before it was resumed does not count, nor the steps after its checkpoint that the
     resumed session took again (their events are hidden)."""
     sessions = []
-    for path in sorted(folder.glob(EVENT_FILES)):  # in time order: the names begin with the time
+    for path in folder.glob(EVENT_FILES):
         events = [(event.step, event.wall_time) for event in EventFileLoader(str(path)).Load() if is_scalar(event)]
         if events:
             sessions.append(events)
+    sessions.sort(key=lambda events: min(time for _, time in events))
     total = None
     for i, events in enumerate(sessions):
         resumed_at = min((later[0][0] for later in sessions[i + 1 :]), default=math.inf)
