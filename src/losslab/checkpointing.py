@@ -112,7 +112,8 @@ class BestCheckpoint(ModelCheckpoint):
     one as the first best when it has none), nor one no lower than step 0's. With ``keep="last"`` it
     keeps nothing. A resumed run goes on with the best its checkpoint knew (``last.ckpt`` is saved
     after its step's validation); best checkpoints on disk of later steps were saved by the
-    interrupted run after that checkpoint, in steps the resumed run takes again, and are removed.
+    interrupted run after that checkpoint, in steps the resumed run takes again (or by a run that
+    starts again in its folder), and are removed.
     """
 
     def __init__(self, dirpath: _PATH, keep: str = "both") -> None:
@@ -134,7 +135,7 @@ class BestCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if trainer.ckpt_path is None or self.dirpath is None:
+        if self.dirpath is None:
             return
         for path in Path(self.dirpath).glob("best-step*.ckpt"):
             match = BEST_NAME.fullmatch(path.name)

@@ -136,24 +136,26 @@ def train(cfg: DictConfig) -> RunOutcome:
 
 def train_in(cfg: DictConfig, folder: Path, new: bool) -> RunOutcome:
     """:func:`train`, with the folder's lock held."""
-    if cfg.ckpt_path == "last":  # Lightning's word: this folder's last checkpoint if any (a requeued job)
-        last = folder / "checkpoints" / "last.ckpt"
-        cfg.ckpt_path = str(last) if last.exists() else None
+    last = folder / "checkpoints" / "last.ckpt"
+    # Lightning's word: the folder's last checkpoint, or a new start when it has none (a requeued job
+    # killed before its first save starts again, its curves so far hidden)
+    again = cfg.ckpt_path == "last" and not last.exists()
+    if cfg.ckpt_path == "last":
+        cfg.ckpt_path = None if again else str(last)
     check_config(cfg)
-    if cfg.ckpt_path is None and holds_run(folder):
+    if cfg.ckpt_path is None and not again and holds_run(folder):
         raise ConfigError(
-            f"{folder} holds a run already: resume it (ckpt_path={folder / 'checkpoints' / 'last.ckpt'}, or "
-            "ckpt_path=last) or give a new folder (hydra.run.dir=...)"
+            f"{folder} holds a run already: resume it (ckpt_path={last}, or ckpt_path=last) or give a new "
+            "folder (hydra.run.dir=...)"
         )
     if new and rank_zero_only.rank == 0:
         remove_leftovers(folder.parent, keep=folder)
-    return fit(cfg, folder)
+    return fit(cfg, folder, purge={"purge_step": 0} if again else {})
 
 
-def fit(cfg: DictConfig, folder: Path) -> RunOutcome:
+def fit(cfg: DictConfig, folder: Path, purge: dict[str, int]) -> RunOutcome:
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build_module(cfg)
-    purge = {}
     if cfg.ckpt_path:
         checkpoint = load_checkpoint_file(cfg.ckpt_path, key="ckpt_path")
         module.check_resumable(checkpoint)
