@@ -138,25 +138,29 @@ def test_sigterm_while_a_run_prepares_leaves_no_folder(tmp_path):
 
 
 def test_the_folders_of_runs_killed_before_they_trained_are_removed_by_the_next(tmp_path):
-    def folder(name: str, *files: str, age_s: float = 2 * LEFTOVER_AGE_S) -> Path:
+    def folder(name: str, *files: str, age_s: float = 2 * LEFTOVER_AGE_S, output_dir: str | None = None) -> Path:
+        """A job's folder as Hydra leaves it (its record and log) with ``files`` beside, ``age_s`` old."""
         path = tmp_path / name
         (path / ".hydra").mkdir(parents=True)
-        for name in ["train.log", ".hydra/config.yaml", *files]:
-            (path / name).write_text("")
+        for file in ["train.log", *files]:
+            (path / file).write_text("")
+        config = {"paths": {"output_dir": output_dir or "${hydra:runtime.output_dir}"}}
+        (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
         for entry in [path, *path.iterdir()]:
             os.utime(entry, (time.time() - age_s,) * 2)
         return path
 
-    killed, young, trained, in_use = (
-        folder("killed"),
+    killed = folder("killed")
+    kept = [
         folder("young", age_s=0),
         folder("trained", "status.json"),
-        folder("in-use", LOCK_FILE),
-    )
+        folder("hydra-only", output_dir=str(tmp_path / "elsewhere")),  # the job wrote its run elsewhere
+        in_use := folder("in-use", LOCK_FILE),
+    ]
     with open(in_use / LOCK_FILE, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         remove_leftovers(tmp_path, keep=tmp_path / "new")
-    assert not killed.exists() and young.exists() and trained.exists() and in_use.exists()
+    assert not killed.exists() and all(path.exists() for path in kept)
 
 
 def test_ctrl_c_saves_the_step_reached_and_prints_how_to_resume(tmp_path):

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from losslab.compare import EVENT_FILES
@@ -131,6 +132,16 @@ def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in (STATUS_FILE, "checkpoints")) or any(folder.glob(EVENT_FILES))
 
 
+def writes_to_itself(folder: Path) -> bool:
+    """Whether the job that Hydra recorded in ``folder`` had it as its output folder (the default)."""
+    try:
+        with open(folder / RECORD / "config.yaml") as file:
+            output_dir = ((yaml.safe_load(file) or {}).get("paths") or {}).get("output_dir")
+    except (OSError, yaml.YAMLError):
+        return False
+    return output_dir == "${hydra:runtime.output_dir}" or output_dir == str(folder)
+
+
 def stamp(path: Path) -> tuple[int, int] | None:
     try:
         stat = path.stat()
@@ -141,10 +152,13 @@ def stamp(path: Path) -> tuple[int, int] | None:
 
 def remove_leftovers(parent: Path, keep: Path) -> None:
     """Remove the folders in ``parent`` (but ``keep``) of jobs killed before they trained (SIGKILL
-    leaves no time to clean up): nothing but Hydra's record, a log and a lock, untouched for a
+    leaves no time to clean up): nothing but Hydra's record, a log and a lock, the job's own output
+    folder (not Hydra's folder of a job that wrote elsewhere: paths.output_dir=...), untouched for a
     minute and locked by no job."""
     for folder in parent.iterdir() if parent.is_dir() else []:
         if folder == keep or not folder.is_dir() or not {p.name for p in folder.iterdir()} <= BEFORE_TRAINING:
+            continue
+        if not writes_to_itself(folder):
             continue
         if time.time() - max(p.stat().st_mtime for p in [folder, *folder.iterdir()]) < LEFTOVER_AGE_S:
             continue
