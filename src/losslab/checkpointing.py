@@ -173,12 +173,32 @@ class LastCheckpoint(ModelCheckpoint):
         self.pending = False  # a save waits for the step's validation
         self.sigterm = False  # this process got SIGTERM
         self.stopping = False  # some process got it: every process saves this step, then stops
+        self.previous_handler: Any = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # From the first validation (step 0's) to the end of the fit: a SIGTERM between the two is
+        # noted too. Lightning's handler, set up after this, comes first until training starts.
+        if self.previous_handler is None and threading.current_thread() is threading.main_thread():
+            self.previous_handler = signal.signal(signal.SIGTERM, self.note_sigterm)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        # Lightning puts back the handler it found when training ends.
-        if threading.current_thread() is threading.main_thread():  # only there can Python take signals
-            signal.signal(signal.SIGTERM, self.note_sigterm)
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGTERM, self.note_sigterm)  # alone (Lightning puts back its own at the end)
+        if trainer.received_sigterm:  # noted by Lightning's handler while the fit set up
+            trainer._signal_connector.received_sigterm, self.sigterm = False, True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.restore_handler()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.restore_handler()
+
+    def restore_handler(self) -> None:
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGTERM, self.previous_handler)
+            self.previous_handler = None
 
     def note_sigterm(self, signum: int, frame: Any) -> None:
         self.sigterm = True

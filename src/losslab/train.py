@@ -178,6 +178,8 @@ def fit(cfg: DictConfig, folder: Path, purge: dict[str, int]) -> RunOutcome:
     if cfg.ckpt_path is None:
         try:
             trainer.validate(module, datamodule=datamodule, verbose=False)  # the curve's first point
+            if trainer.received_sigterm:  # in its last batch: Lightning would forget it when the fit starts
+                raise SIGTERMException
         except SIGTERMException:
             raise Terminated("stopped by SIGTERM before training: nothing to resume") from None
     terminated = False
