@@ -124,7 +124,7 @@ class GPTLightningModule(L.LightningModule):
         self.register_buffer("token_bytes", token_bytes.long(), persistent=False)
         # a buffer, so that checkpoints keep the count and a resumed run counts on
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
-        # val/loss of the untrained model (step 0), which a run must end below (losslab.run_status);
+        # val/loss of the untrained model (step 0), which a run must end below (losslab.divergence);
         # checkpoints keep it, so that a resumed run knows it too. NaN: not measured.
         self.initial_val_loss = math.nan
         # nan_strategy="disable": torchmetrics would otherwise drop NaN values, and the validation
