@@ -99,8 +99,9 @@ def test_the_status_column_says_how_each_run_ended(tmp_path):
         "`case=running`": "running or killed (step 12/500)",
         "`case=older`": "unknown",
     }
-    # Their logged losses are finite: the status alone says that a step was not.
-    assert {name for name, row in rows.items() if row["non-finite"] == "yes"} == {"`case=diverged`", "`case=stopped`"}
+    # Their logged losses are finite: the status alone says that a step was not (a run diverges with
+    # finite losses too: it ends above its untrained model's).
+    assert {name for name, row in rows.items() if row["non-finite"] == "yes"} == {"`case=stopped`"}
     assert (
         "- `case=crashed`, crashed at step 3/500: RuntimeError: CUDA out of memory"
         in (sweep / "compare.md").read_text()
@@ -128,7 +129,7 @@ def test_nan_shows_as_nan_and_a_missing_value_as_n_a(tmp_path):
     [row] = compare(tmp_path)
 
     assert row["val loss"] == "nan" and row["val ppl"] == "nan" and row["val acc"] == "nan"  # not nan%
-    assert row["best val loss"] == "3.0000"  # the finite values only
+    assert row["best val loss"] == "n/a"  # step 0's 3.0 is the untrained model, and nothing beat it
     assert row["val bpb"] == "n/a"  # never logged
 
 
@@ -246,3 +247,21 @@ def test_main_writes_the_table_and_the_figure_next_to_the_runs(tmp_path, capsys)
     assert table in capsys.readouterr().out
     assert "| `loss=fused` | finished |" in table and "| `loss=naive` | diverged (step 20) |" in table
     assert (sweep / "compare.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_wall_time_counts_the_sessions_that_trained_a_run_not_the_time_between(tmp_path):
+    """A run trained 10 s, was killed after its checkpoint of step 20, sat a day, and was resumed from
+    it for 8 s: its wall time is 18 s. The killed session's steps after 20, which the resumed one
+    took again (TensorBoard hides them: purge_step), do not count."""
+    run = tmp_path / "loss=fused"
+    with SummaryWriter(str(run)) as writer:  # killed in step 25, after 12.5 s
+        for step in range(0, 26):
+            writer.add_scalar("train/loss", 3.0, step, walltime=1000.0 + step / 2)
+    with SummaryWriter(str(run), purge_step=21) as writer:  # resumed from step 20, a day later
+        for step in range(21, 31):
+            writer.add_scalar("train/loss", 2.0, step, walltime=90_000.0 + (step - 21) * 8 / 9)
+    (run / "status.json").write_text(json.dumps(status("finished", step=30, max_steps=30)))
+
+    [row] = compare(tmp_path)
+
+    assert row["wall time (s)"] == "18.0"

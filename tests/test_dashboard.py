@@ -91,6 +91,20 @@ def test_a_diverged_run_says_so_with_its_best_finite_loss_and_no_sample(tmp_path
     assert not any("Sample:" in line for line in said)
 
 
+def test_a_finished_run_recommends_the_checkpoint_of_the_best_it_reports(tmp_path):
+    """A run extended from 6 steps to 9 reports its best validation, step 9's, and points at that
+    step's checkpoint, whatever older best-step files lie beside it."""
+    with SummaryWriter(str(tmp_path)) as writer:
+        for step, loss in [(0, 5.0), (3, 4.0), (6, 3.0), (9, 2.5)]:
+            writer.add_scalar("val/loss", loss, step)
+    (tmp_path / "checkpoints").mkdir()
+    for name in ["best-step6.ckpt", "best-step9.ckpt", "last.ckpt"]:
+        (tmp_path / "checkpoints" / name).touch()
+    said = summary(RunOutcome("finished", 9, 9, {"val/loss": 2.5}, tmp_path), "")
+    assert "Best val/loss at step 9;" in said
+    assert f"Sample: python scripts/generate.py {tmp_path / 'checkpoints' / 'best-step9.ckpt'}" in said
+
+
 def test_the_progress_bar_is_rich_in_a_terminal_and_log_lines_elsewhere(monkeypatch):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     assert isinstance(callbacks.progress_bar(every_n_steps=10), RichProgressBar)

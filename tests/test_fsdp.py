@@ -114,6 +114,10 @@ def test_a_sharded_run_logs_and_checkpoints_once_as_ddp_does(root, sharded_run):
     assert all(path.is_file() for path in checkpoints)  # whole files, not distributed folders
     # of the same step: one file, hard-linked
     assert os.path.samefile(*checkpoints)
+    # Lightning's advice, for what it cannot see is synced, in no run's train.log (Hydra's folders: the
+    # runs here write the rest to paths.output_dir)
+    logs = [path.read_text() for path in root.glob("logs/runs/*/train.log")]
+    assert logs and not [advice for advice in ["sync_dist=True", "DistributedSampler"] for log in logs if advice in log]
 
 
 def test_a_killed_sharded_run_resumes_exactly(root, sharded_run):

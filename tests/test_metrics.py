@@ -8,7 +8,8 @@ import math
 import pytest
 from test_train import make_config, scalars
 
-from losslab.train import train
+from losslab.compare import load_runs, summarize
+from losslab.train import objective, train
 
 # The user's report: naive with a huge learning rate and no clipping diverges at once.
 DIVERGING = [
@@ -37,6 +38,39 @@ def test_a_diverged_run_logs_nan_keeps_no_best_and_says_it_diverged(tmp_path, ca
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "diverged" and status["step"] == 20
     assert "Diverged: at step 20/20 val/loss nan" in caplog.text
+
+
+def test_a_run_that_ends_above_its_untrained_loss_diverged_with_every_loss_finite(tmp_path, cache_dir, caplog):
+    """The user's report: cross_entropy at lr=100 without clipping ends millions above its step-0
+    val/loss, every loss finite. It is diverged for everyone (status.json, the summary, compare,
+    Optuna), nothing worse than the untrained model is kept or recommended, and a resumed run,
+    which has step 0's loss from its checkpoint, says the same."""
+    caplog.set_level(logging.INFO, logger="losslab")
+    diverging = ["loss=cross_entropy", "optimizer.lr=100", "step.gradient_clip_val=null"]
+    outcome = train(make_config(tmp_path, cache_dir, diverging))
+    run = tmp_path / "run"
+    losses = scalars(run)["val/loss"]
+    assert all(map(math.isfinite, losses)) and losses[-1] > 1000 * losses[0]
+    assert outcome.status == "diverged" and math.isnan(objective(outcome))
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "diverged"
+    assert f"did not end below the untrained model's {losses[0]:.4f} (step 0)" in status["message"]
+    assert "Diverged: at step 6/6" in caplog.text and "no best checkpoint" in caplog.text
+    assert "Sample:" not in caplog.text
+    [row] = [summarize(logged) for logged in load_runs([run]).values()]
+    assert row["status"] == "diverged (step 6)" and row["best_val_loss"] is None
+
+    further = [
+        *diverging,
+        "trainer.max_steps=8",
+        "schedule.total_steps=6",
+        f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+    ]
+    resumed = train(make_config(tmp_path, cache_dir, further))
+    assert resumed.status == "diverged" and resumed.step == 8
+    assert f"the untrained model's {losses[0]:.4f}" in json.loads((run / "status.json").read_text())["message"]
+    assert not list((run / "checkpoints").glob("best-*"))
 
 
 def test_validation_and_perplexity_are_the_models_own_nll(tmp_path, cache_dir):

@@ -61,17 +61,19 @@ def test_stop_on_an_overflowing_naive_loss_names_the_step_the_loss_and_the_cause
     micro_batches, _ = step_batches(ACCUMULATED)
     module = overflowing_naive("stop")
     before = parameters_of(module)
-    message = r"step 0: the loss is nan .* with loss=naive; the weights were not updated\. .*overflows float32 for logits above ~88"
+    message = r"step 1: the loss is nan .* with loss=naive; the weights were not updated\. .*overflows float32 for logits above ~88"
     with pytest.raises(FloatingPointError, match=message):
         fit(module, [micro_batches], precision="32-true")
     assert torch.equal(parameters_of(module), before)
 
 
 def test_stop_on_a_nan_gradient_keeps_the_weights_of_the_last_good_step():
+    """The NaN comes in the second step (global_step 1 while it runs): the message says step 2, as
+    the logs count steps."""
     micro_batches, _ = step_batches(ACCUMULATED)
     module, snapshots = tiny_module(optimizer=ADAMW, nonfinite="stop"), Snapshots()
     with pytest.raises(
-        FloatingPointError, match=r"step 1: the loss is [\d.]+ and the gradient norm nan with loss=cross_entropy"
+        FloatingPointError, match=r"step 2: the loss is [\d.]+ and the gradient norm nan with loss=cross_entropy"
     ):
         fit(module, [micro_batches] * 3, callbacks=[NanGradient(step=1), snapshots])
     assert len(snapshots.parameters) == 2 and torch.equal(parameters_of(module), snapshots.parameters[-1])

@@ -1,6 +1,8 @@
-"""Exact resume: runs killed with SIGKILL, mid-training or mid-save, then resumed from their
-last.ckpt, end with the same weights and log the same losses as a run never interrupted."""
+"""Exact resume: runs killed with SIGKILL, mid-training or mid-save, or stopped with SIGTERM, then
+resumed from their last.ckpt, end with the same weights, log the same losses and keep the same best
+checkpoint as a run never interrupted."""
 
+import json
 import pickle
 import random
 import signal
@@ -22,14 +24,15 @@ from losslab.data import EpochSampler, ResumableDataLoader
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 24
 # Dropout draws from the global RNG, so the resumed runs need its state; last.ckpt every 3 steps
-# and val every 5 meet at step 15; the corpus makes epochs of 4 steps, so the runs cross epoch ends
+# and val every 6 meet every 6 steps, so that runs resume from a checkpoint of a step that validated
+# (12) and of one that did not (3); the corpus makes epochs of 4 steps, so the runs cross epoch ends
 # and resume both mid-epoch (step 3) and from an epoch's last step (12).
 RESUME = TINY + [
     "data=text",
     "model.dropout=0.1",
     "trainer.deterministic=true",
     f"trainer.max_steps={MAX_STEPS}",
-    "trainer.val_check_interval=5",
+    "trainer.val_check_interval=6",
     "callbacks.last_checkpoint.every_n_train_steps=3",
 ]
 # train.py with os.replace pausing before it renames a checkpoint over an existing last.ckpt:
@@ -97,8 +100,12 @@ def checkpoint_step(path: Path) -> int:
     return torch.load(path, weights_only=True)["global_step"] if path.exists() else -1
 
 
-def kill_when(root: Path, name: str, process: subprocess.Popen, ready: Callable[[], bool]) -> None:
-    """SIGKILL run ``name`` as soon as ``ready()``; fail if it ends, or is not ready in 10 minutes."""
+def kill_when(
+    root: Path, name: str, process: subprocess.Popen, ready: Callable[[], bool], how: int = signal.SIGKILL
+) -> None:
+    """Send run ``name`` the signal ``how`` (SIGKILL) as soon as ``ready()``; fail if it ends, or is
+    not ready in 10 minutes. It must end as that signal's default action ends a process: SIGKILL
+    kills it, and a run stopped with SIGTERM exits as a shell reports it, with 128 + SIGTERM."""
     deadline = time.monotonic() + 600
     try:
         while not ready():
@@ -106,8 +113,9 @@ def kill_when(root: Path, name: str, process: subprocess.Popen, ready: Callable[
             assert time.monotonic() < deadline, f"run {name} took too long"
             time.sleep(0.02)
     finally:
-        process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, f"run {name} ended before it was killed"
+        process.send_signal(how)
+    expected = -signal.SIGKILL if how == signal.SIGKILL else 128 + how
+    assert process.wait(timeout=600) == expected, failure(root, name)
 
 
 def kill_after_checkpoint(root: Path, name: str, step: int, overrides: list[str] = ()) -> Path:
@@ -124,9 +132,13 @@ def logged(run_dir: Path, tag: str) -> dict[int, float]:
     return {event.step: event.value for event in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
 
 
+def best_checkpoints(run_dir: Path) -> list[str]:
+    return sorted(path.name for path in (run_dir / "checkpoints").glob("best-*"))
+
+
 def assert_same_run(root: Path, expected_run: str, runs: list[str]) -> None:
-    """``runs``, each resumed from the one before, end with the weights of ``expected_run`` and
-    logged what it logged at the same steps."""
+    """``runs``, each resumed from the one before, end with the weights of ``expected_run``, logged
+    what it logged at the same steps and keep the same best checkpoint."""
     expected_weights, weights = (
         torch.load(last_checkpoint(root, name), weights_only=True)["state_dict"] for name in (expected_run, runs[-1])
     )
@@ -138,6 +150,7 @@ def assert_same_run(root: Path, expected_run: str, runs: list[str]) -> None:
         for name in runs:
             got = logged(root / name, tag)
             assert got == {step: expected[step] for step in got}, (name, tag)
+    assert best_checkpoints(root / runs[-1]) == best_checkpoints(root / expected_run)
 
 
 @pytest.fixture(scope="module")
@@ -149,12 +162,19 @@ def uninterrupted(root) -> str:
 def test_runs_killed_mid_training_resume_exactly(root, uninterrupted):
     first = kill_after_checkpoint(root, "killed", step=3)
     second = kill_after_checkpoint(root, "killed-again", step=12, overrides=[f"ckpt_path={first}"])
-    last = run(root, "finished", [f"ckpt_path={second}"])
+    # SIGTERM, as a scheduler preempts a job: the run saves the step it came in and says so
+    name, third = "terminated", last_checkpoint(root, "terminated")
+    process = start(root, name, [f"ckpt_path={second}"])
+    kill_when(root, name, process, lambda: checkpoint_step(third) >= 18, how=signal.SIGTERM)
+    status = json.loads((root / name / "status.json").read_text())
+    assert status["status"] == "interrupted" and "SIGTERM" in status["message"], status
+    assert status["step"] == checkpoint_step(third) > 18
+    last = run(root, "finished", [f"ckpt_path={third}"])
 
     assert checkpoint_step(last) == MAX_STEPS
-    assert_same_run(root, uninterrupted, ["killed", "killed-again", "finished"])
+    assert_same_run(root, uninterrupted, ["killed", "killed-again", name, "finished"])
     # the last run logged every step after the one it resumed from
-    assert sorted(logged(root / "finished", "train/loss")) == list(range(checkpoint_step(second) + 1, MAX_STEPS + 1))
+    assert sorted(logged(root / "finished", "train/loss")) == list(range(status["step"] + 1, MAX_STEPS + 1))
 
 
 def test_a_kill_during_a_save_keeps_the_previous_checkpoint(root, uninterrupted):

@@ -1,7 +1,10 @@
 """A run as a user lives it through ``python train.py``: its folder, resuming it, Ctrl-C, what it
-keeps, and what a run that fails before training leaves behind."""
+keeps, what a run that fails or is refused before training leaves behind, and a folder two jobs want."""
 
+import fcntl
 import json
+import logging
+import os
 import signal
 import subprocess
 import sys
@@ -9,8 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from test_train import CONF, TINY, make_config, scalars
 
+from losslab.config_checks import ConfigError
+from losslab.run_folder import LEFTOVER_AGE_S, LOCK_FILE, FolderInUse, remove_leftovers
 from losslab.train import train
 
 TRAIN = CONF.parent / "train.py"
@@ -27,23 +33,134 @@ def run_folders(root: Path) -> list[Path]:
     return sorted(folder.iterdir()) if folder.exists() else []
 
 
-def test_a_resumed_run_continues_in_its_own_folder_and_can_branch(tmp_path):
-    first = train_py(tmp_path, "trainer.max_steps=4")
-    assert first.returncode == 0, first.stderr[-3000:]
-    (run,) = run_folders(tmp_path)
-    last = run / "checkpoints" / "last.ckpt"
+# Resuming a run of 4 steps to 6, on its own schedule.
+FURTHER = ["trainer.max_steps=6", "schedule.total_steps=4"]
 
-    resumed = train_py(tmp_path, "trainer.max_steps=6", "schedule.total_steps=4", f"ckpt_path={last}")
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory) -> Path:
+    """The folder of a run of 4 steps resumed to 6, both by train.py."""
+    root = tmp_path_factory.mktemp("lifecycle")
+    first = train_py(root, "trainer.max_steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run,) = run_folders(root)
+    resumed = train_py(root, *FURTHER, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert run_folders(tmp_path) == [run]  # no second folder
+    assert run_folders(root) == [run]  # no second folder
+    return run
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` and its content."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_resumed_run_continues_in_its_own_folder_and_can_branch(resumed_run):
+    run = resumed_run
     steps = scalars(run, steps=True)
     assert [step for step, _ in steps["train/loss"]] == [1, 2, 3, 4, 5, 6]  # one curve, each step once
     assert [step for step, _ in steps["val/loss"]] == [0, 3, 4, 6]
     assert json.loads((run / "status.json").read_text())["step"] == 6
+    # Hydra's record of the run as it began, and beside it that of the resume
+    record = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+    assert "trainer.max_steps=4" in record and not any(item.startswith("ckpt_path=") for item in record)
+    resume = yaml.safe_load((run / ".hydra" / "resume-1" / "overrides.yaml").read_text())
+    assert "trainer.max_steps=6" in resume and f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}" in resume
 
-    branched = train_py(tmp_path, "trainer.max_steps=6", "schedule.total_steps=4", f"ckpt_path={last}", "branch=true")
+    root = run.parent.parent.parent
+    last = run / "checkpoints" / "last.ckpt"
+    branched = train_py(root, "trainer.max_steps=7", "schedule.total_steps=4", f"ckpt_path={last}", "branch=true")
     assert branched.returncode == 0, branched.stderr[-3000:]
-    assert len(run_folders(tmp_path)) == 2
+    assert len(run_folders(root)) == 2
+
+
+def test_a_refused_resume_or_one_with_nothing_to_train_changes_nothing(resumed_run, cache_dir, caplog):
+    run, before = resumed_run, files(resumed_run)
+    root, last = run.parent.parent.parent, run / "checkpoints" / "last.ckpt"
+    refused = train_py(root, "model.n_layer=2", "trainer.max_steps=8", "schedule.total_steps=4", f"ckpt_path={last}")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        "error: the checkpoint holds another model (n_layer=1 there, 2 here): resume with the model it was "
+        "trained with (model.*=...), or drop ckpt_path to start anew"
+    ]
+    assert files(run) == before
+
+    caplog.set_level(logging.INFO, logger="losslab")
+    in_run = [f"paths.output_dir={run}", *FURTHER]
+    outcome = train(make_config(root, cache_dir, [*in_run, "ckpt_path=last"]))  # the folder's last.ckpt
+    assert outcome.status == "finished" and outcome.step == 6
+    assert f"Nothing to train: ckpt_path={last} is at step 6, and trainer.max_steps=6" in caplog.text
+    with pytest.raises(ConfigError, match=f"{run} holds a run already: resume it"):
+        train(make_config(root, cache_dir, in_run))  # a new run in its folder
+    assert files(run) == before
+
+
+# Holds a run folder's lock as a job does while it runs there, and says so.
+LOCK_HOLDER = """
+import fcntl, os, sys, time
+lock = open(sys.argv[1], "a+")
+fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+lock.truncate(0)
+lock.write(f"process {os.getpid()} (python train.py ...)")
+lock.flush()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_folder_in_use_is_refused_naming_the_job_and_free_once_it_is_killed(resumed_run, cache_dir):
+    resume = [f"paths.output_dir={resumed_run}", *FURTHER, "ckpt_path=last"]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(resumed_run / LOCK_FILE)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(FolderInUse, match=rf"{resumed_run} is in use by process {holder.pid} \(python train.py"):
+            train(make_config(resumed_run, cache_dir, resume))
+    finally:
+        holder.kill()  # SIGKILL: no clean-up, the kernel drops the lock
+        holder.wait()
+    assert train(make_config(resumed_run, cache_dir, resume)).status == "finished"
+
+
+def test_sigterm_while_a_run_prepares_leaves_no_folder(tmp_path):
+    command = [sys.executable, str(TRAIN), *TINY, f"paths.root_dir={tmp_path}"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not any("Seed set" in log.read_text() for log in (tmp_path / "logs" / "runs").glob("*/train.log")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)  # while it reads its data, or validates step 0
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM before training: nothing to resume" in stdout
+    assert run_folders(tmp_path) == []
+
+
+def test_the_folders_of_runs_killed_before_they_trained_are_removed_by_the_next(tmp_path):
+    def folder(name: str, *files: str, age_s: float = 2 * LEFTOVER_AGE_S, output_dir: str | None = None) -> Path:
+        """A job's folder as Hydra leaves it (its record and log) with ``files`` beside, ``age_s`` old."""
+        path = tmp_path / name
+        (path / ".hydra").mkdir(parents=True)
+        for file in ["train.log", *files]:
+            (path / file).write_text("")
+        config = {"paths": {"output_dir": output_dir or "${hydra:runtime.output_dir}"}}
+        (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+        for entry in [path, *path.iterdir()]:
+            os.utime(entry, (time.time() - age_s,) * 2)
+        return path
+
+    killed = folder("killed")
+    kept = [
+        folder("young", age_s=0),
+        folder("trained", "status.json"),
+        folder("hydra-only", output_dir=str(tmp_path / "elsewhere")),  # the job wrote its run elsewhere
+        in_use := folder("in-use", LOCK_FILE),
+    ]
+    with open(in_use / LOCK_FILE, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        remove_leftovers(tmp_path, keep=tmp_path / "new")
+    assert not killed.exists() and all(path.exists() for path in kept)
 
 
 def test_ctrl_c_saves_the_step_reached_and_prints_how_to_resume(tmp_path):

@@ -8,8 +8,12 @@ What losslab adds, and how any checkpoint is read back safely, is in :mod:`lossl
 
 from __future__ import annotations
 
+import logging
+import math
 import os
-import warnings
+import re
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +24,17 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
 from losslab.checkpoint_files import check_checkpoint_file
+from losslab.divergence import beats_untrained
 from losslab.files import temporary_path
 from losslab.lightning_module import reached_max_steps
 
 KEEP = ("both", "last", "best")
+
+log = logging.getLogger(__name__)
+BEST_NAME = re.compile(r"best-step(\d+)(?:-v\d+)?\.ckpt")  # -v<N>: a copy made by an older version
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -103,10 +112,15 @@ def check_keep(keep: str) -> str:
 
 
 class BestCheckpoint(ModelCheckpoint):
-    """Keeps ``dirpath/best-step<N>.ckpt``, the checkpoint of the lowest finite ``val/loss``.
+    """Keeps ``dirpath/best-step<N>.ckpt``, the checkpoint of the lowest ``val/loss`` that beats the
+    untrained model's (see :mod:`losslab.divergence`).
 
     A NaN or infinite validation loss is never the best (Lightning's own ``ModelCheckpoint`` takes
-    one as the first best when it has none). With ``keep="last"`` it keeps nothing.
+    one as the first best when it has none), nor one no lower than step 0's. With ``keep="last"`` it
+    keeps nothing. A resumed run goes on with the best its checkpoint knew (``last.ckpt`` is saved
+    after its step's validation); best checkpoints on disk of later steps were saved by the
+    interrupted run after that checkpoint, in steps the resumed run takes again (or by a run that
+    starts again in its folder), and are removed.
     """
 
     def __init__(self, dirpath: _PATH, keep: str = "both") -> None:
@@ -117,21 +131,40 @@ class BestCheckpoint(ModelCheckpoint):
             monitor="val/loss",
             mode="min",
             save_top_k=0 if check_keep(keep) == "last" else 1,
+            enable_version_counter=False,  # a step taken again replaces its best-step<N>.ckpt, never -v1
         )
 
     def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
-        if current is None or not torch.isfinite(current):
+        initial = getattr(trainer.lightning_module, "initial_val_loss", math.nan)
+        if current is None or not beats_untrained(float(current), initial):
             return False
         return super().check_monitor_top_k(trainer, current)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.dirpath is None:
+            return
+        for path in Path(self.dirpath).glob("best-step*.ckpt"):
+            match = BEST_NAME.fullmatch(path.name)
+            if match and int(match[1]) > trainer.global_step and str(path) != self.best_model_path:
+                trainer.strategy.remove_checkpoint(path)
+
 
 class LastCheckpoint(ModelCheckpoint):
-    """Saves ``dirpath/last.ckpt`` every ``every_n_train_steps`` steps and when training ends.
+    """Saves ``dirpath/last.ckpt`` every ``every_n_train_steps`` steps, at the step where training
+    ends and at the step in which SIGTERM came (a scheduler preempting the job), after that step's
+    validation when it has one, so that the checkpoint knows the best checkpoint it made.
 
-    A plain ``ModelCheckpoint(save_last=True)`` saves at the end only when it has saved nothing
-    before, so a run whose last step is not a multiple of ``every_n_train_steps`` would end with
-    an older ``last.ckpt``. With ``keep="best"``, ``last.ckpt`` is still written during training
-    (a killed run resumes from it) and removed once the run has reached its last step.
+    A plain ``ModelCheckpoint(save_last=True)`` saves before the step's validation, and at the end
+    only when it has saved nothing before. With ``keep="best"``, ``last.ckpt`` is still written
+    during training (a killed run resumes from it) and removed once the run has reached its last step.
+
+    SIGTERM is noted by a handler of this callback's, in place of Lightning's own, which stops the
+    run where Lightning next looks (in the middle of a validation, or after an epoch has ended:
+    points that a run resumed from a checkpoint made there would not go on from exactly) and, under
+    DDP, broadcasts from inside the handler, whatever collective the other processes are in (a run
+    hangs). Here every process agrees at the end of the step, saves it, and then raises Lightning's
+    flag, so that Lightning stops the run at once (``SIGTERMException``, which ``RunStatus`` records).
     """
 
     def __init__(self, dirpath: _PATH, every_n_train_steps: int, keep: str = "both") -> None:
@@ -140,22 +173,82 @@ class LastCheckpoint(ModelCheckpoint):
             every_n_train_steps=every_n_train_steps,
             save_top_k=0,
             save_last=True,
+            save_on_train_epoch_end=False,
             enable_version_counter=False,  # always last.ckpt, never last-v1.ckpt
         )
         self.keep = check_keep(keep)
+        self.pending = False  # a save waits for the step's validation
+        self.sigterm = False  # this process got SIGTERM
+        self.stopping = False  # some process got it: every process saves this step, then stops
+        self.previous_handler: Any = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # From the first validation (step 0's) to the end of the fit: a SIGTERM between the two is
+        # noted too. Lightning's handler, set up after this, comes first until training starts.
+        if self.previous_handler is None and threading.current_thread() is threading.main_thread():
+            self.previous_handler = signal.signal(signal.SIGTERM, self.note_sigterm)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGTERM, self.note_sigterm)  # alone (Lightning puts back its own at the end)
+        if trainer.received_sigterm:  # noted by Lightning's handler while the fit set up
+            trainer._signal_connector.received_sigterm, self.sigterm = False, True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.restore_handler()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.restore_handler()
+
+    def restore_handler(self) -> None:
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGTERM, self.previous_handler)
+            self.previous_handler = None
+
+    def note_sigterm(self, signum: int, frame: Any) -> None:
+        self.sigterm = True
+        log.warning("SIGTERM: stopping once this step is saved")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        # ModelCheckpoint warns that, under manual optimization, a step's checkpoint holds the
-        # weights after its optimizer step: that is what resuming at the next step needs.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-            super().on_train_batch_end(trainer, pl_module, *args)
+        self.stopping = trainer.strategy.reduce_boolean_decision(self.sigterm, all=False)
+        ends = trainer.should_stop or reached_max_steps(trainer)
+        due = self.pending or ends or self.stopping or trainer.global_step % self._every_n_train_steps == 0
+        if due and not self._should_skip_saving_checkpoint(trainer):
+            # Lightning's own decision whether this step validates (it does when training ends)
+            epoch_loop = trainer.fit_loop.epoch_loop
+            self.pending = epoch_loop._should_check_val_epoch() and (
+                ends or epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+            )
+            if not self.pending:
+                self.save(trainer)
+        if self.stopping and not self.pending:
+            self.stop(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        self.stopping = trainer.strategy.reduce_boolean_decision(self.stopping or self.sigterm, all=False)
+        if (self.pending or self.stopping) and not self._should_skip_saving_checkpoint(trainer):
+            self.save(trainer)
+        if self.stopping:
+            self.stop(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self.save(trainer)
         if self.keep == "best" and reached_max_steps(trainer) and self.last_model_path:
             trainer.strategy.remove_checkpoint(self.last_model_path)
+
+    def save(self, trainer: L.Trainer) -> None:
+        self.pending = False
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def stop(self, trainer: L.Trainer) -> None:
+        """After SIGTERM, the step saved: Lightning stops the run at the end of the step, unless it ends there."""
+        if not (trainer.should_stop or reached_max_steps(trainer)):
+            trainer._signal_connector.received_sigterm = True
 
 
 class RNGState(L.Callback):

@@ -36,7 +36,10 @@ from typing import Any
 import yaml
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, ScalarEvent
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+from losslab.divergence import beats_untrained
 
 Curves = dict[str, list[ScalarEvent]]  # tag -> its events, in the order they were written
 
@@ -79,7 +82,7 @@ STATUS_ORDER = {
     status: rank
     for rank, status in enumerate(["finished", "diverged", "stopped", "interrupted", "crashed", "running", "unknown"])
 }
-NONFINITE_STATUSES = {"diverged", "stopped"}
+NONFINITE_STATUSES = {"stopped"}  # a run diverges with finite losses too
 LINE_STYLES = ["-", "--", ":", "-."]
 PLOTS = {"train/loss": "train loss", "val/loss": "validation loss", "val/ppl": "validation perplexity"}
 
@@ -228,27 +231,62 @@ def last(curves: Curves, tag: str) -> float | None:
     return points[-1] if points else None
 
 
+def best_validation(curves: Curves) -> ScalarEvent | None:
+    """The validation of the run's best checkpoint: the lowest finite ``val/loss`` after step 0,
+    below step 0's (the untrained model's, when logged: see :mod:`losslab.divergence`); None when no
+    validation qualifies. Of equal losses, the first, as the checkpoint keeps it."""
+    events = curves.get("val/loss", [])
+    untrained = events[0].value if events and events[0].step == 0 else math.nan
+    trained = [event for event in events if event.step > 0 and beats_untrained(event.value, untrained)]
+    return min(trained, key=lambda event: event.value, default=None)
+
+
+def training_time(folder: Path) -> float | None:
+    """Seconds the run trained: for each session (each process that trained it, one event file
+    each), its first to its last event that TensorBoard still shows, summed. The time a run sat
+    interrupted before it was resumed does not count, nor the steps after its checkpoint that the
+    resumed session took again (their events are hidden)."""
+    sessions = []
+    for path in folder.glob(EVENT_FILES):
+        events = [(event.step, event.wall_time) for event in EventFileLoader(str(path)).Load() if is_scalar(event)]
+        if events:
+            sessions.append(events)
+    sessions.sort(key=lambda events: min(time for _, time in events))
+    total = None
+    for i, events in enumerate(sessions):
+        resumed_at = min((later[0][0] for later in sessions[i + 1 :]), default=math.inf)
+        times = [time for step, time in events if step < resumed_at]
+        if times:
+            total = (total or 0.0) + max(times) - min(times)
+    return total
+
+
+def is_scalar(event: Any) -> bool:
+    """Whether an event (``event_pb2.Event``) holds a scalar, as training logs its curves."""
+    return any(value.metadata.plugin_data.plugin_name == "scalars" for value in event.summary.value)
+
+
 def status_cell(status: dict[str, Any]) -> str:
     """How the run ended, in a few words: ``finished``, ``crashed at step 3/500``..."""
     return STATUS_CELLS.get(status["status"], STOPPED_CELL).format_map(status)
 
 
 def summarize(run: Run) -> dict[str, float | bool | str | None]:
-    """A run's row: how it ended, final and best validation loss, final perplexity and bits per
-    byte, median tokens per second, peak memory, wall time (first to last event) and whether any
-    step was non-finite; None where the run logged no such value.
+    """A run's row: how it ended, final and best validation loss (see ``best_validation``), final
+    perplexity and bits per byte, median tokens per second, peak memory, wall time (see
+    ``training_time``) and whether any step was non-finite; None where the run logged no such value.
 
     The best perplexity and bits per byte would add nothing: both grow with the loss on the same
     validation set. ``nonfinite`` is true when a logged training or validation loss was NaN or
     infinite, when the run counted skipped non-finite steps (``train/skipped_steps``), or when it
-    diverged or stopped on a non-finite step.
+    stopped on a non-finite step.
     """
     curves = run.curves
-    finite_losses = [v for v in values(curves, "val/loss") if math.isfinite(v)]
+    best = best_validation(curves)
     row: dict[str, float | bool | str | None] = {
         "status": status_cell(run.status),
         "val_loss": last(curves, "val/loss"),
-        "best_val_loss": min(finite_losses, default=None),
+        "best_val_loss": best.value if best else None,
         "val_ppl": last(curves, "val/ppl"),
         "val_bpb": last(curves, "val/bpb"),
         "val_acc": last(curves, "val/acc"),
@@ -256,8 +294,7 @@ def summarize(run: Run) -> dict[str, float | bool | str | None]:
     tokens_per_sec = values(curves, "perf/tokens_per_sec")
     row["tokens_per_sec"] = statistics.median(tokens_per_sec) if tokens_per_sec else None
     row["peak_memory_mib"] = max(values(curves, "perf/peak_memory_mib"), default=None)
-    times = [event.wall_time for events in curves.values() for event in events]
-    row["wall_time_s"] = max(times) - min(times) if times else None
+    row["wall_time_s"] = training_time(run.folder)
     losses = values(curves, "train/loss") + values(curves, "val/loss")
     row["nonfinite"] = (
         run.status["status"] in NONFINITE_STATUSES

@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
-from losslab.checkpoint_files import check_checkpoint_file
+from losslab.checkpoint_files import CheckpointError, check_checkpoint_file
 from losslab.losses import LossParts, TokenLoss
 from losslab.model import GPT, fully_shard_gpt
 from losslab.targets import count_targets, real_targets
@@ -124,6 +124,9 @@ class GPTLightningModule(L.LightningModule):
         self.register_buffer("token_bytes", token_bytes.long(), persistent=False)
         # a buffer, so that checkpoints keep the count and a resumed run counts on
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        # val/loss of the untrained model (step 0), which a run must end below (losslab.divergence);
+        # checkpoints keep it, so that a resumed run knows it too. NaN: not measured.
+        self.initial_val_loss = math.nan
         # nan_strategy="disable": torchmetrics would otherwise drop NaN values, and the validation
         # of a diverged model would sum to a perfect 0.
         self.val_nll = SumMetric(nan_strategy="disable")
@@ -228,7 +231,7 @@ class GPTLightningModule(L.LightningModule):
         """Count a step with a non-finite loss or gradient, or raise under ``nonfinite="stop"``."""
         if self.nonfinite == "stop":
             raise NonFiniteStepError(
-                f"step {self.global_step}: the loss is {loss.item():.6g} and the gradient norm "
+                f"step {self.global_step + 1}: the loss is {loss.item():.6g} and the gradient norm "
                 f"{norm.item():.6g} with loss={self.loss_fn.name}; the weights were not updated. Likely "
                 f"cause: {self.loss_fn.nonfinite_hint}. step.nonfinite=skip skips such steps instead."
             )
@@ -254,12 +257,17 @@ class GPTLightningModule(L.LightningModule):
         # the metrics sum over the ranks themselves, so the values are already global.
         nll, tokens, n_bytes = (m.compute() for m in (self.val_nll, self.val_tokens, self.val_bytes))
         loss = nll / tokens.clamp(min=1)
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss))
-        self.log("val/bpb", nll / math.log(2) / n_bytes.clamp(min=1))
+        if self.global_step == 0:
+            self.initial_val_loss = float(loss)
+        # Each value is the same on every process already: sync_dist with max tells Lightning so, and
+        # leaves it exact (a mean of equal values can round).
+        synced = {"sync_dist": True, "reduce_fx": "max"}
+        self.log("val/loss", loss, prog_bar=True, **synced)
+        self.log("val/ppl", torch.exp(loss), **synced)
+        self.log("val/bpb", nll / math.log(2) / n_bytes.clamp(min=1), **synced)
         if self.val_correct.update_count:  # a peer that gives no predictions has no accuracy
-            self.log("val/acc", self.val_correct.compute() / tokens.clamp(min=1))
-        self.log("step", float(self.global_step))  # after that many steps; 0 before training
+            self.log("val/acc", self.val_correct.compute() / tokens.clamp(min=1), **synced)
+        self.log("step", float(self.global_step), **synced)  # after that many steps; 0 before training
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
@@ -283,6 +291,10 @@ class GPTLightningModule(L.LightningModule):
         checkpoint["tokenizer"] = self.tokenizer
         checkpoint["tokenizer_id"] = self.tokenizer_id
         checkpoint["schedule"] = self.schedule
+        checkpoint["initial_val_loss"] = self.initial_val_loss
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.initial_val_loss = checkpoint.get("initial_val_loss", math.nan)  # NaN: a checkpoint older than it
 
     def check_resumable(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model shape, tokenizer or learning-rate schedule, naming
@@ -315,7 +327,7 @@ def check_same(what: str, saved: dict[str, Any], here: dict[str, Any], fix: str)
         if name in saved and saved[name] != value
     ]
     if differing:
-        raise ValueError(
+        raise CheckpointError(
             f"the checkpoint holds another {what} ({'; '.join(differing)}): resume with {fix}, "
             "or drop ckpt_path to start anew"
         )

@@ -9,16 +9,11 @@ import os
 import shlex
 from pathlib import Path
 
-from losslab.compare import Curves, Run, format_number, load_runs, run_folders, summarize
+from losslab.compare import Curves, Run, best_validation, format_number, load_runs, run_folders, summarize
 from losslab.dashboard import DASHBOARD_URL
 
-# The validation metrics of the table, each with its format and whether lower is better.
-VALIDATION = {
-    "val/loss": ("{:.4f}", True),
-    "val/ppl": ("{:,.2f}", True),
-    "val/bpb": ("{:.4f}", True),
-    "val/acc": ("{:.2%}", False),
-}
+# The validation metrics of the table, each with its format.
+VALIDATION = {"val/loss": "{:.4f}", "val/ppl": "{:,.2f}", "val/bpb": "{:.4f}", "val/acc": "{:.2%}"}
 
 
 def run_report(folder: Path, finished: bool) -> list[str]:
@@ -31,10 +26,11 @@ def run_report(folder: Path, finished: bool) -> list[str]:
     if kept:
         lines.append(f"Checkpoints: {shown(checkpoints)}/ ({', '.join(kept)})")
     lines.append(f"Curves: tensorboard --logdir {shown(folder)}  (then open {DASHBOARD_URL})")
-    best = [name for name in kept if name.startswith("best-")]
-    if finished and kept:
-        sample_from = checkpoints / (best or kept)[0]
-        lines.append(f'Sample: python scripts/generate.py {shown(sample_from)} --prompt "The "')
+    # the checkpoint of the best validation, which the report names, else the last
+    best = best_validation(run.curves) if run else None
+    sample_from = [name for name in (f"best-step{best.step}.ckpt" if best else None, "last.ckpt") if name in kept]
+    if finished and sample_from:
+        lines.append(f'Sample: python scripts/generate.py {shown(checkpoints / sample_from[0])} --prompt "The "')
     return [line for line in lines if line]
 
 
@@ -45,37 +41,43 @@ def logged_run(folder: Path) -> Run | None:
 
 
 def validation_table(curves: Curves) -> list[str]:
-    """Each validation metric's final value, its best (NaN never is) and its first (step 0 unless resumed)."""
+    """Each validation metric's final value, its value at the best validation (that of the best
+    checkpoint: see ``best_validation``; ``n/a`` when none beat the untrained model) and its first
+    (step 0 unless resumed)."""
     logged = [tag for tag in VALIDATION if curves.get(tag)]
     if not logged:
         return []
-    first_step = curves[logged[0]][0].step
-    lines = [f"{'':<10}{'final':>12}{'best':>12}{f'step {first_step}':>12}"]
+    best = best_validation(curves)
+    rows = [["", "final", "best", f"step {curves[logged[0]][0].step}"]]
     for tag in logged:
-        text, lower_is_better = VALIDATION[tag]
-        points = [event.value for event in curves[tag]]
-        finite = [value for value in points if math.isfinite(value)]
-        best = (min if lower_is_better else max)(finite) if finite else math.nan
-        cells = (format_number(text, value) for value in (points[-1], best, points[0]))
-        lines.append(f"{tag:<10}" + "".join(f"{cell:>12}" for cell in cells))
-    return lines
+        events = curves[tag]
+        at_best = [event.value for event in events if best and event.step == best.step][-1:]
+        cells = [format_number(VALIDATION[tag], value) for value in (events[-1].value, *at_best, events[0].value)]
+        rows.append([tag, *cells[:1], *([] if at_best else ["n/a"]), *cells[1:]])
+    width = max(12, *(len(cell) + 2 for row in rows for cell in row[1:]))
+    return [f"{row[0]:<10}" + "".join(f"{cell:>{width}}" for cell in row[1:]) for row in rows]
 
 
 def fall(curves: Curves) -> str:
-    """Where the best validation loss was reached, and how far the loss and perplexity fell from the
-    first validation to the last."""
-    losses = [event for event in curves.get("val/loss", []) if math.isfinite(event.value)]
+    """Where the best validation loss was reached, and how far the loss and perplexity fell (or
+    rose) from the first validation to the last."""
+    losses = curves.get("val/loss", [])
     if len(losses) < 2:
         return ""
-    best = min(losses, key=lambda event: event.value)
-    first, last = curves["val/loss"][0], curves["val/loss"][-1]
+    best, first, last = best_validation(curves), losses[0], losses[-1]
+    if best is None and first.step == 0:
+        return f"No validation beat the untrained model's val/loss ({first.value:.4f}, step 0): no best checkpoint."
+    if best is None:
+        return "No finite val/loss: no best checkpoint."
     if not math.isfinite(last.value):
         return f"Best val/loss at step {best.step}."
-    drop = first.value - last.value
-    return (
-        f"Best val/loss at step {best.step}; from step {first.step} to {last.step} val/loss fell by "
-        f"{drop:.4f}, perplexity {math.exp(drop):.1f}x lower."
+    change = first.value - last.value
+    fell = (
+        f"fell by {change:.4f}, perplexity {math.exp(change):.1f}x lower"
+        if change >= 0
+        else f"rose by {-change:.4f}, perplexity {math.exp(min(-change, 700)):.3g}x higher"
     )
+    return f"Best val/loss at step {best.step}; from step {first.step} to {last.step} val/loss {fell}."
 
 
 def speed(run: Run) -> str:

@@ -2,9 +2,10 @@
 
 ``status.json`` says ``running`` while the run trains (still so after a kill: then it is the step of
 its last checkpoint) and then one of: ``finished``; ``diverged`` (it reached its last step, but its
-last validation loss is NaN or infinite); ``stopped`` (a non-finite step with
-``step.nonfinite=stop``); ``interrupted`` (Ctrl-C; ``last.ckpt`` holds the step it reached);
-``crashed`` (any other error). ``scripts/compare_runs.py`` reads it.
+last validation loss is NaN or infinite, or not below the untrained model's: see
+:mod:`losslab.divergence`); ``stopped`` (a non-finite step with ``step.nonfinite=stop``);
+``interrupted`` (Ctrl-C, or SIGTERM as a scheduler sends it to preempt a job; ``last.ckpt`` holds
+the step it reached); ``crashed`` (any other error). ``scripts/compare_runs.py`` reads it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from losslab.divergence import divergence
 from losslab.files import replaced_atomically
 from losslab.lightning_module import NonFiniteStepError, reached_max_steps
 
@@ -55,13 +58,14 @@ class RunStatus(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         val_loss = float(trainer.callback_metrics.get("val/loss", math.nan))
+        reason = divergence(val_loss, getattr(pl_module, "initial_val_loss", math.nan))
         if trainer.should_stop and not reached_max_steps(trainer):
             self.record(trainer, "interrupted", "stopped by Ctrl-C; checkpoints/last.ckpt holds this step")
-        elif not math.isfinite(val_loss):
+        elif reason:
             skipped = int(getattr(pl_module, "skipped_steps", 0))
-            self.record(
-                trainer, "diverged", f"the last val/loss is {val_loss}; {skipped} step(s) were skipped as non-finite"
-            )
+            if skipped or not math.isfinite(val_loss):
+                reason += f"; {skipped} step(s) were skipped as non-finite"
+            self.record(trainer, "diverged", reason)
         else:
             self.record(trainer, "finished")
 
@@ -69,6 +73,8 @@ class RunStatus(L.Callback):
         message = (str(exception).splitlines() or [type(exception).__name__])[0]
         if isinstance(exception, NonFiniteStepError):
             self.record(trainer, "stopped", message)
+        elif isinstance(exception, SIGTERMException):  # Lightning's, raised after the step the signal came in
+            self.record(trainer, "interrupted", "stopped by SIGTERM; checkpoints/last.ckpt holds this step")
         elif isinstance(exception, KeyboardInterrupt):
             self.record(trainer, "interrupted", "stopped by a second Ctrl-C, without a checkpoint of this step")
         else:

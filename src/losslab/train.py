@@ -9,26 +9,42 @@ import logging
 import math
 import secrets
 import shutil
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from losslab.checkpoint_files import CheckpointError, load_checkpoint_file
+from losslab.compare import read_status
 from losslab.config_checks import ConfigError, check_config, check_overrides
 from losslab.data import GPTDataModule
 from losslab.files import DataError
 from losslab.hparams import HParamsTab, chosen_options
 from losslab.lightning_module import GPTLightningModule
 from losslab.model import GPT
-from losslab.report import run_report
+from losslab.report import logged_run, run_report
+from losslab.run_folder import (
+    RECORD,
+    FolderInUse,
+    FolderState,
+    holds_run,
+    locked,
+    record_subdir,
+    remove_leftovers,
+)
 from losslab.run_status import STATUS_FILE, GracefulInterrupt, RunStatus
 from losslab.sweeps import run_name
 from losslab.tokenizers import tokenizer_to_data
@@ -53,6 +69,7 @@ def register_resolvers() -> None:
     ``${uid:}`` is their random suffix, cached so that a sweep's jobs share it (Hydra copies the
     sweep config's resolver cache into each job's config); ``${run_dir:...}`` is :func:`run_dir`;
     ``${run_name:...}`` is :func:`losslab.sweeps.run_name`.
+    ``${record_subdir:...}``, where Hydra records a job in its folder, :func:`losslab.run_folder.record_subdir`.
     """
     if not OmegaConf.has_resolver("uid"):
         OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True)
@@ -60,6 +77,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_dir", run_dir)
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", run_name)
+    if not OmegaConf.has_resolver("record_subdir"):
+        OmegaConf.register_new_resolver("record_subdir", record_subdir)
 
 
 @dataclass
@@ -72,6 +91,7 @@ class RunOutcome:
     max_steps: int
     metrics: dict[str, float]
     folder: Path
+    terminated: bool = False  # stopped by SIGTERM
 
 
 def build_module(cfg: DictConfig) -> tuple[GPTDataModule, GPTLightningModule]:
@@ -94,25 +114,58 @@ def build_module(cfg: DictConfig) -> tuple[GPTDataModule, GPTLightningModule]:
 
 
 def train(cfg: DictConfig) -> RunOutcome:
-    """Train as ``cfg`` says. A run that fails before it starts training leaves no folder behind."""
+    """Train as ``cfg`` says, in ``cfg.paths.output_dir``, which no other job may use meanwhile (see
+    :mod:`losslab.run_folder`). A job that stops before it trains leaves the folder as it found it:
+    a new folder goes, a resumed run's folder keeps its record."""
     folder = Path(cfg.paths.output_dir)
-    new_folder = not folder.exists() or all(path.name in (".hydra", "train.log") for path in folder.iterdir())
+    first = rank_zero_only.rank == 0  # the others are processes of the same job
+    record = HydraConfig.get().output_subdir if HydraConfig.initialized() else None
+    state = FolderState.of(folder)
     try:
-        check_config(cfg)
-        return fit(cfg, folder)
-    except BaseException:
-        if new_folder and not (folder / STATUS_FILE).exists() and rank_zero_only.rank == 0:
-            shutil.rmtree(folder, ignore_errors=True)
+        with locked(folder, f"ckpt_path={cfg.ckpt_path}" if cfg.ckpt_path else "a new run") if first else nullcontext():
+            try:
+                with terminated_as_error():
+                    outcome = train_in(cfg, folder, state.new)
+            except BaseException as error:
+                if first and (not state.trained() or isinstance(error, Terminated)):
+                    state.restore(record)
+                raise
+            if first and not state.trained():  # nothing to train
+                state.restore(record)
+            return outcome
+    except FolderInUse:
+        if record and record != RECORD:
+            shutil.rmtree(folder / record, ignore_errors=True)  # Hydra's record of this job, and nothing else
         raise
 
 
-def fit(cfg: DictConfig, folder: Path) -> RunOutcome:
+def train_in(cfg: DictConfig, folder: Path, new: bool) -> RunOutcome:
+    """:func:`train`, with the folder's lock held."""
+    last = folder / "checkpoints" / "last.ckpt"
+    # Lightning's word: the folder's last checkpoint, or a new start when it has none (a requeued job
+    # killed before its first save starts again, its curves so far hidden)
+    again = cfg.ckpt_path == "last" and not last.exists()
+    if cfg.ckpt_path == "last":
+        cfg.ckpt_path = None if again else str(last)
+    check_config(cfg)
+    if cfg.ckpt_path is None and not again and holds_run(folder):
+        raise ConfigError(
+            f"{folder} holds a run already: resume it (ckpt_path={last}, or ckpt_path=last) or give a new "
+            "folder (hydra.run.dir=...)"
+        )
+    if new and rank_zero_only.rank == 0:
+        remove_leftovers(folder.parent, keep=folder)
+    return fit(cfg, folder, purge={"purge_step": 0} if again else {})
+
+
+def fit(cfg: DictConfig, folder: Path, purge: dict[str, int]) -> RunOutcome:
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build_module(cfg)
-    purge = {}
     if cfg.ckpt_path:
         checkpoint = load_checkpoint_file(cfg.ckpt_path, key="ckpt_path")
         module.check_resumable(checkpoint)
+        if 0 <= cfg.trainer.max_steps <= checkpoint["global_step"]:
+            return nothing_to_train(cfg, folder, checkpoint["global_step"])
         # A resumed run continues in its folder: TensorBoard hides the events logged there after
         # the checkpoint's step, which the resumed run logs again.
         purge = {"purge_step": checkpoint["global_step"] + 1}
@@ -126,16 +179,69 @@ def fit(cfg: DictConfig, folder: Path) -> RunOutcome:
         if trainer.is_global_zero:
             log.info(f"Logs: {folder}\nView them: tensorboard --logdir {folder.parent}")
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Lightning's handlers from here, then LastCheckpoint's
     if cfg.ckpt_path is None:
-        trainer.validate(module, datamodule=datamodule, verbose=False)  # the curve's first point
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        try:
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # the curve's first point
+            if trainer.received_sigterm:  # in its last batch: Lightning would forget it when the fit starts
+                raise SIGTERMException
+        except SIGTERMException:
+            raise Terminated("stopped by SIGTERM before training: nothing to resume") from None
+    terminated = False
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except SIGTERMException:  # the step it came in is saved, and the run recorded as interrupted
+        if cfg.ckpt_path is None and trainer.global_step == 0:  # before the first step: nothing to resume
+            raise Terminated("stopped by SIGTERM before training: nothing to resume") from None
+        terminated = True
     if logger:
         logger.close()
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    outcome = RunOutcome(status.status, trainer.global_step, trainer.max_steps, metrics, folder)
+    outcome = RunOutcome(status.status, trainer.global_step, trainer.max_steps, metrics, folder, terminated)
     if trainer.is_global_zero:
         log.info(summary(outcome, status.message))
     return outcome
+
+
+def nothing_to_train(cfg: DictConfig, folder: Path, step: int) -> RunOutcome:
+    """A resume of a run that has taken its ``trainer.max_steps`` already: it says so, with what the
+    run achieved, and leaves the run as it is."""
+    status = read_status(folder) if (folder / STATUS_FILE).exists() else {"status": "finished", "message": ""}
+    run = logged_run(folder)
+    metrics = {tag: events[-1].value for tag, events in run.curves.items() if events} if run else {}
+    total = cfg.schedule.total_steps or step
+    log.info(
+        "\n".join(
+            [
+                f"Nothing to train: ckpt_path={cfg.ckpt_path} is at step {step}, and trainer.max_steps="
+                f"{cfg.trainer.max_steps}. To train it further, give a larger trainer.max_steps (with "
+                f"schedule.total_steps={total} to go on at its final learning rate).",
+                *(f"  {line}" for line in run_report(folder, finished=status["status"] == "finished")),
+            ]
+        )
+    )
+    return RunOutcome(status["status"], step, cfg.trainer.max_steps, metrics, folder)
+
+
+class Terminated(Exception):
+    """SIGTERM before training began."""
+
+
+@contextmanager
+def terminated_as_error() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` until Lightning takes the signal over (in :func:`fit`), so
+    that a job stopped while it prepares its data cleans up (see :func:`train`) rather than vanish."""
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated("stopped by SIGTERM before training: nothing to resume")
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only there can Python take signals
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def summary(outcome: RunOutcome, message: str) -> str:
@@ -183,17 +289,27 @@ def without_tips(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("💡 Tip:")
 
 
+def objective(outcome: RunOutcome) -> float:
+    """What a run returns to Hydra's sweepers (Optuna's objective): its final val/loss when it
+    finished, else NaN, which fails the trial: a diverged run is nobody's best."""
+    return outcome.metrics.get("val/loss", math.nan) if outcome.status == "finished" else math.nan
+
+
 @hydra.main(version_base="1.3", config_path="pkg://losslab.conf", config_name="train")
 def run(cfg: DictConfig) -> float:
-    """One Hydra job; returns the final val/loss (the Optuna objective: NaN fails the trial)."""
+    """One Hydra job; returns :func:`objective`."""
     route_library_logs()
     try:
         outcome = train(cfg)
     except (ConfigError, CheckpointError, DataError) as error:
         sys.exit(f"error: {error}")  # one line, not a traceback: the fix is in the message
+    except Terminated as error:
+        log.info(str(error))
+        sys.exit(143)
     if outcome.status == "interrupted":
-        sys.exit(130)  # as a shell reports Ctrl-C; a sweep stops there too
-    return outcome.metrics.get("val/loss", math.nan)
+        # as a shell reports Ctrl-C or SIGTERM: a sweep stops there too, and a scheduler sees a job unfinished
+        sys.exit(143 if outcome.terminated else 130)
+    return objective(outcome)
 
 
 def main() -> None:

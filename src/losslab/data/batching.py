@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from losslab.targets import IGNORE_INDEX, shift_labels
 
@@ -163,6 +163,43 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.resume_at = dict(state_dict)
+
+
+class WithBlankRow(Dataset):
+    """``dataset``, and after its items (at index ``len(dataset)``) a row with no target, which counts
+    in no sum: its first item with every target ``ignore_index`` (a document row: its first token)."""
+
+    def __init__(self, dataset: Dataset, ignore_index: int = IGNORE_INDEX) -> None:
+        self.dataset = dataset
+        self.ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self.dataset) + 1
+
+    def __getitem__(self, index: int) -> Any:
+        if index < len(self.dataset):
+            return self.dataset[index]
+        item = self.dataset[0]
+        if isinstance(item, dict):
+            return {**item, "targets": torch.full_like(item["targets"], self.ignore_index)}
+        return item[:1]  # pad_batch gives a one-token row no target
+
+
+class ValidationShard(DistributedSampler):
+    """This process's share of ``n_items`` validation rows: every ``num_replicas``-th from ``rank``,
+    then the blank row of :class:`WithBlankRow` (index ``n_items``) until every share has the same
+    length. Each row counts once over all processes; Lightning's own ``DistributedSampler`` repeats
+    rows to even the shares, and those count twice. Even shares keep every process in step: under
+    FSDP each forward gathers the weights from all of them. Lightning leaves a ``DistributedSampler``
+    that a loader has in place."""
+
+    def __init__(self, n_items: int, num_replicas: int, rank: int) -> None:
+        super().__init__(range(n_items), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.n_items = n_items
+
+    def __iter__(self) -> Iterator[int]:
+        share = list(range(self.rank, self.n_items, self.num_replicas))
+        return iter(share + [self.n_items] * (self.num_samples - len(share)))
 
 
 def evenly_spaced(dataset: Dataset, n: int) -> Dataset:

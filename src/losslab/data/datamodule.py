@@ -17,6 +17,8 @@ from losslab.data.batching import (
     EpochSampler,
     PackedWindows,
     ResumableDataLoader,
+    ValidationShard,
+    WithBlankRow,
     evenly_spaced,
     micro_batches,
     pad_batch,
@@ -174,7 +176,11 @@ class GPTDataModule(L.LightningDataModule):
         dataset = self.datasets["val"]
         if self.hparams.val_batches is not None:
             dataset = evenly_spaced(dataset, self.hparams.val_batches * self.hparams.batch_size)
-        return self.loader(dataset)
+        if self.trainer is None or self.trainer.world_size == 1:
+            return self.loader(dataset)
+        # each process its share, every row counted once (see ValidationShard)
+        shard = ValidationShard(len(dataset), self.trainer.world_size, self.trainer.global_rank)
+        return self.loader(WithBlankRow(dataset, self.hparams.ignore_index), shard)
 
     def loader(
         self,
