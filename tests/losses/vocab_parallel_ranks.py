@@ -2,9 +2,10 @@
 
 One launch of 4 processes over gloo (forked, so that torch is imported once), holding three groups:
 ranks 0-1, 0-2 and 0-3. In each group every vocabulary-parallel entry runs the single-process grid
-(test_losses.py's cases, in float64, float32 and bf16 autocast) on V = 507, split unevenly, and its
-results are checked here, against the unsharded float64 reference, the expected gradient being this
-rank's rows of the whole one; then the other checks of test_vocab_parallel.py. Each rank writes what
+on V = 507, split unevenly: test_losses.py's cases in float64, and those of LOW_PRECISION_CASES
+(every option and reduction among them) in float32 and bf16 autocast, at that grid's tolerances.
+Its results are checked here, against the unsharded float64 reference, the expected gradient being
+this rank's rows of the whole one; then the other checks of test_vocab_parallel.py. Each rank writes what
 it checked and what failed to ``OUT_DIR/rank<r>.json``.
 """
 
@@ -41,6 +42,14 @@ WORLD_SIZES = (2, 3, 4)
 SHAPE, DIM, VOCAB = (3, 11), 16, 507  # V = 507: 254 + 253 rows over 2, 169 x 3 over 3, 127 x 3 + 126 over 4
 CHUNK = 8  # fused's rows per chunk: several chunks, one all-gather each
 NAMES = tuple(vocab_parallel_losses())
+# float32 and bf16 autocast, on fewer cases than float64 to keep the suite short: every option and reduction
+LOW_PRECISION_CASES = (
+    "sum",
+    "all-mean",
+    "all-ignore_index=7-none",
+    "all-bias-class_weights-mean",
+    "all-bias-class_weights-none",
+)
 
 
 def grid_inputs(case_id: str, dtype: torch.dtype):
@@ -76,9 +85,7 @@ def check_grid_case(name: str, case_id: str, dtype: str, parallel: VocabParallel
     if not autocast:
         assert_results_within(got, rows_of(expected, parallel), **tolerances(dtype))
         if dtype == "float64":
-            predicted = loss_fn(hidden, weight[rows], targets, local_bias).predicted
-            reference = reference_loss(hidden, weight, targets, bias, **options).predicted
-            assert torch.equal(predicted, reference), "predicted: not the whole vocabulary's argmax"
+            assert torch.equal(got.predicted, expected.predicted), "predicted: not the whole vocabulary's argmax"
         return
     torch_bf16 = evaluate(partial(torch_bf16_loss, **options), hidden, weight, targets, upstream, bias=bias)
     assert_bf16_within(
@@ -105,12 +112,15 @@ def check_hidden_grad_left_to_the_caller(name: str, parallel: VocabParallel) -> 
 
 def check_gradcheck_through_the_group(name: str, parallel: VocabParallel) -> None:
     """torch.autograd.gradcheck of the hidden states' gradient, summed over the group, against finite
-    differences of the sharded loss (every rank perturbs the same entries in the same order)."""
+    differences of the sharded loss along random directions (fast_mode: every rank draws the same)."""
     options, hidden, weight, targets, bias = grid_inputs("all-bias-class_weights-mean", torch.float64)
     rows = slice(parallel.start, parallel.stop)
     loss_fn = build_sharded(name, parallel, **options)
-    hidden = hidden[:1, :4].clone().requires_grad_()  # 4 positions: 64 entries, two losses each
-    assert torch.autograd.gradcheck(lambda h: loss_fn(h, weight[rows], targets[:1, :4], bias[rows]).loss, (hidden,))
+    hidden = hidden.clone().requires_grad_()
+    torch.manual_seed(0)
+    assert torch.autograd.gradcheck(
+        lambda h: loss_fn(h, weight[rows], targets, bias[rows]).loss, (hidden,), fast_mode=True, raise_exception=False
+    )
 
 
 class CreatedTensors(torch.utils._python_dispatch.TorchDispatchMode):
@@ -148,7 +158,8 @@ def check_no_vocabulary_wide_tensor(name: str, parallel: VocabParallel) -> None:
     if name == "fused":
         largest = max(torch.Size(shape).numel() for _, shape in shapes)
         assert largest <= max(CHUNK * parallel.rows, parallel.rows * DIM), f"{largest} elements"
-        unsharded = created_shapes(build_loss("fused", return_parts=True, **options), hidden, weight, targets, bias)
+        whole = build_loss("fused", return_parts=True, **options)
+        unsharded = created_shapes(whole, hidden, weight, targets, bias)
         assert any(VOCAB in shape for _, shape in unsharded)
 
 
@@ -212,7 +223,7 @@ def run_rank(rank: int, out: Path) -> None:
         checked.append(key)
         try:
             fn(*args)
-        except AssertionError as error:
+        except Exception as error:  # an assertion, or gradcheck's own
             failures[key] = f"{error}\n{traceback.format_exc(limit=3)}"
 
     for size, group in groups.items():
@@ -220,7 +231,7 @@ def run_rank(rank: int, out: Path) -> None:
             parallel = VocabParallel.from_vocab(VOCAB, group)
             for name in NAMES:
                 for case_id in CASES:
-                    for dtype in DTYPES:
+                    for dtype in DTYPES if case_id in LOW_PRECISION_CASES else ["float64"]:
                         check(f"{size} ranks/{name}/{case_id}/{dtype}", check_grid_case, name, case_id, dtype, parallel)
                 for check_name, fn in CHECKS.items():
                     check(f"{size} ranks/{name}/{check_name}", fn, name, parallel)
