@@ -22,9 +22,10 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from losslab.data import pad_batch
-from losslab.lightning_module import GPTLightningModule, ShardedDataParallel
+from losslab.lightning_module import GPTLightningModule
 from losslab.losses import LOSSES, build_loss
 from losslab.model import GPT, GPTConfig
+from losslab.sharding import ShardedDataParallel
 
 VOCAB = 37
 LR = 0.5
