@@ -28,7 +28,7 @@ from torchmetrics import SumMetric
 
 from losslab.losses import LossParts, TokenLoss
 from losslab.model import GPT
-from losslab.sharding import clip_gradients_, gradient_norm, shard_gpt
+from losslab.sharding import average_replicated_gradients_, clip_gradients_, gradient_norm, shard_gpt
 from losslab.targets import count_targets, real_targets
 
 NONFINITE_POLICIES = ("skip", "stop")
@@ -172,6 +172,8 @@ class GPTLightningModule(L.LightningModule):
             sums.append(torch.stack([parts.loss.detach(), parts.nll, parts.z_loss, correct]))
             if parts.inexact_grads is not None:
                 inexact_grads.append(parts.inexact_grads)
+        if self.device_mesh is not None:
+            average_replicated_gradients_(list(self.parameters()), self.device_mesh)
         sums = strategy.reduce(torch.stack(sums).sum(0), group=group, reduce_op="sum")
         objective, nll, z_loss, accuracy = sums / n_tokens
         # torch's clipping, not self.clip_gradients: Lightning refuses that with a fused optimizer

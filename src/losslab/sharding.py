@@ -18,9 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -90,29 +92,71 @@ def fully_shard_gpt(model: GPT, mesh: DeviceMesh) -> None:
     register_fsdp_forward_method(model, "loss")
 
 
-def by_mesh(parameters: list[nn.Parameter]) -> list[list[nn.Parameter]]:
-    """``parameters`` in groups of the same mesh (plain tensors: one group): torch's foreach ops,
+def average_replicated_gradients_(parameters: list[nn.Parameter], mesh: DeviceMesh) -> None:
+    """Average, over each tensor-parallel group, the gradients of the parameters its processes hold
+    in common (all but the head's): they compute them from the same weights and batches, but not to
+    the last bit (a LayerNorm's weight gradient sums over threads in an order of its own), and
+    replicas updated from different gradients drift apart, step after step, until the processes
+    of a group no longer compute the same hidden states for the loss. One all-reduce a step, of
+    this process's shard of those gradients."""
+    group = mesh["tensor_parallel"]
+    if group.size() == 1:
+        return
+    grads = [
+        param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+        for param in parameters
+        if param.grad is not None
+        and "tensor_parallel" not in ((param.device_mesh.mesh_dim_names or ()) if isinstance(param, DTensor) else ())
+    ]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group.get_group())
+    flat /= group.size()
+    for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(averaged)
+
+
+def by_mesh(parameters: list[nn.Parameter]) -> dict[DeviceMesh | None, list[nn.Parameter]]:
+    """``parameters`` in groups of the same mesh (plain tensors: ``None``): torch's foreach ops,
     which clipping and its norm use, refuse a list of DTensors of different meshes (under fsdp_tp the
     head is sharded over both dimensions of the mesh, the blocks over one)."""
-    groups: dict[Any, list[nn.Parameter]] = {}
+    groups: dict[DeviceMesh | None, list[nn.Parameter]] = {}
     for param in parameters:
         groups.setdefault(param.device_mesh if isinstance(param, DTensor) else None, []).append(param)
-    return list(groups.values())
+    return groups
 
 
 def gradient_norm(parameters: list[nn.Parameter]) -> Tensor:
-    """The global norm of the gradients of ``parameters``, sharded ones (DTensors) counted once whole."""
-    norms = []
-    for group in by_mesh([p for p in parameters if p.grad is not None]):
-        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
-        # The norm of sharded gradients is a DTensor of this process's part of it.
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    """The global norm of the gradients of ``parameters``, each sharded one (DTensor) counted once whole.
+
+    Every process gets the same value to the last bit, so that clipping scales the blocks that the
+    processes of a tensor-parallel group hold in common alike (DTensor's own norm of the head,
+    reduced over one mesh dimension after the other, may round differently on each): one all-reduce
+    sums every process's squares, each mesh's divided by the number of processes that hold the same
+    shard (those outside the mesh: the tensor-parallel ones for the blocks).
+    """
+    groups = by_mesh([p for p in parameters if p.grad is not None])
+    if not groups:
+        return torch.zeros(())
+    if list(groups) == [None]:  # nothing sharded (DDP, one device): this process's gradients are whole
+        return torch.nn.utils.get_total_norm([p.grad for p in groups[None]])
+    squares, copies, dtype = [], [], next(iter(groups.values()))[0].grad.dtype
+    for mesh, group in groups.items():
+        placements = {p for param in group if mesh is not None for p in param.grad.placements}
+        if any(p.is_replicate() or p.is_partial() for p in placements):
+            raise NotImplementedError(
+                f"a gradient replicated over its mesh ({group[0].grad.placements}) would count twice"
+            )
+        local = [param.grad.to_local() if mesh is not None else param.grad for param in group]
+        squares.append(torch.nn.utils.get_total_norm(local).double().square())
+        copies.append(dist.get_world_size() // (1 if mesh is None else mesh.size()))
+    squares = torch.stack(squares)
+    dist.all_reduce(squares)
+    return (squares / squares.new_tensor(copies)).sum().sqrt().to(dtype)
 
 
 def clip_gradients_(parameters: list[nn.Parameter], max_norm: float, norm: Tensor) -> None:
     """Scale the gradients of ``parameters`` so that their global ``norm`` is at most ``max_norm``."""
-    for group in by_mesh(parameters):
+    for group in by_mesh(parameters).values():
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
 
 
