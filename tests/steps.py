@@ -5,13 +5,17 @@ of sharded training (test_fsdp.py).
 ``python tests/steps.py OUT_DIR`` is the 2-process DDP run of test_normalisation.py,
 ``python tests/steps.py OUT_DIR fsdp`` the 2-process runs of test_fsdp.py and
 ``python tests/steps.py OUT_DIR tp`` the 4-process runs of test_tensor_parallel.py: Lightning starts
-the other processes by running the same command again, and each rank writes its results to OUT_DIR.
+the other processes by running the same command again (tp's are forked, with the environment
+torchrun would give them: they need not import torch and Lightning again), and each rank writes its
+results to OUT_DIR.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -215,6 +219,19 @@ def sharded_run(out_dir: Path) -> None:
     torch.save(results, out_dir / f"sharded-rank{trainer.global_rank}.pt")
 
 
+def forked_rank(rank: int, port: int, run: Callable[[Path], None], out_dir: Path) -> None:
+    """``run(out_dir)`` as rank ``rank`` of 4 processes started outside Lightning, as torchrun starts them."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="4",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    run(out_dir)
+
+
 def tensor_parallel_steps() -> tuple[list[list[dict[str, Tensor]]], list[list[dict[str, Tensor]]]]:
     """The steps of the runs on 2 data-parallel ranks (rank r takes the items r, r + 2...), and the
     same steps for one: two items merged, as one step of their micro-batches."""
@@ -278,6 +295,11 @@ if __name__ == "__main__":
     if sys.argv[2:] == ["fsdp"]:
         sharded_run(Path(sys.argv[1]))
     elif sys.argv[2:] == ["tp"]:
-        tensor_parallel_run(Path(sys.argv[1]))
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        torch.multiprocessing.start_processes(
+            forked_rank, args=(port, tensor_parallel_run, Path(sys.argv[1])), nprocs=4, start_method="fork"
+        )
     else:
         ddp_run(Path(sys.argv[1]))
