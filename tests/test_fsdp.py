@@ -76,11 +76,16 @@ def test_each_rank_holds_half_the_parameters_and_optimizer_state(sharded_steps):
 
 def test_a_sharded_checkpoint_holds_the_optimizer_state_as_ddp_numbers_it(sharded_steps):
     ddp, fsdp = (sharded_steps[0]["adamw_clipped", strategy]["optimizer_state"] for strategy in ("ddp", "fsdp"))
-    assert fsdp["param_groups"] == ddp["param_groups"]  # the parameters numbered in the same order
-    assert fsdp["state"].keys() == ddp["state"].keys()
-    for param_id, state in ddp["state"].items():
+    assert_same_optimizer_state(fsdp, ddp)
+
+
+def assert_same_optimizer_state(got: dict, expected: dict) -> None:
+    """Two optimizer states (``state_dict()``'s) number the parameters alike and hold the same values."""
+    assert got["param_groups"] == expected["param_groups"]  # the parameters numbered in the same order
+    assert got["state"].keys() == expected["state"].keys()
+    for param_id, state in expected["state"].items():
         for name, value in state.items():
-            assert relative_difference(fsdp["state"][param_id][name], value) < 1e-12, (param_id, name)
+            assert relative_difference(got["state"][param_id][name], value) < 1e-12, (param_id, name)
 
 
 @pytest.fixture(scope="module")
