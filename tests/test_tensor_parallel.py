@@ -9,7 +9,6 @@ each step is the union of the data-parallel ranks' batches (as ``test_fsdp.py`` 
 loss's own sharded arithmetic is ``tests/losses/test_vocab_parallel.py``'s.
 """
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +26,14 @@ from steps import (
     tensor_parallel_steps,
     tiny_module,
 )
-from test_fsdp import NO_BIAS, assert_same_optimizer_state, relative_difference
+from test_fsdp import (
+    NO_BIAS,
+    assert_generate_and_export_read,
+    assert_logged_and_checkpointed_once,
+    assert_same_optimizer_state,
+    relative_difference,
+)
 from test_resume import assert_same_run, kill_after_checkpoint, last_checkpoint, run
-
-from losslab.generate import generate, load_checkpoint
-from losslab.run_status import STATUS_FILE
 
 STEPS_SCRIPT = Path(__file__).with_name("steps.py")
 root = test_resume.root  # a fixture: a folder with test_resume's corpus, for this module's runs too
@@ -129,23 +131,11 @@ def tp_run(root) -> str:
 
 
 def test_a_tp_run_logs_once_and_checkpoints_whole_files_that_generate_and_export_read(root, tp_run, tmp_path):
-    folder = root / tp_run
-    events = folder.rglob("events.out.tfevents.*")  # named ...<host>.<pid>.<n>
-    assert len({file.name.split(".")[-2] for file in events}) == 1  # one process wrote them: rank 0
-    assert json.loads((folder / STATUS_FILE).read_text())["status"] == "finished"
-    checkpoints = sorted((folder / "checkpoints").iterdir())
-    assert [path.name for path in checkpoints] == [f"best-step{STEPS}.ckpt", "last.ckpt"]
+    assert_logged_and_checkpointed_once(root / tp_run, STEPS)
     last = last_checkpoint(root, tp_run)
     state = torch.load(last, weights_only=True)["state_dict"]
     assert state["model.lm_head.weight"].shape[0] == state["model.wte.weight"].shape[0] == 257  # bytes: whole
-    model, tokenizer = load_checkpoint(last)
-    [sample] = generate(model, tokenizer, "the ", max_new_tokens=10, seed=1)
-    assert sample.startswith("the ")
-    pytest.importorskip("transformers", reason="exporting needs transformers: pip install -e '.[export]'")
-    from losslab.export import export_checkpoint
-
-    export_checkpoint(last, tmp_path / "exported")
-    assert (tmp_path / "exported" / "model.safetensors").is_file()
+    assert_generate_and_export_read(last, tmp_path)
 
 
 def test_a_killed_tp_run_resumes_exactly(root, tp_run):
