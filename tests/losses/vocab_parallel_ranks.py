@@ -182,19 +182,19 @@ def check_ties_go_to_the_lowest_id(name: str, parallel: VocabParallel) -> None:
 
 
 def check_inconsistent_ranks_are_refused(name: str, parallel: VocabParallel) -> None:
-    """Ranges that do not tile the vocabulary, or ranks given different tokens, raise the same
-    error on every rank rather than hang or give wrong numbers."""
+    """Ranges that do not tile the vocabulary, or ranks given other tokens (fewer, or as many other
+    targets: a data loader that splits a group's batches), raise the same error on every rank
+    rather than hang or give wrong numbers."""
     _, hidden, weight, targets, _ = grid_inputs("mean", torch.float64)
     rank = dist.get_rank(parallel.group)
     gap = VocabParallel(parallel.start + (rank == 1), parallel.stop, parallel.group)
-    rows = slice(gap.start, gap.stop)
+    rows = slice(parallel.start, parallel.stop)
+    other_targets = targets.clone()
+    other_targets[0, 0] = (targets[0, 0] + rank) % VOCAB  # rank 0's own, another id elsewhere
     for bad, fragment, args in [
-        (gap, "do not tile [0, V)", (hidden, weight[rows], targets)),
-        (
-            parallel,
-            "the same hidden states",
-            (hidden[:, rank:], weight[parallel.start : parallel.stop], targets[:, rank:]),
-        ),
+        (gap, "do not tile [0, V)", (hidden, weight[gap.start : gap.stop], targets)),
+        (parallel, "the same hidden states", (hidden[:, rank:], weight[rows], targets[:, rank:])),
+        (parallel, "the same hidden states", (hidden, weight[rows], other_targets)),
     ]:
         try:
             build_sharded(name, bad)(*args)

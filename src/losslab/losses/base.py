@@ -188,7 +188,7 @@ class TokenLoss(nn.Module):
         ranks' rows together (checked: :meth:`~losslab.losses.vocab_parallel.VocabParallel.layout`)."""
         if self.vocab_parallel is None:
             return rows
-        return self.vocab_parallel.layout(rows, targets.numel(), 0, targets.device)[0]
+        return self.vocab_parallel.layout(rows, targets, 0)[0]
 
     def validate_head(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:

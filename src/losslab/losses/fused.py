@@ -72,7 +72,7 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
         parallel = self.vocab_parallel
         vocab_size = widest = weight.shape[0]
         if parallel is not None:  # chunks of as many rows on every rank: as many all-gathers
-            vocab_size, widest = parallel.layout(weight.shape[0], targets.numel(), self.chunk_size or 0, hidden.device)
+            vocab_size, widest = parallel.layout(weight.shape[0], targets, self.chunk_size or 0)
         self.validate_targets(targets, hidden.shape[:-1], vocab_size)
         # Free without vocab_parallel (the row maximum gives it); with it, a column of the all-gather.
         predict = parallel is None or (self.return_parts and self.predict)

@@ -14,9 +14,10 @@ Each rank reduces its own columns of a row of logits to a few numbers (:data:`MA
 exchange them, and every rank combines them into the whole row's (:meth:`VocabParallel.whole`), as
 the log-sum-exp of log-sum-exps. What crosses the group, never a vocabulary-wide tensor:
 
-- per call: one ``all_gather`` of 5 integers per rank (:meth:`VocabParallel.layout`), which checks
-  that the ranges tile ``[0, V)`` in rank order and that every rank got the same tokens (a rank
-  that did not would otherwise hang the others), and tells each rank V;
+- per call: one ``all_gather`` of 6 integers per rank (:meth:`VocabParallel.layout`), which checks
+  that the ranges tile ``[0, V)`` in rank order and that every rank got the same targets (their
+  number, which would otherwise hang the ranks in different collectives, and their sum, which
+  catches a data loader that gives the ranks of a group different batches), and tells each rank V;
 - per chunk of ``r`` rows (``fused``; the logits-based losses: per call, all rows at once): one
   ``all_gather`` in which each rank gives ``k`` floats per row: its maximum logit, the sum of
   ``exp(logit - that maximum)`` over its columns, the target's logit (0 if another rank holds it),
@@ -88,14 +89,15 @@ class VocabParallel:
     def rows(self) -> int:
         return self.stop - self.start
 
-    def layout(self, weight_rows: int, n_tokens: int, chunk_size: int, device: torch.device) -> tuple[int, int]:
+    def layout(self, weight_rows: int, targets: Tensor, chunk_size: int) -> tuple[int, int]:
         """The whole vocabulary's size V and the widest rank's rows, after checking that the ranks'
         ranges tile ``[0, V)`` in rank order, that each weight holds its range's rows, and that every
-        rank got the same number of tokens and chunk size. Every rank raises the same error."""
-        mine = torch.tensor([self.start, self.stop, weight_rows, n_tokens, chunk_size], device=device)
+        rank got the same targets (their number and sum) and chunk size. Every rank raises the same error."""
+        numbers = [self.start, self.stop, weight_rows, targets.numel(), chunk_size]
+        mine = torch.cat([torch.tensor(numbers, device=targets.device), targets.sum(dtype=torch.long).view(1)])
         every = mine.new_empty(dist.get_world_size(self.group) * mine.numel())
         dist.all_gather_single(every, mine, group=self.group)
-        starts, stops, rows, tokens, chunks = every.view(-1, mine.numel()).T.tolist()
+        starts, stops, rows, tokens, chunks, sums = every.view(-1, mine.numel()).T.tolist()
         ranges = ", ".join(f"[{start}, {stop})" for start, stop in zip(starts, stops))
         if starts[0] != 0 or any(stop != start for stop, start in zip(stops, starts[1:])):
             raise ValueError(f"vocab_parallel: the ranks' ranges {ranges} do not tile [0, V) in rank order")
@@ -104,10 +106,10 @@ class VocabParallel:
                 f"vocab_parallel: the ranks' LM head weights have {rows} rows for the ranges {ranges}: "
                 "give each rank its range's rows"
             )
-        if len(set(tokens)) > 1:
+        if len(set(tokens)) > 1 or len(set(sums)) > 1:
             raise ValueError(
-                f"vocab_parallel: the ranks got {tokens} tokens: every rank of the group must get the same "
-                "hidden states and targets"
+                f"vocab_parallel: the ranks got {tokens} targets summing to {sums}: every rank of the group "
+                "must get the same hidden states and targets"
             )
         if len(set(chunks)) > 1:
             raise ValueError(f"vocab_parallel: the ranks use chunk sizes {chunks}: give them all the same")
