@@ -12,10 +12,12 @@ so that each peak is the row's own):
   ``torch.distributed.tensor.parallel.loss_parallel()`` on the same rows' logits as a DTensor
   sharded by vocabulary, forward and backward inside its context.
 
-Every process reports the peak resident memory its step adds to its inputs (hidden states, its
-weight, targets: :func:`losslab.bench.peak_memory_mib`, the first step at full size, after a small
-priming step) and the time of ``--repeats`` steps (median); the table gives the largest over the
-processes of each (the step ends with its slowest process). A CPU's processes share its cores:
+Every process reports what it holds of the head (its rows: the input that vocabulary parallelism
+splits), the peak resident memory its step adds to its inputs (hidden states, its rows, targets:
+:func:`losslab.bench.peak_memory_mib`, the first step at full size, after a small priming step:
+the head's gradient, the logits or a chunk of them, the hidden states' gradient) and the time of
+``--repeats`` steps (median); the table gives the largest over the processes of each (the step
+ends with its slowest process), and the loss, which is the same in every row of a process count. A CPU's processes share its cores:
 each gets ``cores / ranks`` threads.
 
     python scripts/bench_vocab_parallel.py                          # N=8192, V=50257 and 128256, d=768, 2 and 4 processes
@@ -51,6 +53,7 @@ ROWS = {  # name: label
     "torch-loss-parallel": "torch loss_parallel (unfused)",
 }
 PRIMING = (256, 1024, 64)  # N, V, d of the step run first, so that one-time costs are not counted
+HEADER = ["loss", "V", "processes", "head rows MiB", "step's peak MiB", "step s", "loss"]
 
 
 def inputs(tokens: int, vocab: int, rows: slice, dim: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -101,10 +104,11 @@ def worker(rank: int, ranks: int, row: str, size: tuple[int, int, int], repeats:
     step, _ = loss_step(row, *PRIMING)
     step()
     step, leaves = loss_step(row, *size)
+    head_mib = leaves[1].numel() * leaves[1].element_size() / 2**20
     peak = peak_memory_mib(step, torch.device("cpu"))
     dist.barrier()
     timing = time_calls(step, torch.device("cpu"), warmup=0, repeats=repeats, grad_to_none=leaves)
-    figures = {"peak_mib": peak, "time_s": timing.median_s, "loss": float(step())}
+    figures = {"head_mib": head_mib, "peak_mib": peak, "time_s": timing.median_s, "loss": float(step())}
     (out / f"rank{rank}.json").write_text(json.dumps(figures))
     dist.destroy_process_group()
 
@@ -138,14 +142,15 @@ def main() -> None:
                     figures = measure(row, ranks, size, args.repeats)
                 except Exception as error:  # a process killed (out of memory?) fails the row, not the run
                     print(f"{ROWS[row]} at V={vocab} on {ranks} processes failed: {error}", file=sys.stderr)
-                    table.append([ROWS[row], vocab, ranks, "failed", "failed", ""])
+                    table.append([ROWS[row], vocab, ranks, "", "failed", "failed", ""])
                     continue
-                peak, time_s = max(f["peak_mib"] for f in figures), max(f["time_s"] for f in figures)
+                head, peak, time_s = (max(f[key] for f in figures) for key in ("head_mib", "peak_mib", "time_s"))
                 results.append({"row": row, "vocab": vocab, "ranks": ranks, "per_rank": figures})
-                table.append([ROWS[row], vocab, ranks, f"{peak:,.0f}", f"{time_s:.2f}", f"{figures[0]['loss']:.4f}"])
-                print(markdown_table(["loss", "V", "processes", "peak MiB", "step s", "loss"], table[-1:]), flush=True)
-    print(f"\nN={args.tokens}, d={args.dim}, float32; per process: the largest peak and step time")
-    print(markdown_table(["loss", "V", "processes", "peak MiB per process", "step s", "loss"], table))
+                loss = f"{figures[0]['loss']:.4f}"
+                table.append([ROWS[row], vocab, ranks, f"{head:,.0f}", f"{peak:,.0f}", f"{time_s:.2f}", loss])
+                print(markdown_table(HEADER, table[-1:]), flush=True)
+    print(f"\nN={args.tokens}, d={args.dim}, float32; per process: the largest of each")
+    print(markdown_table(HEADER, table))
     args.out.mkdir(exist_ok=True)
     path = args.out / "vocab_parallel.json"
     path.write_text(json.dumps({"machine": machine("cpu"), "tokens": args.tokens, "dim": args.dim, "rows": results}))
