@@ -95,10 +95,11 @@ def fully_shard_gpt(model: GPT, mesh: DeviceMesh) -> None:
 def average_replicated_gradients_(parameters: list[nn.Parameter], mesh: DeviceMesh) -> None:
     """Average, over each tensor-parallel group, the gradients of the parameters its processes hold
     in common (all but the head's): they compute them from the same weights and batches, but not to
-    the last bit (a LayerNorm's weight gradient sums over threads in an order of its own), and
-    replicas updated from different gradients drift apart, step after step, until the processes
-    of a group no longer compute the same hidden states for the loss. One all-reduce a step, of
-    this process's shard of those gradients."""
+    the last bit (measured: the LayerNorms' weight gradients of a group's two processes differ by
+    an ulp from the first step; on GPUs, kernels with atomics differ more), and replicas updated
+    from different gradients drift apart, step after step, until the processes of a group no
+    longer compute the same hidden states for the loss. One all-reduce a step, of this process's
+    shard of those gradients."""
     group = mesh["tensor_parallel"]
     if group.size() == 1:
         return
