@@ -2,14 +2,20 @@
 the step's token weighting (test_normalisation.py), of its non-finite guard (test_nonfinite.py) and
 of sharded training (test_fsdp.py).
 
-``python tests/steps.py OUT_DIR`` is the 2-process DDP run of test_normalisation.py, and
-``python tests/steps.py OUT_DIR fsdp`` the 2-process runs of test_fsdp.py: Lightning starts the
-second process by running the same command again, and each rank writes its results to OUT_DIR.
+``python tests/steps.py OUT_DIR`` is the 2-process DDP run of test_normalisation.py,
+``python tests/steps.py OUT_DIR fsdp`` the 2-process runs of test_fsdp.py and
+``python tests/steps.py OUT_DIR tp`` the 4-process runs of test_tensor_parallel.py: Lightning starts
+the other processes by running the same command again (tp's are forked, with the environment
+torchrun would give them: they need not import torch and Lightning again), and each rank writes its
+results to OUT_DIR.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,9 +28,10 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from losslab.data import pad_batch
-from losslab.lightning_module import GPTLightningModule, ShardedDataParallel
+from losslab.lightning_module import GPTLightningModule
 from losslab.losses import LOSSES, build_loss
 from losslab.model import GPT, GPTConfig
+from losslab.sharding import ShardedDataParallel
 
 VOCAB = 37
 LR = 0.5
@@ -149,16 +156,30 @@ class StepMetrics(L.Callback):
         self.steps.append([float(trainer.callback_metrics[name]) for name in ("train/loss", "train/grad_norm")])
 
 
-def sharded_losses() -> dict[str, dict[str, Any]]:
-    """Every registry entry that runs here, with every option of losslab's that it honours."""
+def sharded_losses(tensor_parallel: bool = False) -> dict[str, dict[str, Any]]:
+    """Every registry entry that runs here (with ``tensor_parallel``: that takes the vocabulary
+    sharded), with every option of losslab's that it honours."""
     losses = {}
     for name, loss in LOSSES.items():
-        if loss.unavailable_reason() is None:
+        if loss.unavailable_reason() is None and (loss.takes_vocab_parallel or not tensor_parallel):
             options = {"z_loss": 1e-3, "label_smoothing": 0.1, "softcap": 30.0}
             losses[name] = {k: v for k, v in options.items() if k not in getattr(loss, "unsupported", ())}
     if "torch_lce" in losses:
         losses["torch_lce"]["chunking_method"] = None  # torch's chunked path has no label smoothing
     return losses
+
+
+def sharded_runs(tensor_parallel: bool = False) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """The runs of ``sharded_run`` and ``tensor_parallel_run``: their module options and numbers.
+    Every loss in float64 with plain SGD (a gradient scaled wrongly shows), then with AdamW and
+    clipping that bites, and under bf16 autocast."""
+    # float64 by hand: ModelParallelStrategy refuses precision="64-true"
+    float64 = {"dtype": torch.float64, "precision": "32-true"}
+    runs = {loss: ({"loss": loss, **options}, float64) for loss, options in sharded_losses(tensor_parallel).items()}
+    adamw = partial(torch.optim.AdamW, lr=0.01, fused=True)
+    runs["adamw_clipped"] = ({"optimizer": adamw, "gradient_clip_val": 0.05}, float64)
+    runs["bf16"] = ({"loss": "fused", "z_loss": 1e-3}, {"dtype": torch.float32, "precision": "bf16-mixed"})
+    return runs
 
 
 def local_and_total_sizes(module: GPTLightningModule) -> dict[str, list[int]]:
@@ -177,19 +198,11 @@ def local(tensor: Tensor) -> Tensor:
 
 
 def sharded_run(out_dir: Path) -> None:
-    """On 2 ranks, three steps under DDP and under FSDP from the same weights: of every loss in
-    float64 with plain SGD (a gradient scaled wrongly shows), then with AdamW and clipping that
-    bites, and under bf16 autocast."""
+    """On 2 ranks, three steps under DDP and under FSDP from the same weights (see sharded_runs)."""
     steps = [step_batches(lengths, seed=i)[0] for i, lengths in enumerate(SHARDED_STEPS)]
     strategies = {"ddp": partial(DDPStrategy, process_group_backend="gloo"), "fsdp": ShardedDataParallel}
-    # float64 by hand: ModelParallelStrategy refuses precision="64-true"
-    float64 = {"dtype": torch.float64, "precision": "32-true"}
-    runs = {loss: ({"loss": loss, **options}, float64) for loss, options in sharded_losses().items()}
-    adamw = partial(torch.optim.AdamW, lr=0.01, fused=True)
-    runs["adamw_clipped"] = ({"optimizer": adamw, "gradient_clip_val": 0.05}, float64)
-    runs["bf16"] = ({"loss": "fused", "z_loss": 1e-3}, {"dtype": torch.float32, "precision": "bf16-mixed"})
     results = {}
-    for run, (module_options, numbers) in runs.items():
+    for run, (module_options, numbers) in sharded_runs().items():
         for strategy_name, strategy in strategies.items():
             module = tiny_module(**module_options).to(numbers["dtype"])
             metrics = StepMetrics()
@@ -206,8 +219,87 @@ def sharded_run(out_dir: Path) -> None:
     torch.save(results, out_dir / f"sharded-rank{trainer.global_rank}.pt")
 
 
+def forked_rank(rank: int, port: int, run: Callable[[Path], None], out_dir: Path) -> None:
+    """``run(out_dir)`` as rank ``rank`` of 4 processes started outside Lightning, as torchrun starts them."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="4",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    run(out_dir)
+
+
+def tensor_parallel_steps() -> tuple[list[list[dict[str, Tensor]]], list[list[dict[str, Tensor]]]]:
+    """The steps of the runs on 2 data-parallel ranks (rank r takes the items r, r + 2...), and the
+    same steps for one: two items merged, as one step of their micro-batches."""
+    items = [step_batches(lengths, seed=i)[0] for i, lengths in enumerate(SHARDED_STEPS)]
+    return items, [items[i] + items[i + 1] for i in range(0, len(items), 2)]
+
+
+def data_parallel_share(steps: list, tensor_parallel_size: int, world_size: int) -> list:
+    """This process's share of ``steps``: those of its data-parallel rank. The mesh is (data, tensor),
+    row-major; Lightning's own split would shuffle them in an order that depends on their number."""
+    rank = int(os.environ.get("LOCAL_RANK", 0))  # Lightning's launcher sets it in the processes it starts
+    data_parallel_size = world_size // tensor_parallel_size
+    return steps[rank // tensor_parallel_size :: data_parallel_size]
+
+
+# The runs of tensor_parallel_run: each loss's sharded arithmetic is test_vocab_parallel.py's; these
+# are what training adds (AdamW and clipping over DTensors of two meshes, bf16 autocast), under
+# tensor parallelism over 2 x 2 processes with FSDP, and over all 4 (one data-parallel rank).
+TENSOR_PARALLEL_RUNS = {"fused": ("tp", "fsdp_tp"), "adamw_clipped": ("fsdp_tp",), "bf16": ("fsdp_tp",)}
+
+
+def tensor_parallel_run(out_dir: Path) -> None:
+    """On 4 ranks, the steps of sharded_run (TENSOR_PARALLEL_RUNS), under ``tp`` (4 ranks share the
+    vocabulary: one data-parallel rank, two items per step) and ``fsdp_tp`` (2 x 2: one item per
+    data-parallel rank and step); test_tensor_parallel.py compares them with one device's. Each rank
+    also keeps its shard of the head and of the first block."""
+    items, merged = tensor_parallel_steps()
+    strategies = {
+        "tp": (partial(ShardedDataParallel, tensor_parallel_size=4), data_parallel_share(merged, 4, 4)),
+        "fsdp_tp": (partial(ShardedDataParallel, tensor_parallel_size=2), data_parallel_share(items, 2, 4)),
+    }
+    runs = sharded_runs(tensor_parallel=True)
+    results = {}
+    for run, strategy_names in TENSOR_PARALLEL_RUNS.items():
+        module_options, numbers = runs[run]
+        for strategy_name in strategy_names:
+            strategy, steps = strategies[strategy_name]
+            module = tiny_module(**module_options).to(numbers["dtype"])
+            metrics = StepMetrics()
+            trainer = fit(
+                module,
+                steps,
+                precision=numbers["precision"],
+                devices=4,
+                strategy=strategy(),
+                callbacks=[metrics],
+                use_distributed_sampler=False,
+            )
+            model = module.model
+            results[run, strategy_name] = {
+                "steps": metrics.steps,
+                "parameters": parameters_of(module),
+                "head": local(model.lm_head.weight).detach().clone(),
+                "block": local(model.blocks[0].mlp.fc.weight).detach().clone(),
+                "optimizer_state": trainer.strategy.optimizer_state(trainer.optimizers[0]),
+            }
+    torch.save(results, out_dir / f"tensor-parallel-rank{trainer.global_rank}.pt")
+
+
 if __name__ == "__main__":
     if sys.argv[2:] == ["fsdp"]:
         sharded_run(Path(sys.argv[1]))
+    elif sys.argv[2:] == ["tp"]:
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        torch.multiprocessing.start_processes(
+            forked_rank, args=(port, tensor_parallel_run, Path(sys.argv[1])), nprocs=4, start_method="fork"
+        )
     else:
         ddp_run(Path(sys.argv[1]))

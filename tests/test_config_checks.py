@@ -22,6 +22,8 @@ PRESETS = [
     ["experiment=tiny"],
     ["experiment=shakespeare_gpt2"],
     ["trainer=ddp"],
+    ["trainer=tp"],
+    ["trainer=fsdp_tp", "loss=logsumexp"],
     ["precision=bf16"],
     ["tokenizer=gpt2"],
     ["tokenizer=bytes"],
@@ -200,7 +202,20 @@ BAD = [
         "+callbacks.rng_state.seed=1",
         re.escape("callbacks.rng_state.seed=1: RNGState has no option seed; it takes no options"),
     ),
-    ("trainer=fsdp trainer.precision=64-true", r"trainer.precision=64-true: FSDP \(trainer=fsdp\) takes 32-true"),
+    (
+        "trainer=fsdp trainer.precision=64-true",
+        r"trainer.precision=64-true: FSDP \(trainer=fsdp, tp, fsdp_tp\) takes 32-true",
+    ),
+    *[
+        (
+            f"trainer={trainer} loss={name}",
+            rf"loss={name} cannot train under tensor parallelism \(trainer.strategy.tensor_parallel_size=2: "
+            r"trainer=tp or fsdp_tp\).*: use loss=logsumexp, cross_entropy or fused",
+        )
+        for trainer, name in [("tp", "naive"), ("fsdp_tp", "torch_lce"), ("tp", "cce"), ("tp", "liger")]
+    ],
+    ("trainer=tp trainer.devices=3", r"trainer.devices=3 x trainer.num_nodes=1 processes do not split into tensor-"),
+    ("trainer=tp +loss.vocab_parallel=1", r"loss.vocab_parallel=1: losslab sets this itself: trainer=tp and fsdp_tp"),
     ("+loss.class_weights=[1.0,2.0]", r"loss.class_weights=\[1.0, 2.0\]: training takes no class weights"),
     ("+model.vocab_size=1000", r"model.vocab_size=1000: losslab sets this itself: the tokenizer sets it"),
     (

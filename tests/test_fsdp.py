@@ -76,11 +76,16 @@ def test_each_rank_holds_half_the_parameters_and_optimizer_state(sharded_steps):
 
 def test_a_sharded_checkpoint_holds_the_optimizer_state_as_ddp_numbers_it(sharded_steps):
     ddp, fsdp = (sharded_steps[0]["adamw_clipped", strategy]["optimizer_state"] for strategy in ("ddp", "fsdp"))
-    assert fsdp["param_groups"] == ddp["param_groups"]  # the parameters numbered in the same order
-    assert fsdp["state"].keys() == ddp["state"].keys()
-    for param_id, state in ddp["state"].items():
+    assert_same_optimizer_state(fsdp, ddp)
+
+
+def assert_same_optimizer_state(got: dict, expected: dict) -> None:
+    """Two optimizer states (``state_dict()``'s) number the parameters alike and hold the same values."""
+    assert got["param_groups"] == expected["param_groups"]  # the parameters numbered in the same order
+    assert got["state"].keys() == expected["state"].keys()
+    for param_id, state in expected["state"].items():
         for name, value in state.items():
-            assert relative_difference(fsdp["state"][param_id][name], value) < 1e-12, (param_id, name)
+            assert relative_difference(got["state"][param_id][name], value) < 1e-12, (param_id, name)
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +110,17 @@ def test_train_py_logs_under_fsdp_the_losses_and_weights_of_ddp(root, sharded_ru
 
 
 def test_a_sharded_run_logs_and_checkpoints_once_as_ddp_does(root, sharded_run):
-    folder = root / sharded_run
+    assert_logged_and_checkpointed_once(root / sharded_run, STEPS)
+
+
+def assert_logged_and_checkpointed_once(folder: Path, steps: int) -> None:
+    """A finished run of ``steps`` steps whose events one process wrote (rank 0), and whose best and
+    last checkpoints are one whole file, hard-linked, as DDP's."""
     events = folder.rglob("events.out.tfevents.*")  # named ...<host>.<pid>.<n>
     assert len({file.name.split(".")[-2] for file in events}) == 1  # one process wrote them: rank 0
     assert json.loads((folder / STATUS_FILE).read_text())["status"] == "finished"
     checkpoints = sorted((folder / "checkpoints").iterdir())
-    assert [path.name for path in checkpoints] == [f"best-step{STEPS}.ckpt", "last.ckpt"]
+    assert [path.name for path in checkpoints] == [f"best-step{steps}.ckpt", "last.ckpt"]
     assert all(path.is_file() for path in checkpoints)  # whole files, not distributed folders
     # of the same step: one file, hard-linked
     assert os.path.samefile(*checkpoints)
@@ -118,6 +128,17 @@ def test_a_sharded_run_logs_and_checkpoints_once_as_ddp_does(root, sharded_run):
     # runs here write the rest to paths.output_dir)
     logs = [path.read_text() for path in root.glob("logs/runs/*/train.log")]
     assert logs and not [advice for advice in ["sync_dist=True", "DistributedSampler"] for log in logs if advice in log]
+
+
+def assert_generate_and_export_read(checkpoint: Path, out: Path) -> None:
+    model, tokenizer = load_checkpoint(checkpoint)
+    [sample] = generate(model, tokenizer, "the ", max_new_tokens=10, seed=1)
+    assert sample.startswith("the ")
+    pytest.importorskip("transformers", reason="exporting needs transformers: pip install -e '.[export]'")
+    from losslab.export import export_checkpoint
+
+    export_checkpoint(checkpoint, out / "exported")
+    assert (out / "exported" / "model.safetensors").is_file()
 
 
 def test_a_killed_sharded_run_resumes_exactly(root, sharded_run):
@@ -128,14 +149,7 @@ def test_a_killed_sharded_run_resumes_exactly(root, sharded_run):
 
 def test_a_sharded_runs_checkpoint_resumes_on_one_device_and_serves_generate_and_export(root, sharded_run, tmp_path):
     last = last_checkpoint(root, sharded_run)
-    model, tokenizer = load_checkpoint(last)
-    [sample] = generate(model, tokenizer, "the ", max_new_tokens=10, seed=1)
-    assert sample.startswith("the ")
     further = [f"trainer.max_steps={STEPS + 2}", f"schedule.total_steps={STEPS}"]
     resumed = run(root, "fsdp-then-one-device", [*NO_BIAS, *further, f"ckpt_path={last}"])
     assert checkpoint_step(resumed) == STEPS + 2
-    pytest.importorskip("transformers", reason="exporting needs transformers: pip install -e '.[export]'")
-    from losslab.export import export_checkpoint
-
-    export_checkpoint(last, tmp_path / "exported")
-    assert (tmp_path / "exported" / "model.safetensors").is_file()
+    assert_generate_and_export_read(last, tmp_path)

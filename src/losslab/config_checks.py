@@ -64,6 +64,7 @@ SET_BY_LOSSLAB = {
     "model.vocab_size": "losslab sets this itself: the tokenizer sets it: choose tokenizer=... (and data.vocab_size for bpe)",
     "loss.reduction": "losslab sets this itself: the training step sums the loss and divides by the real tokens of the step",
     "loss.return_parts": "losslab sets this itself: the training step asks for the loss's parts to log them",
+    "loss.vocab_parallel": "losslab sets this itself: trainer=tp and fsdp_tp give the loss its rows of the LM head",
     "data.accumulate": "losslab sets this itself: use step.accumulate",
     "trainer.accumulate_grad_batches": "losslab sets this itself: the module optimizes manually: use step.accumulate",
     "trainer.gradient_clip_val": "losslab sets this itself: the module optimizes manually: use step.gradient_clip_val",
@@ -568,14 +569,38 @@ def ignore_index_is_no_token(cfg: DictConfig) -> str | None:
 
 
 def precision_fits_the_strategy(cfg: DictConfig) -> str | None:
-    """FSDP (trainer=fsdp) takes no float64: Lightning refuses it, but only once the data is built."""
+    """FSDP (trainer=fsdp, tp, fsdp_tp) takes no float64: Lightning refuses it, but only once the data is built."""
     strategy, precision = value_at(cfg, "trainer.strategy"), value_at(cfg, "trainer.precision")
     sharded = isinstance(strategy, dict) and str(strategy.get("_target_", "")).endswith("ShardedDataParallel")
     if not sharded or precision in FSDP_PRECISIONS or precision is UNSET:
         return None
     return (
-        f"trainer.precision={shown(precision)}: FSDP (trainer=fsdp) takes {', '.join(FSDP_PRECISIONS)}: "
+        f"trainer.precision={shown(precision)}: FSDP (trainer=fsdp, tp, fsdp_tp) takes {', '.join(FSDP_PRECISIONS)}: "
         "use precision=fp32 or precision=bf16"
+    )
+
+
+def tensor_parallelism_fits(cfg: DictConfig) -> str | None:
+    """Tensor parallelism (trainer=tp, fsdp_tp) splits the processes into groups of its size, and the
+    LM head by vocabulary rows, which only a loss that takes them (vocab_parallel) can train."""
+    strategy = value_at(cfg, "trainer.strategy")
+    size = strategy.get("tensor_parallel_size", 1) if isinstance(strategy, dict) else 1
+    if not is_int(size) or size <= 1:
+        return None
+    devices, nodes = value_at(cfg, "trainer.devices"), value_at(cfg, "trainer.num_nodes")
+    if is_int(devices) and is_int(nodes) and devices > 0 and (devices * nodes) % size:
+        return (
+            f"trainer.devices={devices} x trainer.num_nodes={nodes} processes do not split into tensor-parallel "
+            f"groups of trainer.strategy.tensor_parallel_size={size}: give a multiple of {size} processes"
+        )
+    name = value_at(cfg, "loss.name")
+    if name not in LOSSES or LOSSES[name].takes_vocab_parallel:
+        return None
+    *takers, last = [name for name, loss in LOSSES.items() if loss.takes_vocab_parallel]
+    return (
+        f"loss={name} cannot train under tensor parallelism (trainer.strategy.tensor_parallel_size={size}: "
+        f"trainer=tp or fsdp_tp), which gives the loss its process's rows of the LM head: "
+        f"use loss={', '.join(takers)} or {last}"
     )
 
 
@@ -626,5 +651,6 @@ RELATIONS = (
     vocab_size_fits_the_tokenizer,
     ignore_index_is_no_token,
     precision_fits_the_strategy,
+    tensor_parallelism_fits,
     loss_builds,
 )

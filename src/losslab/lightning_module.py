@@ -6,8 +6,9 @@ real target token of the step, on every device, divided by the step's real-token
 and uneven micro-batches or ranks never change a token's weight. That needs the step's token count
 before the first backward, hence manual optimization.
 
-Under ``trainer=fsdp`` (:class:`ShardedDataParallel`) the module shards the GPT over the processes in
-``configure_model``; the step is the same.
+Under ``trainer=fsdp``, ``tp`` and ``fsdp_tp`` (:class:`losslab.sharding.ShardedDataParallel`) the
+module shards the GPT over the processes in ``configure_model``; the step is the same, its sums taken
+over the data-parallel processes (those of one tensor-parallel group see the same batches).
 """
 
 from __future__ import annotations
@@ -19,25 +20,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import FSDPModule, OptimStateKeyType
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from torch.distributed.tensor import DTensor
-from torch.optim import Optimizer
+from torch.distributed import ProcessGroup
+from torch.distributed.fsdp import FSDPModule
 from torchmetrics import SumMetric
 
-from losslab.checkpoint_files import CheckpointError, check_checkpoint_file
+from losslab.checkpoint_files import CheckpointError
 from losslab.losses import LossParts, TokenLoss
-from losslab.model import GPT, fully_shard_gpt
+from losslab.model import GPT
+from losslab.sharding import average_replicated_gradients_, clip_gradients_, gradient_norm, shard_gpt
 from losslab.targets import count_targets, real_targets
 
 NONFINITE_POLICIES = ("skip", "stop")
@@ -111,6 +103,7 @@ class GPTLightningModule(L.LightningModule):
             raise ValueError(f"nonfinite={nonfinite!r}: choose one of {', '.join(NONFINITE_POLICIES)}")
         self.automatic_optimization = False
         self.model = model
+        self.loss_factory = loss
         self.loss_fn = loss(reduction="sum", return_parts=True)
         self.optimizer_factory = optimizer
         self.schedule = {"warmup_steps": warmup_steps, "total_steps": total_steps, "min_lr_ratio": min_lr_ratio}
@@ -136,13 +129,25 @@ class GPTLightningModule(L.LightningModule):
         self.warned_inexact_grads = False
 
     def configure_model(self) -> None:
-        """Under :class:`ShardedDataParallel` (``trainer=fsdp``), shard the GPT over the processes.
+        """Under :class:`losslab.sharding.ShardedDataParallel` (``trainer=fsdp``, ``tp``, ``fsdp_tp``),
+        shard the GPT over the processes; with its head split by vocabulary rows, the loss takes
+        this process's range.
 
         Lightning calls this before each fit or validation, once it has set up the processes and
         their mesh; a GPT already sharded (a fit after a validation) stays as it is.
         """
         if self.device_mesh is not None and not isinstance(self.model, FSDPModule):
-            fully_shard_gpt(self.model, self.device_mesh["data_parallel"])
+            parallel = shard_gpt(self.model, self.device_mesh)
+            if parallel is not None:
+                self.loss_fn = self.loss_factory(reduction="sum", return_parts=True, vocab_parallel=parallel)
+
+    def data_parallel(self) -> tuple[ProcessGroup | None, int]:
+        """The group of the processes that train on different batches (``None``: all of them), and
+        its size. Under tensor parallelism the processes of a group share batches and results."""
+        if self.device_mesh is None:
+            return None, self.trainer.world_size
+        mesh = self.device_mesh["data_parallel"]
+        return mesh.get_group(), mesh.size()
 
     def loss_sums(self, batch: dict[str, Tensor]) -> LossParts:
         """The loss's parts for a batch (see :class:`LossParts`), each summed over its real targets."""
@@ -152,10 +157,11 @@ class GPTLightningModule(L.LightningModule):
         """One optimizer step over the micro-batches in ``batch``."""
         optimizer = self.optimizers()
         strategy = self.trainer.strategy
+        group, ranks = self.data_parallel()
         n_tokens = sum(count_targets(micro["targets"], self.loss_fn.ignore_index) for micro in batch)
-        n_tokens = strategy.reduce(n_tokens, reduce_op="sum").clamp(min=1)
-        # DDP and FSDP average the ranks' gradients: scaling by the world size turns that into their sum.
-        scale = self.trainer.world_size / n_tokens
+        n_tokens = strategy.reduce(n_tokens, group=group, reduce_op="sum").clamp(min=1)
+        # DDP and FSDP average the ranks' gradients: scaling by their number turns that into their sum.
+        scale = ranks / n_tokens
         sums, inexact_grads = [], []
         for i, micro in enumerate(batch):
             # DDP all-reduces once, after the last micro-batch. FSDP reduce-scatters each micro-batch's
@@ -170,12 +176,15 @@ class GPTLightningModule(L.LightningModule):
             sums.append(torch.stack([parts.loss.detach(), parts.nll, parts.z_loss, correct]))
             if parts.inexact_grads is not None:
                 inexact_grads.append(parts.inexact_grads)
-        objective, nll, z_loss, accuracy = strategy.reduce(torch.stack(sums).sum(0), reduce_op="sum") / n_tokens
+        if self.device_mesh is not None:
+            average_replicated_gradients_(list(self.parameters()), self.device_mesh)
+        sums = strategy.reduce(torch.stack(sums).sum(0), group=group, reduce_op="sum")
+        objective, nll, z_loss, accuracy = sums / n_tokens
         # torch's clipping, not self.clip_gradients: Lightning refuses that with a fused optimizer
         # under bf16-mixed (it guards fp16 loss scaling, which we do not use).
-        norm = self.gradient_norm()
+        norm = gradient_norm(list(self.parameters()))
         if self.gradient_clip_val is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.parameters(), self.gradient_clip_val, norm)
+            clip_gradients_(list(self.parameters()), self.gradient_clip_val, norm)
         # The loss sums and the gradients are all-reduced, so every rank takes the same branch.
         if not (torch.isfinite(objective) and torch.isfinite(norm)):
             self.skip_step(objective, norm)
@@ -200,13 +209,8 @@ class GPTLightningModule(L.LightningModule):
         if self.loss_fn.z_loss > 0:
             self.log("train/z_loss", z_loss)
         if inexact_grads:
-            self.report_inexact_gradients(strategy.reduce(torch.stack(inexact_grads).sum(), reduce_op="sum"))
-
-    def gradient_norm(self) -> Tensor:
-        """The global norm of the step's gradient (under FSDP, of every process's shard together)."""
-        norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
-        # The norm of sharded gradients (DTensors) is a DTensor of this process's part of it.
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+            inexact = strategy.reduce(torch.stack(inexact_grads).sum(), group=group, reduce_op="sum")
+            self.report_inexact_gradients(inexact)
 
     def report_inexact_gradients(self, count: Tensor) -> None:
         """Log how many targets of the step got an inexact gradient, and warn the first time: no
@@ -331,56 +335,3 @@ def check_same(what: str, saved: dict[str, Any], here: dict[str, Any], fix: str)
             f"the checkpoint holds another {what} ({'; '.join(differing)}): resume with {fix}, "
             "or drop ckpt_path to start anew"
         )
-
-
-class ShardedDataParallel(ModelParallelStrategy):
-    """Lightning's ``ModelParallelStrategy`` as FSDP2 alone (``trainer=fsdp``): every process trains
-    on its own batches, as under DDP, and holds a shard of the parameters, gradients and optimizer
-    state; :meth:`GPTLightningModule.configure_model` shards the GPT.
-
-    The data-parallel size is the number of processes (devices x nodes), with no tensor parallelism.
-    A checkpoint is the file DDP writes: the full state, gathered on rank 0 and saved by the
-    trainer's ``CheckpointIO`` (:class:`losslab.checkpointing.AtomicCheckpointIO`), its optimizer
-    state numbered as a plain optimizer numbers it, so that any strategy resumes any checkpoint and
-    every script reads it. Resuming checks the file whole (its CRCs) and reads it with ``weights_only=True`` only.
-
-    Args:
-        process_group_backend: ``gloo``, ``nccl``...; ``None`` picks the device's (gloo on CPU).
-    """
-
-    def __init__(self, process_group_backend: str | None = None) -> None:
-        super().__init__(
-            tensor_parallel_size=1, save_distributed_checkpoint=False, process_group_backend=process_group_backend
-        )
-
-    def setup_environment(self) -> None:
-        # The processes per node and the nodes are known only now (the trainer sets them).
-        self._data_parallel_size = self.num_processes * self.num_nodes
-        super().setup_environment()
-
-    # Lightning's own optimizer_state and load_checkpoint number the parameters in the model's
-    # order, where a plain optimizer (DDP, one device) numbers them in its groups' order: a
-    # checkpoint of one would give the other's Adam moments to the wrong parameters.
-
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """The optimizer's full state on rank 0 (empty elsewhere), as ``optimizer.state_dict()`` has it."""
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_optimizer_state_dict(self.model, optimizer, options=full)
-        if not self.is_global_zero:
-            return state
-        return FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model, optim=optimizer)
-
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        """Load a checkpoint's weights and optimizer state into this process's shards; the rest of
-        the checkpoint (loops, schedule, callbacks) is returned for Lightning to restore."""
-        if weights_only is False:
-            raise ValueError("losslab loads checkpoints with weights_only=True only: they hold no code")
-        path = self.broadcast(checkpoint_path)
-        check_checkpoint_file(path)
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.model, checkpoint.pop("state_dict"), options=full)
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            by_name = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model, optim=optimizer)
-            set_optimizer_state_dict(self.model, optimizer, by_name, options=full)
-        return checkpoint

@@ -15,8 +15,7 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 from losslab.targets import IGNORE_INDEX
 
@@ -163,11 +162,15 @@ class GPT(nn.Module):
         states of ``ids``: a loss from :mod:`losslab.losses`, given the LM head rather than its logits.
 
         A method of the model, so that sharded training can run it as one of the model's forwards
-        (``register_fsdp_forward_method``, see :func:`fully_shard_gpt`): the loss then sees the LM
-        head's whole weight, not this process's shard of it.
+        (``register_fsdp_forward_method``, see :func:`losslab.sharding.fully_shard_gpt`): the loss
+        then sees the LM head's whole weight, not this process's FSDP shard of it. Under tensor
+        parallelism (:func:`losslab.sharding.shard_vocabulary`) the head is split by vocabulary rows
+        (DTensors): the loss gets this process's rows, and takes their range (``vocab_parallel``).
         """
-        head = self.lm_head
-        return loss_fn(self.hidden_states(ids), head.weight, targets, head.bias)
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        if isinstance(weight, DTensor):
+            weight, bias = weight.to_local(), None if bias is None else bias.to_local()
+        return loss_fn(self.hidden_states(ids), weight, targets, bias)
 
     def forward(self, ids: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits ``(B, T, V)`` and, given aligned ``targets`` (see :mod:`losslab.targets`), the mean loss."""
@@ -203,19 +206,3 @@ class GPT(nn.Module):
                 next_id = torch.multinomial(probs, num_samples=1, generator=generator)
             ids = torch.cat((ids, next_id), dim=1)
         return ids
-
-
-def fully_shard_gpt(model: GPT, mesh: DeviceMesh) -> None:
-    """Shard ``model``'s parameters in place over the processes of ``mesh`` with FSDP2.
-
-    Each block is a group of its own, gathered whole only around its forward and its backward; the
-    root's group holds the rest: the embeddings, the last LayerNorm and the LM head, whose weight is
-    the token embedding's (tied). That one parameter is gathered once for both uses; a group of its
-    own for the embedding would leave the head holding a shard.
-    """
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    # The training step calls model.loss, not forward: registered, it gathers the root's group as
-    # forward does, so that the loss gets the LM head's whole weight (and its gradient is reduced).
-    register_fsdp_forward_method(model, "loss")

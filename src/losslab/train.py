@@ -277,6 +277,11 @@ def route_library_logs() -> None:
         library_log.handlers.clear()
         library_log.propagate = True
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(without_tips)
+    # DTensor's advice when a checkpoint gathers the head of tp or fsdp_tp, split over both dimensions of
+    # the mesh: two all-gathers where one would do, once a save; nothing here can act on it.
+    logging.getLogger("torch.distributed.tensor._redistribute").addFilter(
+        lambda record: "sequential all_gather" not in record.getMessage()
+    )
     # Lightning 2.6's own pytree helper trips torch's deprecation of LeafSpec; nothing here can act on it.
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning

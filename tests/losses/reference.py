@@ -95,9 +95,11 @@ class Result(NamedTuple):
     grad_hidden: torch.Tensor
     grad_weight: torch.Tensor
     grad_bias: torch.Tensor | None  # None without a bias
+    predicted: torch.Tensor | None = None  # compared exactly, by the tests that ask (near-ties turn in float32)
 
 
-VALUES = ("loss", "nll", "z_loss", "accuracy")  # judged by the loss tolerance; the rest are gradients
+VALUES = ("loss", "nll", "z_loss", "accuracy")  # judged by the loss tolerance; the gradients by theirs
+GRADS = ("grad_hidden", "grad_weight", "grad_bias")
 
 
 def evaluate(loss_fn, hidden, weight, targets, upstream=None, autocast=False, bias=None):
@@ -123,6 +125,7 @@ def evaluate(loss_fn, hidden, weight, targets, upstream=None, autocast=False, bi
         hidden.grad,
         weight.grad,
         None if bias is None else bias.grad,
+        parts.predicted,
     )
 
 
@@ -203,7 +206,7 @@ def assert_results_within(got, expected, loss_tol, grad_tol):
 
     Each tolerance is ``(absolute, relative to the largest magnitude of the expected value)``.
     """
-    for field in Result._fields:
+    for field in VALUES + GRADS:
         atol, rtol = loss_tol if field in VALUES else grad_tol
         got_value, expected_value = getattr(got, field), getattr(expected, field)
         if (got_value is None and expected_value is None) or (field == "accuracy" and got_value is None):
@@ -218,7 +221,7 @@ def assert_bf16_within(got, expected, torch_bf16, loss_slack, grad_slack):
     ``torch_bf16`` is what plain PyTorch gives at that dtype (:func:`torch_bf16_loss`): an
     implementation may lose no more precision than it, beyond the slack.
     """
-    for field in Result._fields:
+    for field in VALUES + GRADS:
         slack = loss_slack if field in VALUES else grad_slack
         got_value, expected_value = getattr(got, field), getattr(expected, field)
         # bf16 logits turn near-ties of the argmax either way: accuracy is judged on its own

@@ -88,8 +88,9 @@ CASES = {  # id: (options, whether every third target is ignore_index)
 
 
 def case_inputs(shape_id, case_id, dtype=torch.float32):
-    """The case's options (class weights as a tensor), inputs, and the LM head's bias or None."""
-    shape, d, vocab = SHAPES[shape_id]
+    """The case's options (class weights as a tensor), inputs, and the LM head's bias or None;
+    ``shape_id`` names one of SHAPES, or is such a shape itself."""
+    shape, d, vocab = SHAPES[shape_id] if isinstance(shape_id, str) else shape_id
     options, ignored = dict(CASES[case_id][0]), CASES[case_id][1]
     ignore_index = options.get("ignore_index", -100) if ignored else None
     hidden, weight, targets = make_inputs(shape, d, vocab, ignore_index=ignore_index, dtype=dtype)

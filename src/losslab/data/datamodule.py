@@ -176,10 +176,12 @@ class GPTDataModule(L.LightningDataModule):
         dataset = self.datasets["val"]
         if self.hparams.val_batches is not None:
             dataset = evenly_spaced(dataset, self.hparams.val_batches * self.hparams.batch_size)
-        if self.trainer is None or self.trainer.world_size == 1:
+        # the data-parallel size and rank: the processes of a tensor-parallel group share batches
+        replicas = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
+        if replicas is None or replicas["num_replicas"] == 1:
             return self.loader(dataset)
-        # each process its share, every row counted once (see ValidationShard)
-        shard = ValidationShard(len(dataset), self.trainer.world_size, self.trainer.global_rank)
+        # each data-parallel rank its share, every row counted once (see ValidationShard)
+        shard = ValidationShard(len(dataset), replicas["num_replicas"], replicas["rank"])
         return self.loader(WithBlankRow(dataset, self.hparams.ignore_index), shard)
 
     def loader(

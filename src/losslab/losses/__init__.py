@@ -3,6 +3,9 @@
 >>> loss_fn = build_loss("fused", label_smoothing=0.1)
 >>> loss = loss_fn(hidden, model.lm_head.weight, shift_labels(labels))
 
+``fused``, ``cross_entropy`` and ``logsumexp`` also take an LM head sharded by vocabulary rows
+(``vocab_parallel=VocabParallel.from_vocab(V, group)``, see :mod:`losslab.losses.vocab_parallel`).
+
 To add an implementation (README, "Add a loss"): one file with a :class:`TokenLoss` subclass that
 sets its ``name``, one line in ``LOSSES`` below, ``conf/loss/<name>.yaml`` and a row in the README's
 table; ``tests/losses/test_registry.py`` checks all four, and the reference grid runs over ``LOSSES``.
@@ -23,6 +26,7 @@ from losslab.losses.logsumexp import LogSumExpLoss
 from losslab.losses.naive import NaiveLoss
 from losslab.losses.peer import PeerLoss
 from losslab.losses.torch_lce import TorchLinearCrossEntropyLoss
+from losslab.losses.vocab_parallel import VocabParallel
 from losslab.targets import shift_labels
 
 LOSSES: dict[str, type[TokenLoss]] = {
@@ -72,6 +76,7 @@ __all__ = [
     "LossParts",
     "PeerLoss",
     "TokenLoss",
+    "VocabParallel",
     "default_chunk_size",
     "build_loss",
     "loss_options",

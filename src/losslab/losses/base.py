@@ -10,6 +10,8 @@ Every implementation is called the same way, ``loss_fn(hidden, weight, targets, 
 
 and takes the same options with the same meaning as :func:`torch.nn.functional.cross_entropy`
 (``class_weights`` is its ``weight``), plus PaLM's z-loss and Gemma-2's logit soft-capping.
+Those that can also take the LM head sharded by vocabulary rows over a process group
+(``vocab_parallel``, see :mod:`losslab.losses.vocab_parallel`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from losslab.losses.vocab_parallel import VocabParallel, whole
 from losslab.targets import IGNORE_INDEX, real_targets
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -53,6 +56,17 @@ class LossParts(NamedTuple):
     inexact_grads: Tensor | None = None
 
 
+def vocab_parallel_losses() -> list[str]:
+    """The names of the implementations that take ``vocab_parallel``."""
+    found, classes = [], [TokenLoss]
+    while classes:
+        cls = classes.pop(0)
+        classes += cls.__subclasses__()
+        if cls.takes_vocab_parallel and "name" in vars(cls):
+            found.append(cls.name)
+    return found
+
+
 def loss_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype losses are computed in: float32, or float64 for float64 inputs."""
     return torch.promote_types(dtype, torch.float32)
@@ -81,10 +95,15 @@ class TokenLoss(nn.Module):
         check_targets: raise ``ValueError`` for target ids outside ``[0, V)`` (other than
             ``ignore_index``). It costs a device sync; turn it off for speed once data is trusted.
         return_parts: return :class:`LossParts` instead of ``loss``.
+        vocab_parallel: a :class:`~losslab.losses.vocab_parallel.VocabParallel`: ``weight`` and
+            ``bias`` are this rank's rows of the LM head, the rest as without it (targets keep their
+            global ids, class weights are the full ``(V,)`` vector) and so are the results. Only
+            the implementations with ``takes_vocab_parallel`` accept it.
     """
 
     name: ClassVar[str]
     gives_predictions: ClassVar[bool] = True  # LossParts.accuracy and .predicted are not None
+    takes_vocab_parallel: ClassVar[bool] = False
     nonfinite_hint: ClassVar[str] = (
         "the logits or the weights diverged: lower the learning rate (optimizer.lr), lengthen the "
         "warm-up (schedule.warmup_steps) or clip harder (step.gradient_clip_val)"
@@ -111,8 +130,16 @@ class TokenLoss(nn.Module):
         class_weights: Tensor | Sequence[float] | None = None,
         check_targets: bool = True,
         return_parts: bool = False,
+        vocab_parallel: VocabParallel | None = None,
     ) -> None:
         super().__init__()
+        if vocab_parallel is not None and not self.takes_vocab_parallel:
+            raise ValueError(
+                f"loss {self.name!r} takes no vocab_parallel (an LM head sharded by vocabulary rows): "
+                f"{', '.join(vocab_parallel_losses())} do"
+            )
+        if vocab_parallel is not None and not isinstance(vocab_parallel, VocabParallel):
+            raise TypeError(f"vocab_parallel must be a losslab.losses.VocabParallel, got {vocab_parallel!r:.80}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
         if not 0.0 <= label_smoothing <= 1.0:
@@ -134,6 +161,7 @@ class TokenLoss(nn.Module):
         self.softcap = softcap
         self.check_targets = check_targets
         self.return_parts = return_parts
+        self.vocab_parallel = vocab_parallel
         # LossParts' accuracy and predicted tokens; the training step turns them off on the steps it
         # does not log, where they would cost the logits-based losses a pass over the full logits.
         self.predict = True
@@ -142,13 +170,28 @@ class TokenLoss(nn.Module):
 
     def extra_repr(self) -> str:
         weighted = "" if self.class_weights is None else f", class_weights=({self.class_weights.numel()},)"
+        sharded = "" if self.vocab_parallel is None else f", vocab_parallel={self.vocab_parallel}"
         return (
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}{weighted}"
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}{weighted}{sharded}"
         )
 
-    def validate(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None) -> None:
-        """Raise a clear error for shapes that do not fit or target ids outside ``[0, V)``."""
+    def validate(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None) -> int:
+        """Raise a clear error for shapes that do not fit or target ids outside ``[0, V)``; return V,
+        the whole vocabulary's size (see :meth:`whole_vocab_size`)."""
+        self.validate_head(hidden, weight, bias)
+        vocab_size = self.whole_vocab_size(weight.shape[0], targets)
+        self.validate_targets(targets, hidden.shape[:-1], vocab_size)
+        return vocab_size
+
+    def whole_vocab_size(self, rows: int, targets: Tensor) -> int:
+        """V from this rank's ``rows`` of the head: ``rows`` itself, or under ``vocab_parallel`` the
+        ranks' rows together (checked: :meth:`~losslab.losses.vocab_parallel.VocabParallel.layout`)."""
+        if self.vocab_parallel is None:
+            return rows
+        return self.vocab_parallel.layout(rows, targets, 0)[0]
+
+    def validate_head(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
             raise ValueError(
                 f"hidden has shape {tuple(hidden.shape)} and the LM head weight "
@@ -156,7 +199,6 @@ class TokenLoss(nn.Module):
             )
         if bias is not None and bias.shape != (weight.shape[0],):
             raise ValueError(f"the LM head bias has shape {tuple(bias.shape)}: it must be (V,) = ({weight.shape[0]},)")
-        self.validate_targets(targets, hidden.shape[:-1], weight.shape[0])
 
     def validate_targets(self, targets: Tensor, leading_shape: torch.Size, vocab_size: int) -> None:
         if targets.shape != leading_shape:
@@ -245,41 +287,66 @@ class LogitsLoss(TokenLoss):
     """
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None):
-        self.validate(hidden, weight, targets, bias)
+        self.validate_head(hidden, weight, bias)
+        if self.vocab_parallel is not None:
+            hidden = self.vocab_parallel.sum_hidden_grad(hidden)
         return self.from_logits(torch.nn.functional.linear(hidden, weight, bias), targets)
 
     def from_logits(self, logits: Tensor, targets: Tensor):
-        """The loss of ready-made logits ``(..., V)`` against aligned ``targets`` ``(...)``."""
-        self.validate_targets(targets, logits.shape[:-1], logits.shape[-1])
+        """The loss of ready-made logits ``(..., V)`` against aligned ``targets`` ``(...)``; under
+        ``vocab_parallel``, ``(..., stop - start)``: this rank's columns."""
+        vocab_size = self.whole_vocab_size(logits.shape[-1], targets)
+        self.validate_targets(targets, logits.shape[:-1], vocab_size)
         # Under bf16 autocast the matmul gives bf16 logits; the loss itself is computed in float32,
         # autocast off (it would run a matmul with the class weights in bf16).
         with torch.autocast(logits.device.type, enabled=False):
-            return self.loss_of_logits(logits.to(loss_dtype(logits.dtype)), targets)
+            return self.loss_of_logits(logits.to(loss_dtype(logits.dtype)), targets, vocab_size)
 
-    def loss_of_logits(self, logits: Tensor, targets: Tensor) -> Tensor | LossParts:
+    def loss_of_logits(self, logits: Tensor, targets: Tensor, vocab_size: int) -> Tensor | LossParts:
         logits = logits.reshape(-1, logits.shape[-1])
         logits = self.apply_softcap(logits)
         flat_targets = targets.reshape(-1).long()
         valid = real_targets(flat_targets, self.ignore_index)
         safe_targets = flat_targets.masked_fill(~valid, 0)
-        ce, nll = self.token_loss(logits, safe_targets)
-        z_loss = torch.zeros_like(ce)
-        if self.z_loss > 0:
-            z_loss = self.z_loss * torch.logsumexp(logits, dim=-1).square()
+        predict = self.return_parts and self.predict  # one more pass over the full logits
+        if self.vocab_parallel is None:
+            ce, nll = self.token_loss(logits, safe_targets)
+            lse = torch.logsumexp(logits, dim=-1) if self.z_loss > 0 else None
+            with torch.no_grad():
+                predicted = logits.argmax(dim=-1) if predict else None
+        else:
+            ce, nll, lse, predicted = self.vocab_parallel_token_loss(logits, safe_targets, vocab_size, predict)
+        z_loss = self.z_loss * lse.square() if self.z_loss > 0 else torch.zeros_like(ce)
         per_token = {
             "ce": ce.masked_fill(~valid, 0.0),
             "nll": nll.detach().masked_fill(~valid, 0.0),
             "z_loss": z_loss.masked_fill(~valid, 0.0),
         }
-        if self.return_parts and self.predict:  # one more pass over the full logits
-            with torch.no_grad():
-                predicted = logits.argmax(dim=-1)
+        if predicted is not None:
             per_token["correct"] = ((predicted == flat_targets) & valid).to(ce.dtype)
             per_token["predicted"] = predicted.masked_fill(~valid, NOT_PREDICTED)
         weights = self.target_weights(safe_targets, valid, ce.dtype)
         return self.finish(
             targets.shape, valid, weights, per_token, self.inexact_gradients(logits, safe_targets, valid)
         )
+
+    def vocab_parallel_token_loss(
+        self, logits: Tensor, targets: Tensor, vocab_size: int, predict: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(loss, nll, logsumexp, argmax)`` per token of this rank's columns of the logits, over
+        the whole vocabulary: the log-softmax distributed over the group (one all-gather, see
+        :mod:`losslab.losses.vocab_parallel`), then :meth:`smoothed`'s cross-entropy written with
+        the log-sum-exp: ``sum_j w_j (-log p_j) = sum(w) * lse - sum_j w_j x_j``."""
+        parallel, eps, w = self.vocab_parallel, self.label_smoothing, self.class_weights
+        local_weights = None if w is None else w[parallel.start : parallel.stop].to(logits.dtype)
+        stats = parallel.row_stats(logits, targets, local_weights, eps > 0, predict)
+        rows = whole(parallel.gather(stats), eps > 0, predict)
+        nll = rows.lse - rows.target
+        ce = nll if w is None else w[targets].to(nll.dtype) * nll
+        if eps > 0:
+            mean_weight = 1.0 if w is None else w.sum(dtype=nll.dtype) / vocab_size
+            ce = (1 - eps) * ce + eps * (mean_weight * rows.lse - rows.smooth / vocab_size)
+        return ce, nll, rows.lse, rows.argmax
 
     def token_loss(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """``(loss, nll)`` per token: the cross-entropy as :meth:`TokenLoss.smoothed` defines it

@@ -11,6 +11,13 @@ log-sum-exp takes anyway.
 For ``reduction="mean"`` or ``"sum"`` the gradients are computed during the forward pass (the
 upstream gradient is a scalar that only rescales them); for ``"none"`` the per-token upstream
 gradient is only known in backward, which then recomputes each chunk's logits (one more matmul).
+
+With ``vocab_parallel`` (an LM head sharded by vocabulary rows, :mod:`losslab.losses.vocab_parallel`)
+each rank computes its columns of a chunk's logits, ``chunk_size x (stop - start)``, and the ranks
+exchange 3 to 5 floats per row of the chunk in one all-gather (the row maximum, the sum of exp
+below it, the target's logit, and with label smoothing or predictions the logits' sum and the
+argmax), from which every rank has the whole rows' log-sum-exp, loss and argmax; the chunk's
+gradient is then local, and the hidden states' is summed over the ranks once, in backward.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 from torch import Tensor
 
 from losslab.losses.base import NOT_PREDICTED, TokenLoss, loss_dtype
+from losslab.losses.vocab_parallel import VocabParallel, whole
 from losslab.targets import real_targets
 
 # One chunk's float32 logits take about this many bytes; see default_chunk_size.
@@ -48,6 +56,7 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
     """
 
     name = "fused"
+    takes_vocab_parallel = True
 
     def __init__(self, chunk_size: int | None = None, **options) -> None:
         super().__init__(**options)
@@ -59,7 +68,14 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None):
-        self.validate(hidden, weight, targets, bias)
+        self.validate_head(hidden, weight, bias)
+        parallel = self.vocab_parallel
+        vocab_size = widest = weight.shape[0]
+        if parallel is not None:  # chunks of as many rows on every rank: as many all-gathers
+            vocab_size, widest = parallel.layout(weight.shape[0], targets, self.chunk_size or 0)
+        self.validate_targets(targets, hidden.shape[:-1], vocab_size)
+        # Free without vocab_parallel (the row maximum gives it); with it, a column of the all-gather.
+        predict = parallel is None or (self.return_parts and self.predict)
         device_type = hidden.device.type
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
         # Autocast runs matmuls in its dtype, except float64 ones, which it leaves alone.
@@ -71,14 +87,19 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             softcap=self.softcap,
-            chunk_size=self.chunk_size or default_chunk_size(weight.shape[0]),
+            chunk_size=self.chunk_size or default_chunk_size(widest),
             compute_dtype=compute_dtype,
             grad_enabled=torch.is_grad_enabled(),
+            vocab_size=vocab_size,
+            vocab_parallel=parallel,
+            predict=predict,
         )
         loss, *per_token = _FusedLinearCrossEntropy.apply(hidden, weight, targets, bias, self.class_weights, options)
         if not self.return_parts:
             return loss
         per_token = dict(zip(PER_TOKEN, per_token))
+        if not predict:
+            del per_token["correct"], per_token["predicted"]
         flat_targets = targets.reshape(-1)
         valid = real_targets(flat_targets, self.ignore_index)
         weights = self.target_weights(flat_targets.masked_fill(~valid, 0), valid, per_token["ce"].dtype)
@@ -99,6 +120,9 @@ class FusedOptions:
     # Where the loss was called: a Function's forward always runs without grad mode, and its
     # ctx.needs_input_grad says only which inputs require a gradient.
     grad_enabled: bool
+    vocab_size: int  # V: the whole vocabulary's, under vocab_parallel too
+    vocab_parallel: VocabParallel | None
+    predict: bool  # find the argmax (predicted stays NOT_PREDICTED otherwise)
 
 
 # What the Function returns besides the loss, for LossParts: per position (0 where ignored), detached.
@@ -112,9 +136,9 @@ class ChunkLoss(NamedTuple):
     nll: Tensor
     z_loss: Tensor
     lse: Tensor  # logsumexp of the (soft-capped) logits
-    predicted: Tensor  # the argmax
+    predicted: Tensor | None  # the argmax, when predicted
     exp_shifted: Tensor  # exp(logits - row max), in the logits' buffer
-    norm: Tensor  # its row sums
+    norm: Tensor  # what it is divided by to give the softmax: its row sums (exp(lse - row max))
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -149,7 +173,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 chunks.mean_scales() if options.reduction == "mean" else (h.new_ones((), dtype=chunks.acc_dtype),) * 2
             )
             values = {name: h.new_empty(t.numel(), dtype=chunks.acc_dtype) for name in ("ce", "nll", "z_loss", "lse")}
-            predicted = torch.empty_like(t)
+            predicted = torch.full_like(t, NOT_PREDICTED)
             grads = chunks.new_grads(
                 *(grads_now and needed for needed in (needs_grad_hidden, needs_grad_weight, needs_grad_bias))
             )
@@ -158,7 +182,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 chunk = chunks.loss(logits, rows)
                 for name, buffer in values.items():
                     buffer[rows] = getattr(chunk, name)
-                predicted[rows] = chunk.predicted
+                if chunk.predicted is not None:
+                    predicted[rows] = chunk.predicted
                 if grads_now:
                     scales = (ce_scale.expand_as(chunk.norm), z_scale.expand_as(chunk.norm))
                     grad_logits = chunks.grad_logits_(chunk.exp_shifted, chunk.norm, rows, chunk.lse, *scales, dcap)
@@ -214,6 +239,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 )
 
         if grad_h is not None:
+            if ctx.options.vocab_parallel is not None:
+                grad_h = ctx.options.vocab_parallel.reduced_hidden_grad(grad_h)
             if not ctx.all_kept:
                 rows = hidden_shape.numel() // hidden_shape[-1]
                 grad_h = grad_h.new_zeros(rows, hidden_shape[-1]).index_copy_(0, kept, grad_h)
@@ -243,7 +270,16 @@ class _Chunks:
         self.acc_dtype = loss_dtype(h.dtype)
         # in the matmuls' dtype: under autocast, F.linear adds the bias in bf16 too
         self.bias = None if bias is None else bias.to(h.dtype)
+        # by token id (the targets' weights, their mean), and those of this rank's columns
         self.class_weights = None if class_weights is None else class_weights.to(self.acc_dtype)
+        self.column_weights = self.class_weights
+        # the targets as columns of this rank's logits, and where it holds them (None: everywhere)
+        self.target_columns, self.held = t, None
+        self.parallel = options.vocab_parallel
+        if self.parallel is not None:
+            self.target_columns, self.held = self.parallel.local_targets(t)
+            if class_weights is not None:
+                self.column_weights = self.class_weights[self.parallel.start : self.parallel.stop]
         # One buffer for every chunk's logits: a fresh allocation per chunk costs page faults.
         rows = min(self.chunk_size, h.shape[0])
         self.buffer = h.new_empty((rows, w.shape[0]), dtype=self.acc_dtype)
@@ -293,24 +329,33 @@ class _Chunks:
         """Per-token cross-entropy (class weights and label smoothing), plain NLL, z-loss,
         logsumexp and argmax of a chunk's logits.
 
-        Also ``exp(logits - max)`` (computed in place, in ``logits``' memory) and its row sums,
-        from which the softmax follows without a second ``exp``.
+        Also ``exp(logits - max)`` (computed in place, in ``logits``' memory) and what divides it
+        into the softmax, so that no second ``exp`` is needed. Under ``vocab_parallel`` the
+        logits are this rank's columns, and the whole rows' numbers come from the group's.
         """
         eps, z = self.options.label_smoothing, self.options.z_loss
-        target_logit = logits.gather(1, self.t[rows, None]).squeeze(1)
-        if eps > 0:  # sum_j w_j x_j / V, taken before the logits' buffer is overwritten
-            weighted_logit = (
-                logits.mean(dim=1) if self.class_weights is None else logits @ self.class_weights / logits.shape[1]
-            )
+        target_logit = logits.gather(1, self.target_columns[rows, None]).squeeze(1)
+        if self.held is not None:
+            target_logit = torch.where(self.held[rows], target_logit, 0.0)
+        weighted_logit = None  # sum_j w_j x_j, taken before the logits' buffer is overwritten
+        if eps > 0:
+            weighted_logit = logits.sum(dim=1) if self.column_weights is None else logits @ self.column_weights
         row_max, predicted = logits.max(dim=1)
         shifted = logits.sub_(row_max[:, None]).exp_()
         norm = shifted.sum(dim=1)
-        lse = row_max + norm.log()
+        if self.parallel is None:
+            lse = row_max + norm.log()
+        else:
+            predict = self.options.predict
+            stats = self.parallel.pack(row_max, norm, target_logit, weighted_logit, predicted if predict else None)
+            whole_rows = whole(self.parallel.gather(stats), eps > 0, predict)
+            lse, target_logit, weighted_logit, predicted = whole_rows[1:]
+            norm = (lse - row_max).exp()  # shifted / norm: the softmax over the whole vocabulary
         nll = lse - target_logit
         ce = self.target_weights(rows) * nll
         if eps > 0:
             mean_weight = 1.0 if self.class_weights is None else self.class_weights.mean()
-            ce = (1 - eps) * ce + eps * (mean_weight * lse - weighted_logit)
+            ce = (1 - eps) * ce + eps * (mean_weight * lse - weighted_logit / self.options.vocab_size)
         return ChunkLoss(ce, nll, z * lse.square(), lse, predicted, shifted, norm)
 
     def grad_logits_(
@@ -335,13 +380,16 @@ class _Chunks:
         mean_weight = 1.0 if self.class_weights is None else self.class_weights.mean()
         softmax_factor = ce_scale * ((1 - eps) * target_weight + eps * mean_weight) + z_scale * 2 * z * lse
         grad = shifted.mul_((softmax_factor / norm)[:, None])
-        grad.scatter_add_(1, self.t[rows, None], (-(1 - eps) * target_weight * ce_scale)[:, None])
+        target_grad = -(1 - eps) * target_weight * ce_scale
+        if self.held is not None:  # the target's column, where this rank holds it
+            target_grad = torch.where(self.held[rows], target_grad, 0.0)
+        grad.scatter_add_(1, self.target_columns[rows, None], target_grad[:, None])
         if eps > 0:
-            vocab = grad.shape[1]
-            if self.class_weights is None:
+            vocab = self.options.vocab_size
+            if self.column_weights is None:
                 grad.sub_((eps / vocab) * ce_scale[:, None])
             else:
-                grad.addr_(ce_scale, self.class_weights, alpha=-eps / vocab)
+                grad.addr_(ce_scale, self.column_weights, alpha=-eps / vocab)
         if dcap is not None:
             grad.mul_(dcap)
         return grad

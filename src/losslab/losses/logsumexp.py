@@ -12,10 +12,12 @@ class LogSumExpLoss(LogitsLoss):
     """Cross-entropy through ``log_softmax(x) = x - logsumexp(x)``.
 
     ``torch.logsumexp`` subtracts the row maximum before ``exp``, so nothing overflows; this is
-    the stable rewrite of ``naive`` that every real implementation uses.
+    the stable rewrite of ``naive`` that every real implementation uses. Under ``vocab_parallel``,
+    ``logsumexp(x)`` is taken over the group: the log-sum-exp of each rank's (one all-gather).
     """
 
     name = "logsumexp"
+    takes_vocab_parallel = True
 
     def token_loss(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)

@@ -1,0 +1,233 @@
+"""Vocabulary parallelism: the loss over the whole vocabulary from an LM head sharded by rows.
+
+With ``vocab_parallel=VocabParallel(start, stop, group)`` the ``fused``, ``cross_entropy`` and
+``logsumexp`` losses take ``weight`` (and ``bias``) as this rank's rows ``[start, stop)`` of the LM
+head; ``hidden``, ``targets`` (global token ids) and ``class_weights`` (the full ``(V,)`` vector)
+are the same on every rank of ``group``, and so is every result: the unsharded loss's, its
+:class:`~losslab.losses.base.LossParts` included (the argmax over the whole vocabulary, ties to the
+lowest id as ``torch.argmax``). Each rank gets its rows' gradient, and the hidden states' gradient
+summed over the group, or, with ``reduce_hidden_grad=False``, its own part of that sum, for a
+caller that reduces it itself.
+
+Each rank reduces its own columns of a row of logits to a few numbers (:data:`MAX`, :data:`SUMEXP`,
+:data:`TARGET`, :data:`SMOOTH`, :data:`ARGMAX`: :meth:`VocabParallel.row_stats`), the ranks
+exchange them, and every rank combines them into the whole row's (:meth:`VocabParallel.whole`), as
+the log-sum-exp of log-sum-exps. What crosses the group, never a vocabulary-wide tensor:
+
+- per call: one ``all_gather`` of 6 integers per rank (:meth:`VocabParallel.layout`), which checks
+  that the ranges tile ``[0, V)`` in rank order and that every rank got the same targets (their
+  number, which would otherwise hang the ranks in different collectives, and their sum, which
+  catches a data loader that gives the ranks of a group different batches), and tells each rank V;
+- per chunk of ``r`` rows (``fused``; the logits-based losses: per call, all rows at once): one
+  ``all_gather`` in which each rank gives ``k`` floats per row: its maximum logit, the sum of
+  ``exp(logit - that maximum)`` over its columns, the target's logit (0 if another rank holds it),
+  and with label smoothing the sum of its logits (weighted by the class weights), and when
+  predictions are asked its argmax: ``k`` = 3 to 5, so ``k x ranks`` floats per row arrive;
+- in backward: one ``all_reduce`` of the hidden states' gradient ``(N, d)``, unless
+  ``reduce_hidden_grad=False``.
+
+The autograd of the logits-based losses runs through :class:`_GatherRows` (backward: this rank's
+slice of the gradient, no communication: every rank computes the same loss from the gathered
+numbers) and :class:`_SumGradOverGroup` (forward: identity; backward: the all-reduce). Either holds
+only if every rank differentiates the same function of the loss, as a training step does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+# The columns of what a rank gives per row (row_stats): k of them, the last two only when asked.
+MAX, SUMEXP, TARGET, SMOOTH, ARGMAX = range(5)
+
+
+@dataclass(frozen=True)
+class VocabParallel:
+    """This rank's rows ``[start, stop)`` of the LM head, and the group that holds the others.
+
+    Args:
+        start, stop: the half-open range of vocabulary ids whose rows this rank holds. The ranks'
+            ranges, in rank order, must tile ``[0, V)``.
+        group: the process group of the ranks that share the vocabulary; ``None``: the default.
+        reduce_hidden_grad: sum the hidden states' gradient over the group in backward (every rank
+            then holds the whole gradient); ``False`` leaves each rank its part, for a caller
+            that reduces it itself.
+    """
+
+    start: int
+    stop: int
+    group: ProcessGroup | None = None
+    reduce_hidden_grad: bool = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.start, int) and isinstance(self.stop, int) and 0 <= self.start < self.stop):
+            raise ValueError(f"VocabParallel(start={self.start}, stop={self.stop}): need ints with 0 <= start < stop")
+
+    @classmethod
+    def from_vocab(
+        cls, vocab_size: int, group: ProcessGroup | None = None, reduce_hidden_grad: bool = True
+    ) -> VocabParallel:
+        """This rank's range of a vocabulary of ``vocab_size`` split over ``group``'s ranks as DTensor's
+        ``Shard(0)`` splits a head (``torch.chunk``): ``ceil(V / ranks)`` rows each, the last rank the
+        rest, so that the range is the rank's rows of a head sharded by ``parallelize_module``."""
+        rank, ranks = dist.get_rank(group), dist.get_world_size(group)
+        start, stop = shard_range(vocab_size, rank, ranks)
+        if start >= stop:
+            raise ValueError(
+                f"a vocabulary of V={vocab_size} split over {ranks} ranks in rows of {math.ceil(vocab_size / ranks)} "
+                f"leaves rank {rank} no rows: use fewer ranks"
+            )
+        return cls(start, stop, group, reduce_hidden_grad)
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    def layout(self, weight_rows: int, targets: Tensor, chunk_size: int) -> tuple[int, int]:
+        """The whole vocabulary's size V and the widest rank's rows, after checking that the ranks'
+        ranges tile ``[0, V)`` in rank order, that each weight holds its range's rows, and that every
+        rank got the same targets (their number and sum) and chunk size. Every rank raises the same error."""
+        numbers = [self.start, self.stop, weight_rows, targets.numel(), chunk_size]
+        mine = torch.cat([torch.tensor(numbers, device=targets.device), targets.sum(dtype=torch.long).view(1)])
+        every = mine.new_empty(dist.get_world_size(self.group) * mine.numel())
+        dist.all_gather_single(every, mine, group=self.group)
+        starts, stops, rows, tokens, chunks, sums = every.view(-1, mine.numel()).T.tolist()
+        ranges = ", ".join(f"[{start}, {stop})" for start, stop in zip(starts, stops))
+        if starts[0] != 0 or any(stop != start for stop, start in zip(stops, starts[1:])):
+            raise ValueError(f"vocab_parallel: the ranks' ranges {ranges} do not tile [0, V) in rank order")
+        if rows != [stop - start for start, stop in zip(starts, stops)]:
+            raise ValueError(
+                f"vocab_parallel: the ranks' LM head weights have {rows} rows for the ranges {ranges}: "
+                "give each rank its range's rows"
+            )
+        if len(set(tokens)) > 1 or len(set(sums)) > 1:
+            raise ValueError(
+                f"vocab_parallel: the ranks got {tokens} targets summing to {sums}: every rank of the group "
+                "must get the same hidden states and targets"
+            )
+        if len(set(chunks)) > 1:
+            raise ValueError(f"vocab_parallel: the ranks use chunk sizes {chunks}: give them all the same")
+        return stops[-1], max(rows)
+
+    def local_targets(self, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """The targets as column indices of this rank's rows (0 where another rank holds them), and
+        where this rank holds them."""
+        local = targets - self.start
+        held = (local >= 0) & (local < self.rows)
+        return local.masked_fill(~held, 0), held
+
+    def row_stats(
+        self, logits: Tensor, targets: Tensor, smooth_weights: Tensor | None, smoothing: bool, predict: bool
+    ) -> Tensor:
+        """What this rank gives of each row of its ``logits (rows, stop - start)``: ``(rows, k)``.
+
+        ``smooth_weights`` are this rank's class weights (``None``: all 1), summed against the
+        logits with ``smoothing``. Differentiable in ``logits`` (the maximum and argmax aside).
+        """
+        with torch.no_grad():
+            row_max, argmax = logits.max(dim=1)
+        smooth = None
+        if smoothing:
+            smooth = logits.sum(dim=1) if smooth_weights is None else logits @ smooth_weights
+        sumexp = (logits - row_max[:, None]).exp().sum(dim=1)
+        return self.pack(row_max, sumexp, self.target_logits(logits, targets), smooth, argmax if predict else None)
+
+    def target_logits(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Each row's logit of its target, 0 where another rank holds the target."""
+        index, held = self.local_targets(targets)
+        return torch.where(held, logits.gather(1, index[:, None]).squeeze(1), 0.0)
+
+    def pack(
+        self, row_max: Tensor, sumexp: Tensor, target: Tensor, smooth: Tensor | None, argmax: Tensor | None
+    ) -> Tensor:
+        """A rank's numbers of each row as the ``(rows, k)`` it gives: :data:`MAX`, :data:`SUMEXP`,
+        :data:`TARGET`, then :data:`SMOOTH` and :data:`ARGMAX` (a local column index) if given."""
+        columns = [row_max, sumexp, target]
+        if smooth is not None:
+            columns.append(smooth)
+        if argmax is not None:
+            columns.append((argmax + self.start).to(row_max.dtype))  # exact: ids < 2**24
+        return torch.stack(columns, dim=1)
+
+    def gather(self, stats: Tensor) -> Tensor:
+        """Every rank's ``stats (rows, k)``, as ``(ranks, rows, k)``; differentiable (see the module)."""
+        return _GatherRows.apply(stats, self.group)
+
+    def sum_hidden_grad(self, hidden: Tensor) -> Tensor:
+        """``hidden``, whose gradient backward sums over the group (unless ``reduce_hidden_grad=False``)."""
+        return _SumGradOverGroup.apply(hidden, self) if self.reduce_hidden_grad else hidden
+
+    def reduced_hidden_grad(self, grad: Tensor) -> Tensor:
+        """The hidden states' gradient summed over the group (unless ``reduce_hidden_grad=False``)."""
+        if not self.reduce_hidden_grad:
+            return grad
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=self.group)
+        return grad
+
+
+class WholeRows(NamedTuple):
+    """Per row, over the whole vocabulary: see :func:`whole`."""
+
+    max: Tensor  # the largest logit
+    lse: Tensor  # the log-sum-exp of the logits
+    target: Tensor  # the target's logit
+    smooth: Tensor | None  # the (class-weighted) sum of the logits, with label smoothing
+    argmax: Tensor | None  # the lowest id of the largest logit, when predicted
+
+
+def whole(gathered: Tensor, smoothing: bool, predict: bool) -> WholeRows:
+    """The whole rows' numbers from every rank's (:meth:`VocabParallel.gather`): the log-sum-exp of
+    the ranks' ``max + log(sumexp)``, taken from the largest maximum; the sums; and the argmax of
+    the first rank whose maximum is the largest (the ranks' ranges ascend)."""
+    row_max = gathered[..., MAX].detach().amax(dim=0)
+    sumexp = (gathered[..., SUMEXP] * (gathered[..., MAX].detach() - row_max).exp()).sum(dim=0)
+    smooth = gathered[..., SMOOTH].sum(dim=0) if smoothing else None
+    argmax = None
+    if predict:
+        first = (gathered[..., MAX] == row_max).to(torch.uint8).argmax(dim=0)  # the first rank that holds it
+        argmax = gathered[..., -1].detach().gather(0, first[None]).squeeze(0).long()
+    return WholeRows(row_max, row_max + sumexp.log(), gathered[..., TARGET].sum(dim=0), smooth, argmax)
+
+
+def shard_range(vocab_size: int, rank: int, ranks: int) -> tuple[int, int]:
+    """Rank ``rank``'s rows of ``vocab_size`` split over ``ranks`` as ``torch.chunk`` (and DTensor's
+    ``Shard(0)``) split them: ``ceil(V / ranks)`` each, the last ones fewer (or none)."""
+    rows = math.ceil(vocab_size / ranks)
+    return min(rank * rows, vocab_size), min((rank + 1) * rows, vocab_size)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of each rank's ``(rows, k)`` into ``(ranks, rows, k)``. Every rank computes the
+    same loss from the result, so a rank's part gets the result's gradient at its own slice."""
+
+    @staticmethod
+    def forward(ctx, stats: Tensor, group: ProcessGroup | None) -> Tensor:
+        ctx.rank = dist.get_rank(group)
+        gathered = stats.new_empty(dist.get_world_size(group) * stats.shape[0], *stats.shape[1:])
+        dist.all_gather_single(gathered, stats.contiguous(), group=group)
+        return gathered.view(-1, *stats.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad[ctx.rank], None
+
+
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the group: each rank's logits see only its
+    rows of the head, so its gradient of the hidden states is its part of the whole one."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, parallel: VocabParallel) -> Tensor:
+        ctx.parallel = parallel
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return ctx.parallel.reduced_hidden_grad(grad), None

@@ -1,0 +1,246 @@
+"""The ranks of test_vocab_parallel.py: ``python tests/losses/vocab_parallel_ranks.py OUT_DIR``.
+
+One launch of 4 processes over gloo (forked, so that torch is imported once), holding three groups:
+ranks 0-1, 0-2 and 0-3. In each group every vocabulary-parallel entry runs the single-process grid
+on V = 507, split unevenly: test_losses.py's cases in float64, and those of LOW_PRECISION_CASES
+(every option and reduction among them) in float32 and bf16 autocast, at that grid's tolerances.
+Its results are checked here, against the unsharded float64 reference, the expected gradient being
+this rank's rows of the whole one; then the other checks of test_vocab_parallel.py. Each rank writes what
+it checked and what failed to ``OUT_DIR/rank<r>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from losslab.losses import VocabParallel, build_loss  # noqa: E402
+from losslab.losses.base import vocab_parallel_losses  # noqa: E402
+from tests.losses.reference import (  # noqa: E402
+    Result,
+    assert_bf16_within,
+    assert_results_within,
+    evaluate,
+    random_upstream,
+    reference_loss,
+    torch_bf16_loss,
+)
+from tests.losses.test_losses import BF16_SLACK, CASES, DTYPES, TOLERANCES, case_inputs  # noqa: E402
+
+WORLD_SIZES = (2, 3, 4)
+SHAPE, DIM, VOCAB = (3, 11), 16, 507  # V = 507: 254 + 253 rows over 2, 169 x 3 over 3, 127 x 3 + 126 over 4
+CHUNK = 8  # fused's rows per chunk: several chunks, one all-gather each
+NAMES = tuple(vocab_parallel_losses())
+# float32 and bf16 autocast, on fewer cases than float64 to keep the suite short: every option and reduction
+LOW_PRECISION_CASES = (
+    "sum",
+    "all-mean",
+    "all-ignore_index=7-none",
+    "all-bias-class_weights-mean",
+    "all-bias-class_weights-none",
+)
+
+
+def grid_inputs(case_id: str, dtype: torch.dtype):
+    """test_losses.case_inputs at this grid's shape: the same on every rank."""
+    return case_inputs((SHAPE, DIM, VOCAB), case_id, dtype)
+
+
+def rows_of(result: Result, parallel: VocabParallel) -> Result:
+    """The unsharded result as this rank should have it: its rows of the head's gradients."""
+    rows = slice(parallel.start, parallel.stop)
+    bias = None if result.grad_bias is None else result.grad_bias[rows]
+    return result._replace(grad_weight=result.grad_weight[rows], grad_bias=bias)
+
+
+def build_sharded(name: str, parallel: VocabParallel, **options):
+    chunks = {"chunk_size": CHUNK} if name == "fused" else {}
+    return build_loss(name, return_parts=True, vocab_parallel=parallel, **chunks, **options)
+
+
+def check_grid_case(name: str, case_id: str, dtype: str, parallel: VocabParallel) -> None:
+    """test_losses.test_matches_reference, sharded: every LossParts field and gradient."""
+    input_dtype = torch.float64 if dtype == "float64" else torch.float32
+    options, hidden, weight, targets, bias = grid_inputs(case_id, input_dtype)
+    reduction = options.get("reduction", "mean")
+    upstream = random_upstream(targets, reduction)
+    rows = slice(parallel.start, parallel.stop)
+    local_bias = None if bias is None else bias[rows]
+    loss_fn = build_sharded(name, parallel, **options)
+    autocast = dtype == "bf16-autocast"
+    got = evaluate(loss_fn, hidden, weight[rows], targets, upstream, autocast=autocast, bias=local_bias)
+    expected = evaluate(partial(reference_loss, **options), hidden, weight, targets, upstream, bias=bias)
+    assert got.loss.dtype == input_dtype and got.grad_weight.dtype == input_dtype
+    if not autocast:
+        assert_results_within(got, rows_of(expected, parallel), **tolerances(dtype))
+        if dtype == "float64":
+            assert torch.equal(got.predicted, expected.predicted), "predicted: not the whole vocabulary's argmax"
+        return
+    torch_bf16 = evaluate(partial(torch_bf16_loss, **options), hidden, weight, targets, upstream, bias=bias)
+    assert_bf16_within(
+        got, rows_of(expected, parallel), rows_of(torch_bf16, parallel), BF16_SLACK["loss"], BF16_SLACK["grad"]
+    )
+
+
+def tolerances(dtype: str) -> dict[str, tuple[float, float]]:
+    return {"loss_tol": TOLERANCES[dtype]["loss"], "grad_tol": TOLERANCES[dtype]["grad"]}
+
+
+def check_hidden_grad_left_to_the_caller(name: str, parallel: VocabParallel) -> None:
+    """``reduce_hidden_grad=False``: each rank's part of the hidden states' gradient, which sum to it."""
+    options, hidden, weight, targets, bias = grid_inputs("all-bias-class_weights-mean", torch.float64)
+    parts_only = VocabParallel(parallel.start, parallel.stop, parallel.group, reduce_hidden_grad=False)
+    rows = slice(parallel.start, parallel.stop)
+    got = evaluate(build_sharded(name, parts_only, **options), hidden, weight[rows], targets, bias=bias[rows])
+    expected = evaluate(partial(reference_loss, **options), hidden, weight, targets, bias=bias)
+    summed = got.grad_hidden.clone()
+    dist.all_reduce(summed, group=parallel.group)
+    assert not torch.allclose(got.grad_hidden, summed), "each rank's part is not the whole gradient"
+    assert_results_within(got._replace(grad_hidden=summed), rows_of(expected, parallel), **tolerances("float64"))
+
+
+def check_gradcheck_through_the_group(name: str, parallel: VocabParallel) -> None:
+    """torch.autograd.gradcheck of the hidden states' gradient, summed over the group, against finite
+    differences of the sharded loss along random directions (fast_mode: every rank draws the same)."""
+    options, hidden, weight, targets, bias = grid_inputs("all-bias-class_weights-mean", torch.float64)
+    rows = slice(parallel.start, parallel.stop)
+    loss_fn = build_sharded(name, parallel, **options)
+    hidden = hidden.clone().requires_grad_()
+    torch.manual_seed(0)
+    assert torch.autograd.gradcheck(
+        lambda h: loss_fn(h, weight[rows], targets, bias[rows]).loss, (hidden,), fast_mode=True, raise_exception=False
+    )
+
+
+class CreatedTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every tensor an operation creates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                self.shapes.append((str(func), tuple(tensor.shape)))
+        return out
+
+
+def created_shapes(loss_fn: Callable, hidden, weight, targets, bias) -> list[tuple[str, tuple[int, ...]]]:
+    """The shapes of the tensors created by the loss's forward and backward (the inputs excluded)."""
+    hidden, weight, bias = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+    with CreatedTensors() as created:
+        loss_fn(hidden, weight, targets, bias).loss.backward()
+    return created.shapes
+
+
+def check_no_vocabulary_wide_tensor(name: str, parallel: VocabParallel) -> None:
+    """No tensor that the sharded loss creates, forward and backward, has V entries along any
+    dimension; fused's largest is one chunk of its columns. The unsharded fused does create them
+    (so the check can fail)."""
+    options, hidden, weight, targets, bias = grid_inputs("all-bias-class_weights-mean", torch.float32)
+    rows = slice(parallel.start, parallel.stop)
+    shapes = created_shapes(build_sharded(name, parallel, **options), hidden, weight[rows], targets, bias[rows])
+    wide = [(op, shape) for op, shape in shapes if max(shape, default=0) >= VOCAB]
+    assert not wide, f"vocabulary-wide tensors: {wide[:5]}"
+    if name == "fused":
+        largest = max(torch.Size(shape).numel() for _, shape in shapes)
+        assert largest <= max(CHUNK * parallel.rows, parallel.rows * DIM), f"{largest} elements"
+        whole = build_loss("fused", return_parts=True, **options)
+        unsharded = created_shapes(whole, hidden, weight, targets, bias)
+        assert any(VOCAB in shape for _, shape in unsharded)
+
+
+def check_ties_go_to_the_lowest_id(name: str, parallel: VocabParallel) -> None:
+    """The largest logit held by several ranks (and twice by one): the argmax is its lowest id,
+    as torch.argmax's; through an identity LM head for fused (hidden = the logits)."""
+    logits = torch.zeros(4, VOCAB, dtype=torch.float64)
+    ties = [[5, 300, 506], [400, 401, 250], [506, 505, 0], [126, 127, 381]]
+    for row, ids in enumerate(ties):
+        logits[row, ids] = 3.0
+    targets = torch.tensor([300, 400, 0, 127])
+    rows = slice(parallel.start, parallel.stop)
+    loss_fn = build_sharded(name, parallel)
+    if name == "fused":
+        parts = loss_fn(logits, torch.eye(VOCAB, dtype=torch.float64)[rows], targets)
+    else:
+        parts = loss_fn.from_logits(logits[:, rows], targets)
+    assert parts.predicted.tolist() == [min(ids) for ids in ties] == logits.argmax(dim=1).tolist()
+    assert parts.accuracy.item() == 0.25  # row 2: the target 0 is the lowest of the ties
+
+
+def check_inconsistent_ranks_are_refused(name: str, parallel: VocabParallel) -> None:
+    """Ranges that do not tile the vocabulary, or ranks given other tokens (fewer, or as many other
+    targets: a data loader that splits a group's batches), raise the same error on every rank
+    rather than hang or give wrong numbers."""
+    _, hidden, weight, targets, _ = grid_inputs("mean", torch.float64)
+    rank = dist.get_rank(parallel.group)
+    gap = VocabParallel(parallel.start + (rank == 1), parallel.stop, parallel.group)
+    rows = slice(parallel.start, parallel.stop)
+    other_targets = targets.clone()
+    other_targets[0, 0] = (targets[0, 0] + rank) % VOCAB  # rank 0's own, another id elsewhere
+    for bad, fragment, args in [
+        (gap, "do not tile [0, V)", (hidden, weight[gap.start : gap.stop], targets)),
+        (parallel, "the same hidden states", (hidden[:, rank:], weight[rows], targets[:, rank:])),
+        (parallel, "the same hidden states", (hidden, weight[rows], other_targets)),
+    ]:
+        try:
+            build_sharded(name, bad)(*args)
+        except ValueError as error:
+            assert fragment in str(error), str(error)
+        else:
+            raise AssertionError(f"no error for {fragment}")
+
+
+CHECKS = {
+    "reduce_hidden_grad=False": check_hidden_grad_left_to_the_caller,
+    "gradcheck": check_gradcheck_through_the_group,
+    "no vocabulary-wide tensor": check_no_vocabulary_wide_tensor,
+    "ties": check_ties_go_to_the_lowest_id,
+    "inconsistent ranks": check_inconsistent_ranks_are_refused,
+}
+
+
+def run_rank(rank: int, out: Path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=max(WORLD_SIZES))
+    groups = {size: dist.new_group(list(range(size))) for size in WORLD_SIZES}  # every rank creates every group
+    checked, failures = [], {}
+
+    def check(key: str, fn: Callable, *args) -> None:
+        checked.append(key)
+        try:
+            fn(*args)
+        except Exception as error:  # an assertion, or gradcheck's own
+            failures[key] = f"{error}\n{traceback.format_exc(limit=3)}"
+
+    for size, group in groups.items():
+        if rank < size:
+            parallel = VocabParallel.from_vocab(VOCAB, group)
+            for name in NAMES:
+                for case_id in CASES:
+                    for dtype in DTYPES if case_id in LOW_PRECISION_CASES else ["float64"]:
+                        check(f"{size} ranks/{name}/{case_id}/{dtype}", check_grid_case, name, case_id, dtype, parallel)
+                for check_name, fn in CHECKS.items():
+                    check(f"{size} ranks/{name}/{check_name}", fn, name, parallel)
+        dist.barrier()
+    (out / f"rank{rank}.json").write_text(json.dumps({"checked": checked, "failures": failures}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    out_dir = Path(sys.argv[1])
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.multiprocessing.start_processes(run_rank, args=(out_dir,), nprocs=max(WORLD_SIZES), start_method="fork")
