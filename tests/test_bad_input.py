@@ -29,7 +29,7 @@ def test_unknown_config_group_option_lists_the_options(tmp_path):
     assert run.returncode != 0
     lines = run.stderr.splitlines()
     assert lines[0] == "In 'train': Could not find 'loss/nope'"
-    names = ["cce", "cross_entropy", "fused", "liger", "logsumexp", "naive", "torch_lce"]
+    names = ["cce", "cross_entropy", "fused", "liger", "logsumexp", "naive", "tiled", "torch_lce"]
     assert lines[1 : 3 + len(names)] == ["", "Available options in 'loss':", *(f"\t{name}" for name in names)]
 
 
