@@ -622,6 +622,11 @@ def blocks(problem: Problem) -> Blocks:
     return Blocks(64, 128, 64)
 
 
+def num_warps(block: Blocks) -> int:
+    """Warps per program: 8 for tiles of 64 x 128 logits and more (their accumulators fill 4 warps' registers)."""
+    return 8 if block.rows * block.vocab >= 64 * 128 else 4
+
+
 def vocab_splits(problem: Problem, block: Blocks) -> tuple[int, int]:
     """How many parts of the vocabulary the forward pass gives separate programs, and the tiles per part.
 
@@ -671,7 +676,7 @@ def common_arguments(problem: Problem) -> tuple[list, dict]:
         BLOCK_N=block.rows,
         BLOCK_V=block.vocab,
         BLOCK_D=block.dim,
-        num_warps=8 if block.rows * block.vocab >= 64 * 128 else 4,
+        num_warps=num_warps(block),
     )
     return pointers, constexprs
 
