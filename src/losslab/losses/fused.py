@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from losslab.losses.base import NOT_PREDICTED, TokenLoss, loss_dtype
+from losslab.losses.base import NOT_PREDICTED, PER_TOKEN, TokenLoss, loss_dtype, matmul_dtype
 from losslab.targets import real_targets
 
 # One chunk's float32 logits take about this many bytes; see default_chunk_size.
@@ -60,11 +60,6 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None):
         self.validate(hidden, weight, targets, bias)
-        device_type = hidden.device.type
-        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
-        # Autocast runs matmuls in its dtype, except float64 ones, which it leaves alone.
-        if torch.is_autocast_enabled(device_type) and compute_dtype != torch.float64:
-            compute_dtype = torch.get_autocast_dtype(device_type)
         options = FusedOptions(
             ignore_index=self.ignore_index,
             reduction=self.reduction,
@@ -72,17 +67,11 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
             z_loss=self.z_loss,
             softcap=self.softcap,
             chunk_size=self.chunk_size or default_chunk_size(weight.shape[0]),
-            compute_dtype=compute_dtype,
+            compute_dtype=matmul_dtype(hidden, weight),
             grad_enabled=torch.is_grad_enabled(),
         )
         loss, *per_token = _FusedLinearCrossEntropy.apply(hidden, weight, targets, bias, self.class_weights, options)
-        if not self.return_parts:
-            return loss
-        per_token = dict(zip(PER_TOKEN, per_token))
-        flat_targets = targets.reshape(-1)
-        valid = real_targets(flat_targets, self.ignore_index)
-        weights = self.target_weights(flat_targets.masked_fill(~valid, 0), valid, per_token["ce"].dtype)
-        return self.finish(targets.shape, valid, weights, per_token)._replace(loss=loss)
+        return self.finish_per_token(targets, loss, per_token) if self.return_parts else loss
 
 
 @dataclass(frozen=True)
@@ -99,10 +88,6 @@ class FusedOptions:
     # Where the loss was called: a Function's forward always runs without grad mode, and its
     # ctx.needs_input_grad says only which inputs require a gradient.
     grad_enabled: bool
-
-
-# What the Function returns besides the loss, for LossParts: per position (0 where ignored), detached.
-PER_TOKEN = ("ce", "nll", "z_loss", "correct", "predicted")
 
 
 class ChunkLoss(NamedTuple):

@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from losslab.losses.base import NOT_PREDICTED, TokenLoss, loss_dtype
-from losslab.losses.fused import PER_TOKEN, _scatter
+from losslab.losses.base import NOT_PREDICTED, TokenLoss, loss_dtype, matmul_dtype
+from losslab.losses.fused import _scatter
 from losslab.targets import real_targets
 
 if TYPE_CHECKING:  # the kernels' module needs triton: imported when a tiled loss runs
@@ -108,11 +108,7 @@ class TiledLinearCrossEntropyLoss(TokenLoss):
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None):
         self.validate(hidden, weight, targets, bias)
-        device_type = hidden.device.type
-        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
-        # Autocast runs matmuls in its dtype, except float64 ones, which it leaves alone.
-        if torch.is_autocast_enabled(device_type) and compute_dtype != torch.float64:
-            compute_dtype = torch.get_autocast_dtype(device_type)
+        compute_dtype = matmul_dtype(hidden, weight)
         check_runs_here(hidden.device, compute_dtype)
         options = TiledOptions(
             ignore_index=self.ignore_index,
@@ -128,13 +124,7 @@ class TiledLinearCrossEntropyLoss(TokenLoss):
             grad_enabled=torch.is_grad_enabled(),
         )
         loss, *per_token = _TiledLinearCrossEntropy.apply(hidden, weight, targets, bias, self.class_weights, options)
-        if not self.return_parts:
-            return loss
-        per_token = dict(zip(PER_TOKEN, per_token))
-        flat_targets = targets.reshape(-1)
-        valid = real_targets(flat_targets, self.ignore_index)
-        weights = self.target_weights(flat_targets.masked_fill(~valid, 0), valid, per_token["ce"].dtype)
-        return self.finish(targets.shape, valid, weights, per_token)._replace(loss=loss)
+        return self.finish_per_token(targets, loss, per_token) if self.return_parts else loss
 
 
 def check_runs_here(device: torch.device, compute_dtype: torch.dtype) -> None:
