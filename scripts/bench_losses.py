@@ -128,7 +128,8 @@ def main() -> None:
     print(table)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"bench_losses-{datetime.now():%Y%m%d-%H%M%S}"
-    write_json(stem.with_suffix(".json"), results, machine=info, settings={**vars(args), "out_dir": str(args.out_dir)})
+    settings = {**vars(args), "out_dir": str(args.out_dir)}
+    write_json(stem.with_suffix(".json"), results, machine=info, settings=settings, left_out=unavailable())
     stem.with_suffix(".md").write_text(table)
     title = f"losslab losses, forward+backward: {info['device_name']}, torch {info['torch']}, {info['threads']} threads"
     plot(results, stem.with_suffix(".png"), title)

@@ -4,6 +4,7 @@ The shared folder is ``$LOSSLAB_SHARED``, else ``../shared`` beside the reposito
 material is not there is skipped, with a reason that says where to put it.
 """
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -13,6 +14,27 @@ import torch
 pytest_plugins = ["pytester"]  # tests/test_shared_material.py runs pytest on small test files
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def interpret_tiled_kernels_without_cuda() -> None:
+    """Without CUDA, loss=tiled's Triton kernels run in Triton's interpreter in the tests (tests/losses).
+
+    A Triton function is interpreted when TRITON_INTERPRET=1 as it is defined: when triton (which Lightning
+    and torch.compile import while the tests are collected) and losslab.losses.tiled_kernels are imported.
+    Both are imported here with it, and it is taken away again, unless it was set before: the processes
+    the tests start (train.py, benchmark workers) do not inherit it, and there tiled stays what it is on a
+    CPU, refused. tests/losses/conftest.py sets it again for its own tests, where tiled then runs.
+    """
+    if importlib.util.find_spec("triton") is None or torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ:
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import losslab.losses.tiled_kernels  # noqa: F401  (and triton)
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+
+
+interpret_tiled_kernels_without_cuda()
 
 
 def shared_folder() -> Path:

@@ -34,7 +34,7 @@ def test_a_misspelt_group_choice_gets_did_you_mean_in_one_line(tmp_path):
     assert run.returncode != 0
     assert run.stderr.strip().splitlines() == [
         "error: unknown loss choice fusd (in loss=fusd): did you mean loss=fused? "
-        "(or one of cce, cross_entropy, fused, liger, logsumexp, naive, torch_lce)"
+        "(or one of cce, cross_entropy, fused, liger, logsumexp, naive, tiled, torch_lce)"
     ]
 
 

@@ -1,4 +1,4 @@
-"""The registry: four implementations, built by name, with clear errors for bad names and options."""
+"""The registry: the lab's implementations and the peers, built by name, with clear errors for bad names and options."""
 
 from pathlib import Path
 
@@ -31,8 +31,8 @@ INVALID = {  # id: (option, value, text the message must hold)
 }
 
 
-def test_registry_holds_the_four_and_the_peers():
-    assert set(LOSSES) == {"naive", "logsumexp", "cross_entropy", "fused", "torch_lce", "liger", "cce"}
+def test_registry_holds_the_labs_own_and_the_peers():
+    assert set(LOSSES) == {"naive", "logsumexp", "cross_entropy", "fused", "tiled", "torch_lce", "liger", "cce"}
     assert len(set(LOSSES.values())) == len(LOSSES), "each name has its own implementation"
 
 

@@ -25,6 +25,7 @@ from losslab.losses.liger import LigerFusedLinearCrossEntropyLoss
 from losslab.losses.logsumexp import LogSumExpLoss
 from losslab.losses.naive import NaiveLoss
 from losslab.losses.peer import PeerLoss
+from losslab.losses.tiled import TiledLinearCrossEntropyLoss
 from losslab.losses.torch_lce import TorchLinearCrossEntropyLoss
 from losslab.losses.vocab_parallel import VocabParallel
 from losslab.targets import shift_labels
@@ -36,6 +37,7 @@ LOSSES: dict[str, type[TokenLoss]] = {
         LogSumExpLoss,
         CrossEntropyLoss,
         FusedLinearCrossEntropyLoss,
+        TiledLinearCrossEntropyLoss,  # Triton: on CUDA, or in Triton's interpreter for testing
         # the field's own, where their packages and devices are (see losslab.losses.peer)
         TorchLinearCrossEntropyLoss,
         LigerFusedLinearCrossEntropyLoss,

@@ -72,6 +72,21 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype of ``hidden @ weight.T`` here: the inputs' own, or autocast's, which leaves float64
+    matmuls alone."""
+    device_type = hidden.device.type
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if torch.is_autocast_enabled(device_type) and dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+# What the fused losses' autograd Functions return besides the loss, for LossParts: flat, per
+# position (0 where ignored), detached.
+PER_TOKEN = ("ce", "nll", "z_loss", "correct", "predicted")
+
+
 class TokenLoss(nn.Module):
     """Options and checks common to all implementations.
 
@@ -276,6 +291,20 @@ class TokenLoss(nn.Module):
         accuracy = reduced["correct"].detach() if "correct" in reduced else None
         predicted = None if predicted is None else predicted.reshape(shape)
         return LossParts(loss, reduced["nll"].detach(), reduced["z_loss"].detach(), accuracy, predicted, inexact)
+
+    def finish_per_token(
+        self, targets: Tensor, loss: Tensor, per_token: Sequence[Tensor], predicted: bool = True
+    ) -> LossParts:
+        """:class:`LossParts` of a loss reduced whole (``loss``) and its flat per-token values in
+        :data:`PER_TOKEN`'s order, as the fused losses' autograd Functions return them; without
+        accuracy and predicted tokens when they were not ``predicted``."""
+        values = dict(zip(PER_TOKEN, per_token, strict=True))
+        if not predicted:
+            del values["correct"], values["predicted"]
+        flat_targets = targets.reshape(-1)
+        valid = real_targets(flat_targets, self.ignore_index)
+        weights = self.target_weights(flat_targets.masked_fill(~valid, 0), valid, values["ce"].dtype)
+        return self.finish(targets.shape, valid, weights, values)._replace(loss=loss)
 
 
 class LogitsLoss(TokenLoss):

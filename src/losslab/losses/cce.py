@@ -25,8 +25,8 @@ class CutCrossEntropyLoss(PeerLoss):
     Args:
         impl: ``"cce"`` (Triton, CUDA), ``"torch_compile"`` (any device) or ``"auto"``: ``cce``
             where CUDA is available, else ``torch_compile``.
-        filter_eps: CCE's gradient filter (``"high"``, ``"auto"``, a number, or ``None`` for the
-            exact gradient); only its ``cce`` kernel filters.
+        filter_eps: CCE's gradient filter (``"auto"``, its default: the compute dtype's eps / 32; a
+            number; or ``None`` for the exact gradient); only its ``cce`` kernel filters.
         **options: see :class:`losslab.losses.base.TokenLoss`; not ``label_smoothing``, ``z_loss``
             or ``class_weights``.
     """
@@ -43,7 +43,7 @@ class CutCrossEntropyLoss(PeerLoss):
 
         return "bias" in inspect.signature(linear_cross_entropy).parameters
 
-    def __init__(self, impl: str = "auto", filter_eps: float | str | None = "high", **options) -> None:
+    def __init__(self, impl: str = "auto", filter_eps: float | str | None = "auto", **options) -> None:
         super().__init__(**options)
         if impl not in IMPLS:
             raise ValueError(f"impl={impl!r}: choose one of {', '.join(IMPLS)}")

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from losslab.losses.base import NOT_PREDICTED, TokenLoss, loss_dtype
+from losslab.losses.base import NOT_PREDICTED, PER_TOKEN, TokenLoss, loss_dtype, matmul_dtype
 from losslab.losses.vocab_parallel import VocabParallel, whole
 from losslab.targets import real_targets
 
@@ -76,11 +76,6 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
         self.validate_targets(targets, hidden.shape[:-1], vocab_size)
         # Free without vocab_parallel (the row maximum gives it); with it, a column of the all-gather.
         predict = parallel is None or (self.return_parts and self.predict)
-        device_type = hidden.device.type
-        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
-        # Autocast runs matmuls in its dtype, except float64 ones, which it leaves alone.
-        if torch.is_autocast_enabled(device_type) and compute_dtype != torch.float64:
-            compute_dtype = torch.get_autocast_dtype(device_type)
         options = FusedOptions(
             ignore_index=self.ignore_index,
             reduction=self.reduction,
@@ -88,22 +83,14 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
             z_loss=self.z_loss,
             softcap=self.softcap,
             chunk_size=self.chunk_size or default_chunk_size(widest),
-            compute_dtype=compute_dtype,
+            compute_dtype=matmul_dtype(hidden, weight),
             grad_enabled=torch.is_grad_enabled(),
             vocab_size=vocab_size,
             vocab_parallel=parallel,
             predict=predict,
         )
         loss, *per_token = _FusedLinearCrossEntropy.apply(hidden, weight, targets, bias, self.class_weights, options)
-        if not self.return_parts:
-            return loss
-        per_token = dict(zip(PER_TOKEN, per_token))
-        if not predict:
-            del per_token["correct"], per_token["predicted"]
-        flat_targets = targets.reshape(-1)
-        valid = real_targets(flat_targets, self.ignore_index)
-        weights = self.target_weights(flat_targets.masked_fill(~valid, 0), valid, per_token["ce"].dtype)
-        return self.finish(targets.shape, valid, weights, per_token)._replace(loss=loss)
+        return self.finish_per_token(targets, loss, per_token, predict) if self.return_parts else loss
 
 
 @dataclass(frozen=True)
@@ -123,10 +110,6 @@ class FusedOptions:
     vocab_size: int  # V: the whole vocabulary's, under vocab_parallel too
     vocab_parallel: VocabParallel | None
     predict: bool  # find the argmax (predicted stays NOT_PREDICTED otherwise)
-
-
-# What the Function returns besides the loss, for LossParts: per position (0 where ignored), detached.
-PER_TOKEN = ("ce", "nll", "z_loss", "correct", "predicted")
 
 
 class ChunkLoss(NamedTuple):
