@@ -1,0 +1,424 @@
+"""Every loss implementation audited on a trained model's own activations.
+
+    python scripts/audit_losses.py logs/runs/<run>/checkpoints/last.ckpt [--batches 4]
+
+Random tensors hide the errors that matter (peaked softmaxes, large logits, long tails): the audit
+takes a run's checkpoint, the final hidden states its model computes on batches of the run's own
+validation data and its LM head (:mod:`losslab.audit_run`), and runs every registry entry that can
+run here on them, in float32 (``fp32``), under bf16 autocast (``bf16-autocast``: what
+``precision=bf16`` trains with) and on bf16 tensors (``bf16``: hidden states, weight and bias cast
+to bfloat16), each against a float64 reference on the same activations (``F.cross_entropy`` in
+float64 on float64 logits, with the run's own loss options). Per entry and dtype:
+
+- the error of the mean loss and of the NLL, and of the gradients of the hidden states, the weight
+  and the bias: the max absolute error, and relative, over the reference's largest magnitude;
+- the true-class gradient ``dL/dlogit[target]`` (``p_t - 1`` without options) of the most
+  confident targets, where it is smallest and easiest to get wrong (Liger-Kernel's was 100% off at
+  p=0.999): each such token alone, through the LM head's bias (a zero one when the model has none),
+  whose gradient is the logits' own, so that the entries which never show their logits are measured
+  like the others; relative token by token;
+- how many targets are in ``naive``'s inexact-gradient regime (its ``LossParts.inexact_grads``);
+- chunk-size invariance, for the entries with a ``chunk_size`` option: each of :data:`CHUNK_SIZES`
+  judged as above, and the largest difference from the default chunk size (0: bitwise the same);
+- batch invariance: the first row of the first batch alone against the same row in its batch, per
+  token loss and gradient of the hidden states (``reduction="none"``);
+- the time of a forward and backward of the mean (median of ``repeats``) and its peak memory,
+  with :mod:`losslab.bench`'s helpers.
+
+The verdict is the project's tolerance policy (:mod:`losslab.losses.tolerances`): in float32,
+max |error| <= absolute + relative * max |reference| (the true-class gradient token by token,
+against its own magnitude); in bf16, ``||error|| <= ||PyTorch's own error|| + slack *
+||reference||``, PyTorch's own being ``F.linear`` at that precision, then ``F.cross_entropy`` in
+float32. :mod:`losslab.audit_report` writes the table, the verdicts and the chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from losslab.audit_report import write_report
+from losslab.audit_run import Activations, AuditError, load_activations
+from losslab.bench import peak_memory_mib, time_calls
+from losslab.checkpoint_files import CheckpointError
+from losslab.generate import at_least
+from losslab.losses import LOSSES, LossParts, TokenLoss, default_chunk_size
+from losslab.losses.tolerances import (
+    BF16_SLACK,
+    TOLERANCES,
+    allowed_bf16_error,
+    allowed_max_error,
+    bf16_loss_slack,
+    max_error,
+    norm_error,
+)
+
+DTYPES = ("fp32", "bf16-autocast", "bf16")
+CHUNK_SIZES = (61, 1024)  # besides the default: a size that splits the rows unevenly, and a round one
+PROBED = 32  # the most confident targets, whose true-class gradient is measured token by token
+TINY = torch.finfo(torch.float64).tiny
+
+
+class Inputs(NamedTuple):
+    """A loss's arguments, ``loss_fn(hidden, weight, targets, bias)``, in the dtype it gets them."""
+
+    hidden: Tensor
+    weight: Tensor
+    targets: Tensor
+    bias: Tensor | None
+
+    def to(self, dtype: torch.dtype) -> Inputs:
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return Inputs(self.hidden.to(dtype), self.weight.to(dtype), self.targets, bias)
+
+    def rows(self, positions: slice) -> Inputs:
+        return Inputs(self.hidden[positions], self.weight, self.targets[positions], self.bias)
+
+
+class TorchLoss:
+    """PyTorch's own loss: ``F.linear``, then ``F.cross_entropy`` in float32 (float64 for float64
+    logits), with the run's options. On float64 inputs it is the reference; on bf16 ones, or under
+    bf16 autocast, it gives PyTorch's own error at that precision, which the bf16 verdict allows."""
+
+    def __init__(self, options: Mapping[str, Any], reduction: str = "mean") -> None:
+        self.options, self.reduction = options, reduction
+
+    def __call__(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None) -> LossParts:
+        logits = F.linear(hidden, weight, bias)
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            softcap, ignore_index = self.options["softcap"], self.options["ignore_index"]
+            if softcap is not None:
+                logits = softcap * torch.tanh(logits / softcap)
+            smoothing = self.options["label_smoothing"]
+            ce = F.cross_entropy(
+                logits, targets, ignore_index=ignore_index, label_smoothing=smoothing, reduction="none"
+            )
+            nll = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none") if smoothing else ce
+            counted = targets != ignore_index
+            z_loss = self.options["z_loss"] * torch.logsumexp(logits, dim=-1).square() * counted
+        count = counted.sum().clamp(min=1)
+        reduce = {"none": lambda x: x, "sum": lambda x: x.sum(), "mean": lambda x: x.sum() / count}[self.reduction]
+        return LossParts(reduce(ce + z_loss), reduce(nll).detach(), reduce(z_loss).detach(), None, None)
+
+
+class Outcome(NamedTuple):
+    """One evaluation: the loss's values and its leaves' gradients, by name, and naive's count."""
+
+    values: dict[str, Tensor]  # loss, nll, grad_hidden, grad_weight, grad_bias (with a bias), true_class
+    inexact_grads: int | None = None
+
+
+def evaluation(loss_fn: Callable[..., LossParts], inputs: Inputs, autocast: bool) -> tuple[Callable[[], Outcome], list]:
+    """A step that runs ``loss_fn`` forward (under bf16 autocast if asked) and backward on leaves
+    made of ``inputs``, and gives its :class:`Outcome`; and the leaves, whose gradients it sets."""
+    leaves = [t.detach().clone().requires_grad_() for t in (inputs.hidden, inputs.weight, inputs.bias) if t is not None]
+    bias = leaves[2] if inputs.bias is not None else None
+    device = inputs.hidden.device.type
+
+    def step() -> Outcome:
+        with torch.autocast(device, dtype=torch.bfloat16) if autocast else nullcontext():
+            parts = loss_fn(leaves[0], leaves[1], inputs.targets, bias)
+        parts.loss.backward(torch.ones_like(parts.loss))
+        names = ("grad_hidden", "grad_weight", "grad_bias")
+        # an entry that gives a leaf no gradient gives it zeros: judged as such, not passed over
+        grads = {name: torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for name, leaf in zip(names, leaves)}
+        values = {"loss": parts.loss.detach(), "nll": parts.nll, **grads}
+        return Outcome(values, None if parts.inexact_grads is None else int(parts.inexact_grads))
+
+    return step, leaves
+
+
+def evaluate(loss_fn: Callable[..., LossParts], inputs: Inputs, autocast: bool) -> Outcome:
+    return evaluation(loss_fn, inputs, autocast)[0]()
+
+
+def true_class_gradients(loss_fn: Callable[..., LossParts], inputs: Inputs, tokens: Tensor, autocast: bool) -> Tensor:
+    """``dL/dlogit[target]`` of each of ``tokens`` (positions), each alone, with ``reduction="sum"``:
+    the gradient of the LM head's bias at its target (of a zero bias when there is none)."""
+    bias = inputs.bias if inputs.bias is not None else inputs.weight.new_zeros(inputs.weight.shape[0])
+    gradients = []
+    for token in tokens.tolist():
+        alone = Inputs(inputs.hidden[token : token + 1], inputs.weight, inputs.targets[token : token + 1], bias)
+        gradients.append(evaluate(loss_fn, alone, autocast).values["grad_bias"][inputs.targets[token]])
+    return torch.stack(gradients)
+
+
+class Baseline(NamedTuple):
+    """What an entry is judged against at one dtype: its inputs, the float64 reference's outcome on
+    them, and PyTorch's own at that precision (bf16 only)."""
+
+    inputs: Inputs
+    reference: Outcome
+    torch_own: Outcome | None
+
+
+def baseline(activations: Activations, dtype: str, tokens: Tensor) -> Baseline:
+    """The :class:`Baseline` at ``dtype``: float32 activations, or bf16 ones for ``bf16``; the
+    reference on the same values in float64."""
+    inputs = Inputs(activations.hidden, activations.weight, activations.targets, activations.bias)
+    inputs = inputs.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    options = activations.loss_options
+
+    def outcome(loss_inputs: Inputs, autocast: bool) -> Outcome:
+        result = evaluate(TorchLoss(options), loss_inputs, autocast)
+        result.values["true_class"] = true_class_gradients(TorchLoss(options, "sum"), loss_inputs, tokens, autocast)
+        return result
+
+    torch_own = None if dtype == "fp32" else outcome(inputs, autocast=dtype == "bf16-autocast")
+    return Baseline(inputs, outcome(inputs.to(torch.float64), autocast=False), torch_own)
+
+
+def confident_targets(activations: Activations, count: int) -> tuple[Tensor, str]:
+    """The positions of the ``count`` targets the model gives the highest probability (in float64),
+    and what the logits are like, in words."""
+    inputs = Inputs(activations.hidden, activations.weight, activations.targets, activations.bias).to(torch.float64)
+    with torch.no_grad():
+        nll = TorchLoss(activations.loss_options, "none")(*inputs).nll
+        logits = F.linear(inputs.hidden, inputs.weight, inputs.bias)
+        largest, lse = logits.amax(dim=-1), torch.logsumexp(logits, dim=-1)
+    counted = (activations.targets != activations.loss_options["ignore_index"]).nonzero().squeeze(1)
+    probability = torch.exp(-nll[counted])
+    top = probability.topk(min(count, len(counted)))
+    words = (
+        f"largest {largest[counted].max().item():.4g}, log-sum-exp {lse[counted].mean().item():.4g} on average "
+        f"(largest {lse[counted].max().item():.4g}); the target's probability {probability.median().item():.3g} "
+        f"(median), the {len(top.values)} probed {top.values.min().item():.6g} to {top.values.max().item():.6g}"
+    )
+    return counted[top.indices], words
+
+
+class Check(NamedTuple):
+    """One quantity against the reference: its max absolute error; that over the reference's
+    largest magnitude (the true-class gradient: token by token); and the error over what the
+    tolerance allows, which passes at most 1."""
+
+    max_abs: float
+    relative: float
+    ratio: float
+
+
+def check(dtype: str, what: str, got: Tensor, base: Baseline, slack: Mapping[str, float]) -> Check:
+    """:class:`Check` of the value ``what`` of an entry at ``dtype`` by the project's tolerance policy."""
+    expected = base.reference.values[what]
+    error, scale = (got.double() - expected.double()).abs(), expected.double().abs()
+    kind = "loss" if what in ("loss", "nll") else "grad"
+    if what == "true_class":
+        relative = (error / scale.clamp(min=TINY)).max().item()
+    else:
+        relative = error.max().item() / max(scale.max().item(), TINY)
+    if dtype != "fp32":
+        ratio = norm_error(got, expected) / allowed_bf16_error(expected, base.torch_own.values[what], slack[kind])
+    elif what == "true_class":
+        absolute, relative_tolerance = TOLERANCES["float32"]["grad"]
+        ratio = (error / (absolute + relative_tolerance * scale)).max().item()
+    else:
+        ratio = max_error(got, expected) / allowed_max_error(expected, TOLERANCES["float32"][kind])
+    return Check(error.max().item(), relative, ratio)
+
+
+@dataclass
+class Measurement:
+    """One registry entry at one dtype; ``skipped`` says why it was not measured."""
+
+    entry: str
+    dtype: str
+    checks: dict[str, Check] = field(default_factory=dict)
+    inexact_grads: int | None = None
+    chunk_checks: dict[int, dict[str, Check]] = field(default_factory=dict)  # by chunk size
+    chunk_difference: float | None = None  # the largest, from the default chunk size
+    batch_difference: float | None = None  # a row alone against in its batch
+    time_s: float | None = None
+    peak_mib: float | None = None
+    skipped: str | None = None
+
+    def failures(self) -> list[str]:
+        """What is beyond the tolerance, as ``what (x times the allowed)``; empty when all is within."""
+        failed = [(what, c.ratio) for what, c in self.checks.items() if not c.ratio <= 1]
+        for size, checks in self.chunk_checks.items():
+            failed += [(f"{what} at chunk_size={size}", c.ratio) for what, c in checks.items() if not c.ratio <= 1]
+        return [f"{what} ({ratio:.3g}x the allowed)" for what, ratio in failed]
+
+
+def takes_option(entry: type[TokenLoss], option: str) -> bool:
+    return any(option in inspect.signature(c.__init__).parameters for c in entry.__mro__ if "__init__" in vars(c))
+
+
+def measure_or_skip(
+    name: str,
+    entry: type[TokenLoss],
+    activations: Activations,
+    dtype: str,
+    base: Baseline,
+    tokens: Tensor,
+    repeats: int,
+) -> Measurement:
+    """:func:`measure`, or why the entry was not measured: it cannot run here, or failed."""
+    reason = entry.unavailable_reason()
+    if reason:
+        return Measurement(name, dtype, skipped=reason)
+    try:
+        return measure(name, entry, activations, dtype, base, tokens, repeats)
+    except Exception as error:  # one entry's failure is its row's, not the audit's
+        return Measurement(name, dtype, skipped=f"failed: {(str(error).splitlines() or [type(error).__name__])[0]}")
+
+
+def measure(
+    name: str,
+    entry: type[TokenLoss],
+    activations: Activations,
+    dtype: str,
+    base: Baseline,
+    tokens: Tensor,
+    repeats: int,
+) -> Measurement:
+    """Everything the audit measures of one entry at one dtype (see the module's docstring)."""
+    result = Measurement(name, dtype)
+
+    def build(**options: Any) -> TokenLoss:
+        return entry(return_parts=True, **activations.loss_options, **options)
+
+    try:
+        build()
+    except (ValueError, RuntimeError) as error:  # an option it cannot honour, a package or device it lacks
+        result.skipped = str(error).splitlines()[0]
+        return result
+    autocast, inputs, device = dtype == "bf16-autocast", base.inputs, base.inputs.hidden.device
+    slack = {"loss": bf16_loss_slack(name, activations.loss_options), "grad": BF16_SLACK["grad"]}
+
+    def checks_of(outcome: Outcome) -> dict[str, Check]:
+        return {what: check(dtype, what, value, base, slack) for what, value in outcome.values.items()}
+
+    # first: these small calls also pay the entry's one-time costs (lazy imports, compilation)
+    true_class = true_class_gradients(build(reduction="sum"), inputs, tokens, autocast)
+    step, leaves = evaluation(build(), inputs, autocast)
+    outcomes = []
+    result.peak_mib = peak_memory_mib(lambda: outcomes.append(step()), device)
+    outcome = Outcome({**outcomes[0].values, "true_class": true_class}, outcomes[0].inexact_grads)
+    result.checks, result.inexact_grads = checks_of(outcome), outcome.inexact_grads
+    result.time_s = time_calls(step, device, warmup=0, repeats=repeats, grad_to_none=leaves).median_s
+
+    if takes_option(entry, "chunk_size"):
+        for size in sorted(set(CHUNK_SIZES) - {default_chunk_size(inputs.weight.shape[0])}):
+            chunked = evaluate(build(chunk_size=size), inputs, autocast)
+            result.chunk_checks[size] = checks_of(chunked)
+            difference = max(max_error(value, outcome.values[what]) for what, value in chunked.values.items())
+            result.chunk_difference = max(result.chunk_difference or 0.0, difference)
+
+    in_batch = evaluate(build(reduction="none"), inputs.rows(activations.first_batch), autocast)
+    alone = evaluate(build(reduction="none"), inputs.rows(activations.first_row), autocast)
+    row = activations.first_row
+    result.batch_difference = max(
+        max_error(alone.values[what], in_batch.values[what][row]) for what in ("loss", "grad_hidden")
+    )
+    return result
+
+
+@dataclass
+class Audit:
+    """A checkpoint's audit: what it ran on, and each entry's :class:`Measurement` per dtype."""
+
+    description: dict[str, str]  # the checkpoint, model, data, loss options and logits, for the header
+    dtypes: tuple[str, ...]
+    measurements: list[Measurement]
+
+
+def audit(
+    checkpoint: str | Path,
+    *,
+    batches: int = 4,
+    dtypes: Sequence[str] = DTYPES,
+    entries: Mapping[str, type[TokenLoss]] | None = None,
+    repeats: int = 3,
+    data_path: str | None = None,
+    cache_dir: str | None = None,
+    device: str = "cpu",
+    probed: int = PROBED,
+    progress: Callable[[str], object] = lambda line: None,
+) -> Audit:
+    """Audit ``entries`` (default: the registry, :data:`~losslab.losses.LOSSES`) on the checkpoint's
+    activations (see the module's docstring), probing the true-class gradient of ``probed`` targets;
+    ``progress`` is told what each step took.
+
+    Raises CheckpointError for a file that is not a usable checkpoint, AuditError when the run's
+    settings or data cannot be found.
+    """
+    started = time.perf_counter()
+    activations = load_activations(checkpoint, batches, data_path, cache_dir, device)
+    tokens, logits = confident_targets(activations, probed)
+    progress(f"activations of {checkpoint} in {time.perf_counter() - started:.1f} s")
+    measurements = []
+    # peak_memory_mib collects garbage before each measurement: the objects alive now (torch's,
+    # Lightning's, the run's) stay alive, and frozen, each collection skips them (1 s each, busy).
+    gc.collect()
+    gc.freeze()
+    try:
+        for dtype in dtypes:
+            base = baseline(activations, dtype, tokens)
+            for name, entry in (LOSSES if entries is None else entries).items():
+                started = time.perf_counter()
+                measurements.append(measure_or_skip(name, entry, activations, dtype, base, tokens, repeats))
+                progress(f"{name} {dtype}: {time.perf_counter() - started:.1f} s")
+    finally:
+        gc.unfreeze()
+    return Audit({**activations.description, "logits": logits}, tuple(dtypes), measurements)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python scripts/audit_losses.py CKPT``: audit, print the table and write it beside the checkpoint."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a run's checkpoint: logs/runs/<run>/checkpoints/last.ckpt")
+    parser.add_argument("--batches", type=at_least(1), default=4, help="validation batches to audit on (default 4)")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES), help="default: all three")
+    parser.add_argument(
+        "--entries", nargs="+", metavar="NAME", help=f"registry entries (default: all of {', '.join(LOSSES)})"
+    )
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="timed runs per entry and dtype (the median)")
+    parser.add_argument(
+        "--probed",
+        type=at_least(1),
+        default=PROBED,
+        help=f"targets whose true-class gradient is probed (default {PROBED})",
+    )
+    parser.add_argument("--data-path", help="the corpus the run trained on, if not where its settings say")
+    parser.add_argument("--cache-dir", help="the run's cache of tokens (and downloads), if not where its settings say")
+    parser.add_argument(
+        "--out", type=Path, help="where to write the table and chart (default: the checkpoint's folder)"
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.entries or ()) - set(LOSSES))
+    if unknown:
+        parser.error(f"unknown entries {', '.join(unknown)}: choose among {', '.join(LOSSES)}")
+    entries = {name: LOSSES[name] for name in args.entries} if args.entries else None
+    try:
+        result = audit(
+            args.checkpoint,
+            batches=args.batches,
+            dtypes=tuple(args.dtypes),
+            entries=entries,
+            repeats=args.repeats,
+            data_path=args.data_path,
+            cache_dir=args.cache_dir,
+            device=args.device,
+            probed=args.probed,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except (CheckpointError, AuditError) as error:
+        sys.exit(f"error: {error}")  # one line, not a traceback: the fix is in the message
+    checkpoint = Path(args.checkpoint)
+    markdown_path, chart_path = write_report(result, args.out or checkpoint.parent, checkpoint.stem, args.device)
+    print(markdown_path.read_text())
+    print(f"Written: {markdown_path} and {chart_path}")
