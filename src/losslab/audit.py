@@ -64,6 +64,7 @@ from losslab.losses.tolerances import (
     max_error,
     norm_error,
 )
+from losslab.memory import release_freed_memory
 
 DTYPES = ("fp32", "bf16-autocast", "bf16")
 CHUNK_SIZES = (61, 1024)  # besides the default: a size that splits the rows unevenly, and a round one
@@ -238,11 +239,13 @@ class Measurement:
     checks: dict[str, Check] = field(default_factory=dict)
     inexact_grads: int | None = None
     chunk_checks: dict[int, dict[str, Check]] = field(default_factory=dict)  # by chunk size
-    chunk_difference: float | None = None  # the largest, from the default chunk size
-    batch_difference: float | None = None  # a row alone against in its batch
+    # the largest relative difference (see difference()) of the other chunk sizes from the default
+    chunk_difference: float | None = None
+    batch_difference: float | None = None  # of a row alone from the same row in its batch
     time_s: float | None = None
     peak_mib: float | None = None
     skipped: str | None = None
+    notes: list[str] = field(default_factory=list)  # what was not measured, and why
 
     def failures(self) -> list[str]:
         """What is beyond the tolerance, as ``what (x times the allowed)``; empty when all is within."""
@@ -250,6 +253,12 @@ class Measurement:
         for size, checks in self.chunk_checks.items():
             failed += [(f"{what} at chunk_size={size}", c.ratio) for what, c in checks.items() if not c.ratio <= 1]
         return [f"{what} ({ratio:.3g}x the allowed)" for what, ratio in failed]
+
+
+def difference(got: Tensor, other: Tensor) -> float:
+    """The largest difference of two results, over the largest magnitude of ``other``: 0 when they are
+    bitwise the same."""
+    return max_error(got, other) / max(other.double().abs().max().item(), TINY)
 
 
 def takes_option(entry: type[TokenLoss], option: str) -> bool:
@@ -301,12 +310,18 @@ def measure(
     def checks_of(outcome: Outcome) -> dict[str, Check]:
         return {what: check(dtype, what, value, base, slack) for what, value in outcome.values.items()}
 
-    # first: these small calls also pay the entry's one-time costs (lazy imports, compilation)
-    true_class = true_class_gradients(build(reduction="sum"), inputs, tokens, autocast)
+    # First: these small calls also pay the entry's one-time costs (lazy imports, compilation). An
+    # entry that takes no bias (an older cut-cross-entropy) cannot be probed through one.
+    probed = {}
+    if getattr(entry, "takes_bias", lambda: True)():
+        probed["true_class"] = true_class_gradients(build(reduction="sum"), inputs, tokens, autocast)
+    else:
+        result.notes.append("true-class gradient not probed: the installed package takes no LM head bias")
     step, leaves = evaluation(build(), inputs, autocast)
     outcomes = []
+    release_freed_memory()  # in one process: what an earlier entry freed is not this one's to reuse
     result.peak_mib = peak_memory_mib(lambda: outcomes.append(step()), device)
-    outcome = Outcome({**outcomes[0].values, "true_class": true_class}, outcomes[0].inexact_grads)
+    outcome = Outcome({**outcomes[0].values, **probed}, outcomes[0].inexact_grads)
     result.checks, result.inexact_grads = checks_of(outcome), outcome.inexact_grads
     result.time_s = time_calls(step, device, warmup=0, repeats=repeats, grad_to_none=leaves).median_s
 
@@ -314,14 +329,14 @@ def measure(
         for size in sorted(set(CHUNK_SIZES) - {default_chunk_size(inputs.weight.shape[0])}):
             chunked = evaluate(build(chunk_size=size), inputs, autocast)
             result.chunk_checks[size] = checks_of(chunked)
-            difference = max(max_error(value, outcome.values[what]) for what, value in chunked.values.items())
-            result.chunk_difference = max(result.chunk_difference or 0.0, difference)
+            largest = max(difference(value, outcome.values[what]) for what, value in chunked.values.items())
+            result.chunk_difference = max(result.chunk_difference or 0.0, largest)
 
     in_batch = evaluate(build(reduction="none"), inputs.rows(activations.first_batch), autocast)
     alone = evaluate(build(reduction="none"), inputs.rows(activations.first_row), autocast)
     row = activations.first_row
     result.batch_difference = max(
-        max_error(alone.values[what], in_batch.values[what][row]) for what in ("loss", "grad_hidden")
+        difference(alone.values[what], in_batch.values[what][row]) for what in ("loss", "grad_hidden")
     )
     return result
 

@@ -26,6 +26,7 @@ from torch import Tensor
 from losslab.checkpoint_files import load_checkpoint_file, model_from_checkpoint, tokenizer_from_checkpoint
 from losslab.data import GPTDataModule
 from losslab.files import DataError
+from losslab.losses import TokenLoss
 from losslab.targets import IGNORE_INDEX
 
 SETTINGS_FILES = ("hparams.yaml", ".hydra/config.yaml")
@@ -70,7 +71,9 @@ def run_settings(checkpoint: Path) -> dict[str, Any]:
             return {key: OmegaConf.to_container(settings[key], resolve=True) for key in ("data", "loss")}
         except (OSError, yaml.YAMLError, OmegaConfBaseException, ValueError, KeyError, TypeError) as error:
             reason = (str(error).splitlines() or [type(error).__name__])[0]
-            raise AuditError(f"{path} holds no usable data and loss settings ({reason}): audit a run's own checkpoint") from None
+            raise AuditError(
+                f"{path} holds no usable data and loss settings ({reason}): audit a run's own checkpoint"
+            ) from None
     raise AuditError(
         f"no run settings beside {checkpoint} ({' or '.join(str(folder / name) for name in SETTINGS_FILES)}): "
         "audit a checkpoint in its run's checkpoints/ folder, where train.py wrote it"
@@ -103,9 +106,9 @@ def validation_batches(
     try:
         datamodule = GPTDataModule(**options)
         datamodule.setup("validate", tokenizer=tokenizer)
-    except (DataError, ValueError) as error:
+        return list(datamodule.val_dataloader())
+    except (DataError, ValueError, TypeError) as error:  # a corpus gone, a setting out of range or of a wrong type
         raise AuditError(f"the run's validation data cannot be read ({error}): {DATA_FIX}") from None
-    return list(datamodule.val_dataloader())
 
 
 def load_activations(
@@ -136,14 +139,18 @@ def load_activations(
     rows_in_first, row_length = targets[0].shape
     loss = settings["loss"] or {}
     loss_options = {key: loss.get(key, default) for key, default in LOSS_OPTIONS.items()}
+    try:
+        TokenLoss(**loss_options)  # the checks every entry makes of them
+    except (TypeError, ValueError) as error:
+        raise AuditError(f"the run's loss settings are not a loss's ({error}): audit a run's own checkpoint") from None
     head = model.lm_head
     flat_targets = torch.cat([t.reshape(-1) for t in targets])
     description = {
         "checkpoint": f"{checkpoint} (step {saved['global_step']})",
         "model": f"{model.config.n_layer} layers, d={model.config.n_embd}, V={model.config.vocab_size}"
         + (", LM head with a bias" if head.bias is not None else ""),
-        "data": f"{data.get('corpus')} validation split, {len(rows)} batches of {rows_in_first} x {row_length} "
-        f"({int((flat_targets != loss_options['ignore_index']).sum()):,} targets)",
+        "data": f"{data.get('corpus')} validation split: {sum(len(t) for t in targets)} rows in {len(rows)} batches "
+        f"of up to {rows_in_first} ({int((flat_targets != loss_options['ignore_index']).sum()):,} targets)",
         "loss options": ", ".join(f"{key}={value}" for key, value in loss_options.items()),
     }
     return Activations(
