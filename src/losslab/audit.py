@@ -239,9 +239,10 @@ class Measurement:
     checks: dict[str, Check] = field(default_factory=dict)
     inexact_grads: int | None = None
     chunk_checks: dict[int, dict[str, Check]] = field(default_factory=dict)  # by chunk size
-    # the largest relative difference (see difference()) of the other chunk sizes from the default
-    chunk_difference: float | None = None
-    batch_difference: float | None = None  # of a row alone from the same row in its batch
+    # by value, the largest relative difference (see difference()) of the other chunk sizes from the
+    # default (for the entries with a chunk size), and of a row alone from the same row in its batch
+    chunk_differences: dict[str, float] = field(default_factory=dict)
+    batch_differences: dict[str, float] = field(default_factory=dict)
     time_s: float | None = None
     peak_mib: float | None = None
     skipped: str | None = None
@@ -329,15 +330,16 @@ def measure(
         for size in sorted(set(CHUNK_SIZES) - {default_chunk_size(inputs.weight.shape[0])}):
             chunked = evaluate(build(chunk_size=size), inputs, autocast)
             result.chunk_checks[size] = checks_of(chunked)
-            largest = max(difference(value, outcome.values[what]) for what, value in chunked.values.items())
-            result.chunk_difference = max(result.chunk_difference or 0.0, largest)
+            for what, value in chunked.values.items():
+                largest = max(result.chunk_differences.get(what, 0.0), difference(value, outcome.values[what]))
+                result.chunk_differences[what] = largest
 
     in_batch = evaluate(build(reduction="none"), inputs.rows(activations.first_batch), autocast)
     alone = evaluate(build(reduction="none"), inputs.rows(activations.first_row), autocast)
     row = activations.first_row
-    result.batch_difference = max(
-        difference(alone.values[what], in_batch.values[what][row]) for what in ("loss", "grad_hidden")
-    )
+    result.batch_differences = {
+        what: difference(alone.values[what], in_batch.values[what][row]) for what in ("loss", "grad_hidden")
+    }
     return result
 
 

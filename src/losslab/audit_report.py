@@ -47,10 +47,12 @@ def error_cell(check: Check | None) -> str:
     return "" if check is None else f"{check.max_abs:.2g} ({check.relative:.2g})"
 
 
-def difference_cell(difference: float | None) -> str:
-    if difference is None:
+def difference_cell(differences: dict[str, float]) -> str:
+    """The largest of the relative differences, ``bitwise`` when all are 0; empty when not measured."""
+    if not differences:
         return ""
-    return "bitwise" if difference == 0 else f"{difference:.2g}"
+    largest = max(differences.values())
+    return "bitwise" if largest == 0 else f"{largest:.2g}"
 
 
 def row(measurement: Measurement) -> list[str]:
@@ -62,8 +64,8 @@ def row(measurement: Measurement) -> list[str]:
         measurement.dtype,
         *(error_cell(measurement.checks.get(what)) for what in QUANTITIES),
         "" if measurement.inexact_grads is None else f"{measurement.inexact_grads:,}",
-        difference_cell(measurement.chunk_difference),
-        difference_cell(measurement.batch_difference),
+        difference_cell(measurement.chunk_differences),
+        difference_cell(measurement.batch_differences),
         f"{measurement.time_s:.3g}",
         f"{measurement.peak_mib:.0f}",
         "yes" if not failures else "**no**",
@@ -79,21 +81,27 @@ def verdict(entry: str, measurements: list[Measurement]) -> str:
     parts = [f"within the tolerance in {', '.join(passed)}"] if passed else []
     parts += [f"BEYOND it in {m.dtype}: {', '.join(m.failures())}" for m in ran if m.failures()]
     parts += [f"not run in {m.dtype}: {m.skipped}" for m in measurements if m.skipped]
-    chunked = {m.dtype: m.chunk_difference for m in ran if m.chunk_difference is not None}
-    if chunked:
-        parts.append(f"other chunk sizes {differences(chunked, 'the same', 'differ')}")
-    rows = {m.dtype: m.batch_difference for m in ran}
-    parts.append(f"a row alone {differences(rows, 'as in its batch', 'differs from in its batch')}")
+    if any(m.chunk_differences for m in ran):
+        parts.append(f"other chunk sizes {invariance({m.dtype: m.chunk_differences for m in ran}, 'the same')}")
+    parts.append(f"a row alone {invariance({m.dtype: m.batch_differences for m in ran}, 'as in its batch')}")
     parts += dict.fromkeys(note for m in ran for note in m.notes)
     return f"- `{entry}`: {'; '.join(parts)}"
 
 
-def differences(by_dtype: dict[str, float], same: str, verb: str) -> str:
-    """``bitwise <same>``, or ``<verb> by`` the relative differences, by dtype."""
-    if not any(by_dtype.values()):
+def invariance(by_dtype: dict[str, dict[str, float]], same: str) -> str:
+    """``bitwise <same>``, or in which values, and which differ by how much (relative) per dtype."""
+    values = list(dict.fromkeys(what for differences in by_dtype.values() for what in differences))
+    differing = [what for what in values if any(d.get(what) for d in by_dtype.values())]
+    if not differing:
         return f"bitwise {same}"
-    values = ", ".join(f"{value:.2g} ({dtype})" if value else f"bitwise ({dtype})" for dtype, value in by_dtype.items())
-    return f"{verb} by {values}"
+    equal = [QUANTITIES[what] for what in values if what not in differing]
+    amounts = [
+        f"{QUANTITIES[what]} differs by "
+        + ", ".join(f"{d.get(what, 0):.2g} ({dtype})" for dtype, d in by_dtype.items() if what in d)
+        for what in differing
+    ]
+    said = " and ".join(amounts)
+    return f"bitwise {same} in {', '.join(equal)}, but {said}" if equal else said
 
 
 def markdown(audit: Audit, device: str) -> str:

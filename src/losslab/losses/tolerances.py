@@ -29,8 +29,14 @@ PEER_BF16_LOSS_SLACK = {("cce", "softcap"): 3e-4}
 
 
 def bf16_loss_slack(name: str, options: dict) -> float:
-    """The bf16 loss slack of registry entry ``name`` built with ``options`` (see PEER_BF16_LOSS_SLACK)."""
-    return max([BF16_SLACK["loss"], *(PEER_BF16_LOSS_SLACK.get((name, option), 0) for option in options)])
+    """The bf16 loss slack of registry entry ``name`` built with ``options``, of which those that are on
+    (not None or 0) may widen it (see PEER_BF16_LOSS_SLACK)."""
+    widened = [
+        slack
+        for (entry, option), slack in PEER_BF16_LOSS_SLACK.items()
+        if entry == name and options.get(option) not in (None, 0)
+    ]
+    return max([BF16_SLACK["loss"], *widened])
 
 
 def max_error(actual: Tensor, expected: Tensor) -> float:
