@@ -13,7 +13,8 @@ from losslab.bench import machine, markdown_table
 from losslab.files import replaced_atomically
 
 if TYPE_CHECKING:
-    from losslab.audit import Audit, Check, Measurement
+    from losslab.audit import Audit, Measurement
+    from losslab.audit_checks import Check
 
 QUANTITIES = {  # a Check's name: its column
     "loss": "loss",
@@ -82,8 +83,8 @@ def verdict(entry: str, measurements: list[Measurement]) -> str:
     parts += [f"BEYOND it in {m.dtype}: {', '.join(m.failures())}" for m in ran if m.failures()]
     parts += [f"not run in {m.dtype}: {m.skipped}" for m in measurements if m.skipped]
     if any(m.chunk_differences for m in ran):
-        parts.append(f"other chunk sizes {invariance({m.dtype: m.chunk_differences for m in ran}, 'the same')}")
-    parts.append(f"a row alone {invariance({m.dtype: m.batch_differences for m in ran}, 'as in its batch')}")
+        parts.append(f"other chunk sizes: {invariance({m.dtype: m.chunk_differences for m in ran}, 'the same')}")
+    parts.append(f"a row alone: {invariance({m.dtype: m.batch_differences for m in ran}, 'as in its batch')}")
     parts += dict.fromkeys(note for m in ran for note in m.notes)
     return f"- `{entry}`: {'; '.join(parts)}"
 
