@@ -3,7 +3,7 @@
 The reference is built on :func:`torch.nn.functional.cross_entropy` only: logits in float64,
 soft-capping, cross-entropy with ``ignore_index`` and ``label_smoothing``, PaLM's z-loss on the
 non-ignored tokens, then the reduction. Nothing here imports the code under test except
-``build_loss`` to construct it.
+``build_loss`` to construct it; the tolerances are the project's policy, :mod:`losslab.losses.tolerances`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from losslab.losses import LOSSES, LogitsLoss, LossParts, build_loss
 from losslab.losses.peer import OFF
+from losslab.losses.tolerances import allowed_bf16_error, allowed_max_error, max_error, norm_error
 
 IMPLEMENTATIONS = tuple(LOSSES)  # every registry entry: a new one is in every grid at once
 LOGITS_IMPLEMENTATIONS = tuple(name for name, loss in LOSSES.items() if issubclass(loss, LogitsLoss))
@@ -186,18 +187,10 @@ def count_matmul_flops(fn):
     return counter.get_total_flops()
 
 
-def max_error(actual, expected):
-    return (actual.double() - expected.double()).abs().max().item()
-
-
-def norm_error(actual, expected):
-    return (actual.double() - expected.double()).norm().item()
-
-
 def assert_within(got, expected, atol, rtol, what):
     """Max |got - expected| <= atol + rtol * max |expected|."""
     error = max_error(got, expected)
-    allowed = atol + rtol * expected.abs().max().item()
+    allowed = allowed_max_error(expected, (atol, rtol))
     assert error <= allowed, f"{what}: max error {error:.3g} > allowed {allowed:.3g}"
 
 
@@ -229,7 +222,7 @@ def assert_bf16_within(got, expected, torch_bf16, loss_slack, grad_slack):
             continue
         assert got_value.shape == expected_value.shape, field
         error = norm_error(got_value, expected_value)
-        allowed = norm_error(getattr(torch_bf16, field), expected_value) + slack * expected_value.norm()
+        allowed = allowed_bf16_error(expected_value, getattr(torch_bf16, field), slack)
         assert error <= allowed, f"{field} under bf16: error {error:.3g} > allowed {allowed:.3g}"
 
 

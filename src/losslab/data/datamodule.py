@@ -122,21 +122,25 @@ class GPTDataModule(L.LightningDataModule):
             raise RuntimeError("the vocabulary is known once the tokenizer is built: call setup() first")
         return self.tokenizer.n_vocab
 
-    def setup(self, stage: str | None = None) -> None:
+    def setup(self, stage: str | None = None, tokenizer: tiktoken.Encoding | None = None) -> None:
+        """Build the tokenizer and the datasets; ``tokenizer``, a ready one (a checkpoint's own, for
+        the audit), is used instead of building one: nothing is trained or downloaded for it."""
         if self.tokenizer is not None:
             return
         hp = self.hparams
         corpus = open_corpus(hp.corpus, hp.path, self.cache_dir, hp.max_document_chars, hp.text_field)
-        train_text = None
-        if hp.tokenizer == "bpe":
-            train_text = training_sample(corpus.documents(), hp.val_fraction, hp.bpe_train_bytes)
-        self.tokenizer = build_tokenizer(
-            hp.tokenizer,
-            vocab_size=hp.vocab_size,
-            train_text=train_text,
-            cache_dir=self.cache_dir / "tokenizers",
-            ranks_path=hp.ranks_path,
-        )
+        if tokenizer is None:
+            train_text = None
+            if hp.tokenizer == "bpe":
+                train_text = training_sample(corpus.documents(), hp.val_fraction, hp.bpe_train_bytes)
+            tokenizer = build_tokenizer(
+                hp.tokenizer,
+                vocab_size=hp.vocab_size,
+                train_text=train_text,
+                cache_dir=self.cache_dir / "tokenizers",
+                ranks_path=hp.ranks_path,
+            )
+        self.tokenizer = tokenizer
         self.token_bytes = torch.from_numpy(token_byte_lengths(self.tokenizer))
         splits = cached_token_splits(corpus, self.tokenizer, hp.val_fraction, self.cache_dir / "tokens")
         for split, tokens in splits.items():
