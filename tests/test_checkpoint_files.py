@@ -21,8 +21,8 @@ from test_train import make_config
 from losslab.checkpoint_files import CheckpointError, check_checkpoint_file, load_checkpoint_file
 from losslab.checkpointing import AtomicCheckpointIO
 from losslab.generate import load_checkpoint
-from losslab.lightning_module import ShardedDataParallel
 from losslab.model import GPT, GPTConfig
+from losslab.sharding import ShardedDataParallel
 from losslab.tokenizers import (
     GPT2_RANKS_SHA256,
     build_tokenizer,

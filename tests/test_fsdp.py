@@ -110,12 +110,14 @@ def test_train_py_logs_under_fsdp_the_losses_and_weights_of_ddp(root, sharded_ru
 
 
 def test_a_sharded_run_logs_and_checkpoints_once_as_ddp_does(root, sharded_run):
-    assert_logged_and_checkpointed_once(root / sharded_run, STEPS)
+    assert_logged_and_checkpointed_once(root, sharded_run, STEPS)
 
 
-def assert_logged_and_checkpointed_once(folder: Path, steps: int) -> None:
-    """A finished run of ``steps`` steps whose events one process wrote (rank 0), and whose best and
-    last checkpoints are one whole file, hard-linked, as DDP's."""
+def assert_logged_and_checkpointed_once(root: Path, name: str, steps: int) -> None:
+    """The run ``name`` under ``root``: a finished run of ``steps`` steps whose events one process
+    wrote (rank 0), whose best and last checkpoints are one whole file, hard-linked, as DDP's, and
+    with no advice from Lightning in its log."""
+    folder = root / name
     events = folder.rglob("events.out.tfevents.*")  # named ...<host>.<pid>.<n>
     assert len({file.name.split(".")[-2] for file in events}) == 1  # one process wrote them: rank 0
     assert json.loads((folder / STATUS_FILE).read_text())["status"] == "finished"

@@ -131,7 +131,7 @@ def tp_run(root) -> str:
 
 
 def test_a_tp_run_logs_once_and_checkpoints_whole_files_that_generate_and_export_read(root, tp_run, tmp_path):
-    assert_logged_and_checkpointed_once(root / tp_run, STEPS)
+    assert_logged_and_checkpointed_once(root, tp_run, STEPS)
     last = last_checkpoint(root, tp_run)
     state = torch.load(last, weights_only=True)["state_dict"]
     assert state["model.lm_head.weight"].shape[0] == state["model.wte.weight"].shape[0] == 257  # bytes: whole

@@ -25,8 +25,11 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from losslab.losses import VocabParallel, build_loss  # noqa: E402
-from losslab.losses.base import vocab_parallel_losses  # noqa: E402
+from losslab.losses import (  # noqa: E402
+    VocabParallel,
+    build_loss,
+    vocab_parallel_losses,  # noqa: E402
+)
 from tests.losses.reference import (  # noqa: E402
     Result,
     assert_bf16_within,

@@ -48,6 +48,11 @@ LOSSES: dict[str, type[TokenLoss]] = {
 REFERENCE = CrossEntropyLoss.name
 
 
+def vocab_parallel_losses() -> list[str]:
+    """The names of the registered implementations that take ``vocab_parallel``."""
+    return [name for name, loss in LOSSES.items() if loss.takes_vocab_parallel]
+
+
 def loss_options(name: str) -> list[str]:
     """The option names that ``build_loss(name, ...)`` accepts."""
     names = []
@@ -82,5 +87,6 @@ __all__ = [
     "default_chunk_size",
     "build_loss",
     "loss_options",
+    "vocab_parallel_losses",
     "shift_labels",
 ]

@@ -56,17 +56,6 @@ class LossParts(NamedTuple):
     inexact_grads: Tensor | None = None
 
 
-def vocab_parallel_losses() -> list[str]:
-    """The names of the implementations that take ``vocab_parallel``."""
-    found, classes = [], [TokenLoss]
-    while classes:
-        cls = classes.pop(0)
-        classes += cls.__subclasses__()
-        if cls.takes_vocab_parallel and "name" in vars(cls):
-            found.append(cls.name)
-    return found
-
-
 def loss_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype losses are computed in: float32, or float64 for float64 inputs."""
     return torch.promote_types(dtype, torch.float32)
@@ -149,6 +138,8 @@ class TokenLoss(nn.Module):
     ) -> None:
         super().__init__()
         if vocab_parallel is not None and not self.takes_vocab_parallel:
+            from losslab.losses import vocab_parallel_losses  # the registry imports this module
+
             raise ValueError(
                 f"loss {self.name!r} takes no vocab_parallel (an LM head sharded by vocabulary rows): "
                 f"{', '.join(vocab_parallel_losses())} do"
