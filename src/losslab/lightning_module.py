@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -26,22 +25,14 @@ from torch.distributed import ProcessGroup
 from torch.distributed.fsdp import FSDPModule
 from torchmetrics import SumMetric
 
-from losslab.checkpoint_files import CheckpointError
+from losslab.checkpoint_files import losslab_state, restore_losslab_state
 from losslab.losses import LossParts, TokenLoss
 from losslab.model import GPT
+from losslab.run_status import NonFiniteStepError, reached_max_steps
 from losslab.sharding import average_replicated_gradients_, clip_gradients_, gradient_norm, shard_gpt
 from losslab.targets import count_targets, real_targets
 
 NONFINITE_POLICIES = ("skip", "stop")
-
-
-class NonFiniteStepError(FloatingPointError):
-    """A step's loss or gradient was not finite, with ``nonfinite="stop"``."""
-
-
-def reached_max_steps(trainer: L.Trainer) -> bool:
-    """Whether training has taken ``trainer.max_steps`` steps (``-1``: no such limit)."""
-    return 0 <= trainer.max_steps <= trainer.global_step
 
 
 def correct_count(parts: LossParts) -> Tensor:
@@ -291,47 +282,7 @@ class GPTLightningModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["gpt_config"] = asdict(self.model.config)
-        checkpoint["tokenizer"] = self.tokenizer
-        checkpoint["tokenizer_id"] = self.tokenizer_id
-        checkpoint["schedule"] = self.schedule
-        checkpoint["initial_val_loss"] = self.initial_val_loss
+        checkpoint.update(losslab_state(self))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.initial_val_loss = checkpoint.get("initial_val_loss", math.nan)  # NaN: a checkpoint older than it
-
-    def check_resumable(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another model shape, tokenizer or learning-rate schedule, naming
-        what differs (Lightning would load another shape with a size-mismatch trace, and another
-        tokenizer or schedule without a word). Dropout changes no weight: a run may resume with another."""
-        saved_model = checkpoint.get("gpt_config", {})
-        check_same(
-            "model", saved_model, self.model.config.weight_shape(), "the model it was trained with (model.*=...)"
-        )
-        check_same(
-            "tokenizer",
-            checkpoint.get("tokenizer_id") or {},
-            self.tokenizer_id,
-            "its tokenizer and corpus (tokenizer=..., data=...)",
-        )
-        check_same(
-            "learning-rate schedule",
-            checkpoint.get("schedule", {}),
-            self.schedule,
-            "its schedule (schedule.*=...; to train a finished run further at its final learning rate, "
-            "set schedule.total_steps to its trainer.max_steps)",
-        )
-
-
-def check_same(what: str, saved: dict[str, Any], here: dict[str, Any], fix: str) -> None:
-    """Refuse a checkpoint whose ``saved`` settings differ from ``here`` in a key both have."""
-    differing = [
-        f"{name}={saved[name]!r} there, {value!r} here"
-        for name, value in here.items()
-        if name in saved and saved[name] != value
-    ]
-    if differing:
-        raise CheckpointError(
-            f"the checkpoint holds another {what} ({'; '.join(differing)}): resume with {fix}, "
-            "or drop ckpt_path to start anew"
-        )
+        restore_losslab_state(self, checkpoint)
