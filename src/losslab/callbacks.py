@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from losslab.divergence import divergence
 from losslab.memory import peak_rss_mib, reset_peak_rss
+from losslab.metrics import METRICS, log_metrics
 from losslab.run_status import NonFiniteStepError, RunRecord, Status, reached_max_steps
 from losslab.targets import count_targets
 
@@ -62,12 +63,13 @@ class StepStats(L.Callback):
             peak_mib = peak_rss_mib()
         step_time = time.perf_counter() - self._start
         tokens = int(sum(count_targets(micro["targets"], pl_module.loss_fn.ignore_index) for micro in batch))
-        pl_module.log_dict(
+        log_metrics(
+            pl_module,
             {
                 "perf/step_time_s": step_time,
                 "perf/tokens_per_sec": tokens / step_time,
                 "perf/peak_memory_mib": peak_mib,
-            }
+            },
         )
 
 
@@ -108,7 +110,9 @@ class ProgressLines(ProgressBar):
     def report(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> None:
         """Logs the progress bar's metrics whose names start with ``prefix``, at the current step."""
         metrics = self.get_metrics(trainer, pl_module)
-        values = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items() if name.startswith(prefix))
+        values = ", ".join(
+            f"{name} {METRICS[name].show(value)}" for name, value in metrics.items() if name.startswith(prefix)
+        )
         log.info(f"step {trainer.global_step}/{trainer.max_steps}: {values}")
 
 

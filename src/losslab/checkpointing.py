@@ -169,6 +169,7 @@ class LastCheckpoint(ModelCheckpoint):
         self.sigterm = False  # this process got SIGTERM
         self.stopping = False  # some process got it: every process saves this step, then stops
         self.previous_handler: Any = None
+        self.recount = False  # Lightning's count of stepped batches is set right at the fit's first batch
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # From the first validation (step 0's) to the end of the fit: a SIGTERM between the two is
@@ -178,10 +179,22 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self.recount = True
         if self.previous_handler is not None:
             signal.signal(signal.SIGTERM, self.note_sigterm)  # alone (Lightning puts back its own at the end)
         if trainer.received_sigterm:  # noted by Lightning's handler while the fit set up
             trainer._signal_connector.received_sigterm, self.sigterm = False, True
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.recount:
+            # Lightning decides which steps it logs by its count of the batches its loop has stepped,
+            # restored one short from a checkpoint saved after a validation, as this one's are (its loop
+            # adds the missing one back only for a save at a batch's end): a resumed run would log the
+            # steps after the uninterrupted run's (13 for 12), and the module asks the loss for its
+            # predictions on the latter (GPTLightningModule.logs_this_step). Counted as the steps taken,
+            # set once its loop has restored itself, a resumed run logs the steps an uninterrupted one does.
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+            self.recount = False
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":

@@ -27,6 +27,7 @@ from torchmetrics import SumMetric
 
 from losslab.checkpoint_files import losslab_state, restore_losslab_state
 from losslab.losses import LossParts, TokenLoss
+from losslab.metrics import log_metrics
 from losslab.model import GPT
 from losslab.run_status import NonFiniteStepError, reached_max_steps
 from losslab.sharding import average_replicated_gradients_, clip_gradients_, gradient_norm, shard_gpt
@@ -153,13 +154,14 @@ class GPTLightningModule(L.LightningModule):
         n_tokens = strategy.reduce(n_tokens, group=group, reduce_op="sum").clamp(min=1)
         # DDP and FSDP average the ranks' gradients: scaling by their number turns that into their sum.
         scale = ranks / n_tokens
+        # the predictions' argmax costs a pass over the logits: asked for on the steps that are logged alone
+        self.loss_fn.predict = self.logs_this_step()
         sums, inexact_grads = [], []
         for i, micro in enumerate(batch):
             # DDP all-reduces once, after the last micro-batch. FSDP reduce-scatters each micro-batch's
             # gradient into the sharded one (toggle_model leaves it alone): deferring that, with
             # set_requires_gradient_sync(False), would hold a whole unsharded gradient on every process.
             with optimizer.toggle_model(sync_grad=i == len(batch) - 1):
-                self.loss_fn.predict = self.trainer._logger_connector.should_update_logs  # train/acc
                 parts = self.loss_sums(micro)
                 self.manual_backward(parts.loss * scale)
             has_accuracy = parts.accuracy is not None  # a peer gives no predictions; none on unlogged steps
@@ -182,31 +184,41 @@ class GPTLightningModule(L.LightningModule):
             # With no gradient, the optimizer leaves every weight and its own state as they are,
             # while the step still counts (max_steps, the schedule, checkpoints) as in a GradScaler skip.
             optimizer.zero_grad(set_to_none=True)
-        self.log("lr", optimizer.param_groups[0]["lr"])
+        lr = optimizer.param_groups[0]["lr"]  # this step's
         optimizer.step()
         optimizer.zero_grad()
         self.lr_schedulers().step()
         # Logged at the number of steps taken, as validation and the checkpoints' names are: step k
         # is the loss of the k-th step's batch (Lightning would log it at k - 1).
-        self.log("step", float(self.global_step))
-        self.log("train/loss", nll, prog_bar=True)
-        self.log("train/ppl", torch.exp(nll))
+        logged = {"lr": lr, "step": float(self.global_step), "train/loss": nll, "train/ppl": torch.exp(nll)}
         if self.loss_fn.label_smoothing > 0 or self.loss_fn.z_loss > 0:
-            self.log("train/objective", objective)
+            logged["train/objective"] = objective
         if has_accuracy:
-            self.log("train/acc", accuracy)
-        self.log("train/grad_norm", norm)
-        self.log("train/skipped_steps", self.skipped_steps.float())
+            logged["train/acc"] = accuracy
+        logged |= {"train/grad_norm": norm, "train/skipped_steps": self.skipped_steps.float()}
         if self.loss_fn.z_loss > 0:
-            self.log("train/z_loss", z_loss)
+            logged["train/z_loss"] = z_loss
+        log_metrics(self, logged)
         if inexact_grads:
             inexact = strategy.reduce(torch.stack(inexact_grads).sum(), group=group, reduce_op="sum")
             self.report_inexact_gradients(inexact)
 
+    def logs_this_step(self) -> bool:
+        """Whether Lightning writes the metrics of the step about to be taken to the logger: by its own
+        rule, when the steps taken once it is are a multiple of ``trainer.log_every_n_steps``, or when
+        training stops there, as it does at ``trainer.max_steps`` (see ``on_train_batch_end``).
+
+        Lightning counts the steps as its loop has stepped batches (``global_step`` here: see
+        :class:`losslab.checkpointing.LastCheckpoint` for a resumed run). A step stopped by Ctrl-C is
+        logged without its accuracy: it is known to be the last only once it has been taken.
+        """
+        every, step = self.trainer.log_every_n_steps, self.global_step + 1
+        return every > 0 and (step % every == 0 or step == self.trainer.max_steps)
+
     def report_inexact_gradients(self, count: Tensor) -> None:
         """Log how many targets of the step got an inexact gradient, and warn the first time: no
         NaN shows it. Only a loss that can compute one reports it, so the others never sync here."""
-        self.log("train/inexact_grads", count.float())
+        log_metrics(self, {"train/inexact_grads": count.float()})
         if count > 0 and not self.warned_inexact_grads:
             self.warned_inexact_grads = True
             rank_zero_warn(
@@ -256,13 +268,11 @@ class GPTLightningModule(L.LightningModule):
             self.initial_val_loss = float(loss)
         # Each value is the same on every process already: sync_dist with max tells Lightning so, and
         # leaves it exact (a mean of equal values can round).
-        synced = {"sync_dist": True, "reduce_fx": "max"}
-        self.log("val/loss", loss, prog_bar=True, **synced)
-        self.log("val/ppl", torch.exp(loss), **synced)
-        self.log("val/bpb", nll / math.log(2) / n_bytes.clamp(min=1), **synced)
+        logged = {"val/loss": loss, "val/ppl": torch.exp(loss), "val/bpb": nll / math.log(2) / n_bytes.clamp(min=1)}
         if self.val_correct.update_count:  # a peer that gives no predictions has no accuracy
-            self.log("val/acc", self.val_correct.compute() / tokens.clamp(min=1), **synced)
-        self.log("step", float(self.global_step), **synced)  # after that many steps; 0 before training
+            logged["val/acc"] = self.val_correct.compute() / tokens.clamp(min=1)
+        logged["step"] = float(self.global_step)  # after that many steps; 0 before training
+        log_metrics(self, logged, sync_dist=True, reduce_fx="max")
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []

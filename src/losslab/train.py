@@ -34,6 +34,7 @@ from losslab.data import GPTDataModule
 from losslab.files import DataError
 from losslab.hparams import HParamsTab, chosen_options
 from losslab.lightning_module import GPTLightningModule
+from losslab.metrics import METRICS
 from losslab.model import GPT
 from losslab.report import logged_run, run_report
 from losslab.run_folder import (
@@ -253,8 +254,11 @@ def summary(outcome: RunOutcome, message: str) -> str:
     """What the run achieved: a line that says how it ended, then its validation metrics (final, best
     and first), speed, memory and wall time, where its checkpoints are, and the commands that show
     its curves and sample from it (see :func:`losslab.report.run_report`)."""
-    metrics = outcome.metrics
-    values = ", ".join(f"{name} {metrics[name]:.4f}" for name in ("val/loss", "val/ppl", "val/bpb") if name in metrics)
+    values = ", ".join(
+        f"{metric.tag} {metric.show(outcome.metrics[metric.tag])}"
+        for metric in METRICS.values()
+        if metric.summary and metric.tag in outcome.metrics
+    )
     where = f"step {outcome.step}/{outcome.max_steps}"
     if outcome.status is Status.FINISHED:
         ending = f"Finished at {where}: {values}."
