@@ -209,8 +209,9 @@ class GPTLightningModule(L.LightningModule):
         training stops there, as it does at ``trainer.max_steps`` (see ``on_train_batch_end``).
 
         Lightning counts the steps as its loop has stepped batches (``global_step`` here: see
-        :class:`losslab.checkpointing.LastCheckpoint` for a resumed run). A step stopped by Ctrl-C is
-        logged without its accuracy: it is known to be the last only once it has been taken.
+        :class:`losslab.checkpointing.LastCheckpoint` for a resumed run). A step that Ctrl-C stops,
+        known to be the last only once it has been taken, is logged without predictions (Lightning
+        then writes the last logged step's ``train/acc`` again).
         """
         every, step = self.trainer.log_every_n_steps, self.global_step + 1
         return every > 0 and (step % every == 0 or step == self.trainer.max_steps)
