@@ -18,9 +18,8 @@ import tiktoken
 import torch
 from test_train import make_config
 
-from losslab.checkpoint_files import CheckpointError, check_checkpoint_file, load_checkpoint_file
+from losslab.checkpoint_files import CheckpointError, check_checkpoint_file, load_checkpoint_file, load_model
 from losslab.checkpointing import AtomicCheckpointIO
-from losslab.generate import load_checkpoint
 from losslab.model import GPT, GPTConfig
 from losslab.sharding import ShardedDataParallel
 from losslab.tokenizers import (
@@ -151,9 +150,9 @@ def test_a_bad_file_ends_generate_py_in_one_line(tmp_path, real_checkpoint, mark
 def test_every_reader_checks_the_archive_before_loading(tmp_path, real_checkpoint, marker):
     # train.py's resume reads with load_checkpoint_file (above), then Lightning through the strategy's
     # CheckpointIO (AtomicCheckpointIO), or FSDP's own load (ShardedDataParallel); generate and export
-    # through load_checkpoint.
+    # through load_model.
     flipped = bad_file("64 bytes flipped", tmp_path, real_checkpoint, marker)
-    readers = [load_checkpoint, AtomicCheckpointIO().load_checkpoint, ShardedDataParallel().load_checkpoint]
+    readers = [load_model, AtomicCheckpointIO().load_checkpoint, ShardedDataParallel().load_checkpoint]
     for read in readers:
         with pytest.raises(CheckpointError, match=f"^{re.escape(str(flipped))} {EXPECTED['64 bytes flipped']}"):
             read(flipped)
@@ -187,7 +186,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, real_checkpo
         "infinite): use an earlier checkpoint of the run (its best-step<N>.ckpt), or train anew"
     )
     with pytest.raises(CheckpointError, match=f"^{re.escape(message)}$"):
-        load_checkpoint(path)  # generate.py's and export.py's load
+        load_model(path)  # generate.py's and export.py's load
 
 
 def test_an_old_checkpoint_s_pickled_tokenizer_is_never_unpickled(tmp_path, real_checkpoint, marker):
@@ -197,7 +196,7 @@ def test_an_old_checkpoint_s_pickled_tokenizer_is_never_unpickled(tmp_path, real
     torch.save({**checkpoint, "tokenizer": pickle.dumps(RunsCode(marker))}, path)
     assert load_checkpoint_file(path)["tokenizer"].startswith(b"\x80")  # read as bytes, never unpickled
     with pytest.raises(CheckpointError, match="stores its tokenizer as a pickle .* so it is not loaded: train anew"):
-        load_checkpoint(path)
+        load_model(path)
     run = generate_py(path)
     assert run.returncode != 0 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith(f"error: {path} stores its tokenizer as a pickle")
@@ -214,14 +213,14 @@ def test_a_damaged_tokenizer_is_refused(tmp_path, real_checkpoint):
         CheckpointError,
         match="holds a damaged tokenizer .*not those its n_vocab and sha256 describe.*earlier checkpoint",
     ):
-        load_checkpoint(path)
+        load_model(path)
 
 
 def test_a_real_checkpoint_loads_and_generates(real_checkpoint):
     checkpoint = load_checkpoint_file(real_checkpoint)
     assert checkpoint["global_step"] == 2
     assert checkpoint["tokenizer_id"] == {key: checkpoint["tokenizer"][key] for key in ("name", "n_vocab", "sha256")}
-    model, tokenizer = load_checkpoint(real_checkpoint)
+    model, tokenizer = load_model(real_checkpoint)
     assert tokenizer.name == "bytes" and model.config.vocab_size == tokenizer.n_vocab == 257
     run = generate_py(real_checkpoint, "--prompt", "The ", "--max-new-tokens", "5")
     assert run.returncode == 0, run.stderr[-2000:]

@@ -9,7 +9,9 @@ import pytest
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from losslab.compare import main
+from losslab.compare import main, markdown_table
+from losslab.metrics import METRICS, Metric
+from losslab.run_logs import load_runs
 
 NAN = math.nan
 
@@ -69,7 +71,11 @@ def compare(*paths: Path | str, out: Path | None = None) -> list[dict[str, str]]
 
 
 def table_rows(path: Path) -> list[dict[str, str]]:
-    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    return rows_of(path.read_text())
+
+
+def rows_of(table: str) -> list[dict[str, str]]:
+    lines = [line for line in table.splitlines() if line.startswith("|")]
     header, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
     return [dict(zip(header, row)) for row in rows[1:]]  # rows[0]: the |---| line
 
@@ -265,3 +271,25 @@ def test_wall_time_counts_the_sessions_that_trained_a_run_not_the_time_between(t
     [row] = compare(tmp_path)
 
     assert row["wall time (s)"] == "18.0"
+
+
+def test_the_metrics_table_makes_the_columns_and_a_metric_kept_for_when_asked_shows_only_then(tmp_path, monkeypatch):
+    """A new metric is one entry of the metrics table: compare shows it, summed up and formatted as
+    the entry says; one kept for when asked (a section of diagnostics) shows when its section is asked."""
+    monkeypatch.setitem(METRICS, "val/top5", Metric("val/top5", "val top-5", "{:.1%}", "higher", compare="last"))
+    monkeypatch.setitem(
+        METRICS,
+        "diag/max_logit",
+        Metric("diag/max_logit", "max logit", "{:.1f}", None, section="diag", compare="max", asked=True),
+    )
+    run = write_run(tmp_path / "loss=fused", [3.0, 2.0], status("finished"))
+    with SummaryWriter(str(run)) as writer:
+        writer.add_scalar("val/top5", 0.25, 10)
+        for step, logit in [(5, 12.0), (10, 31.0)]:
+            writer.add_scalar("diag/max_logit", logit, step)
+    runs = load_runs([run])
+
+    [row] = rows_of(markdown_table(runs))
+    assert list(row)[-3:] == ["val top-5", "wall time (s)", "non-finite"] and row["val top-5"] == "25.0%"
+    [row] = rows_of(markdown_table(runs, asked={"diag"}))
+    assert list(row)[-4:-2] == ["val top-5", "max logit"] and row["max logit"] == "31.0"

@@ -17,7 +17,8 @@ from test_train import CONF, make_config, scalars
 from torch.utils.tensorboard import SummaryWriter
 
 from losslab import callbacks
-from losslab.dashboard import CHARTS
+from losslab.dashboard import layout
+from losslab.metrics import COMPARISON, METRICS, Metric
 from losslab.train import RunOutcome, route_library_logs, summary, train
 
 
@@ -36,13 +37,31 @@ def test_the_layout_charts_what_the_run_logs(tmp_path, cache_dir):
     events.Reload()
     logged = events.Tags()["scalars"]
 
+    assert set(logged) <= set(METRICS)  # every logged quantity is declared in the metrics table
     [category] = layout_of(run).category
-    assert [chart.title for chart in category.chart] == list(CHARTS)
+    assert category.title == COMPARISON and [chart.title for chart in category.chart] == list(layout()[COMPARISON])
     for chart in category.chart:
         for pattern in chart.multiline.tag:
             assert [tag for tag in logged if re.search(pattern, tag)], (chart.title, pattern)
     loss_chart = category.chart[0].multiline.tag
     assert {tag for tag in logged if any(re.search(p, tag) for p in loss_chart)} == {"train/loss", "val/loss"}
+
+
+def test_the_layout_is_the_metrics_tables_charts_by_section(monkeypatch):
+    """A new metric is one entry of the metrics table: its chart is in the layout, in its section."""
+    monkeypatch.setitem(
+        METRICS, "diag/entropy", Metric("diag/entropy", "entropy", "{:.3f}", None, chart="entropy", section="diag")
+    )
+    monkeypatch.setitem(
+        METRICS, "diag/max_logit", Metric("diag/max_logit", "max logit", "{:.1f}", None, chart="logits", section="diag")
+    )
+    charts = layout()
+    assert list(charts) == [COMPARISON, "diag"]
+    assert charts["diag"] == {
+        "entropy": ["Multiline", [r"^diag/entropy$"]],
+        "logits": ["Multiline", [r"^diag/max_logit$"]],
+    }
+    assert charts[COMPARISON]["loss (train and validation)"] == ["Multiline", [r"^train/loss$", r"^val/loss$"]]
 
 
 def test_a_run_is_one_event_file_read_in_step_order_however_many_runs_came_before(tmp_path, cache_dir):

@@ -13,7 +13,8 @@ import test_resume
 import torch
 from test_resume import assert_same_run, checkpoint_step, kill_after_checkpoint, last_checkpoint, logged, run
 
-from losslab.generate import generate, load_checkpoint
+from losslab.checkpoint_files import load_model
+from losslab.generate import generate
 from losslab.losses import LOSSES
 from losslab.run_status import STATUS_FILE
 
@@ -133,7 +134,7 @@ def assert_logged_and_checkpointed_once(root: Path, name: str, steps: int) -> No
 
 
 def assert_generate_and_export_read(checkpoint: Path, out: Path) -> None:
-    model, tokenizer = load_checkpoint(checkpoint)
+    model, tokenizer = load_model(checkpoint)
     [sample] = generate(model, tokenizer, "the ", max_new_tokens=10, seed=1)
     assert sample.startswith("the ")
     pytest.importorskip("transformers", reason="exporting needs transformers: pip install -e '.[export]'")

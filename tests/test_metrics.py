@@ -8,7 +8,8 @@ import math
 import pytest
 from test_train import make_config, scalars
 
-from losslab.compare import load_runs, summarize
+from losslab.compare import summarize
+from losslab.run_logs import load_runs
 from losslab.train import objective, train
 
 # The user's report: naive with a huge learning rate and no clipping diverges at once.
@@ -95,3 +96,21 @@ def test_the_last_step_is_validated_and_is_what_the_run_reports(tmp_path, cache_
     final = steps["val/loss"][-1][1]
     assert outcome.metrics["val/loss"] == pytest.approx(final) and outcome.step == 8
     assert (tmp_path / "run" / "checkpoints" / "best-step8.ckpt").exists()
+
+
+def test_train_acc_is_logged_on_exactly_the_logged_steps_with_their_own_values(tmp_path, cache_dir):
+    """The module asks the loss for predictions on the steps Lightning logs (every
+    trainer.log_every_n_steps-th and the last) and no other: train/acc is on every logged step, that
+    step's own (as a run logging every step has it; Lightning would log the last one's again), in a
+    resumed run too, which logs the steps an uninterrupted one does."""
+    total = ["schedule.total_steps=7"]
+    train(make_config(tmp_path / "every", cache_dir, [*total, "trainer.max_steps=7"]))
+    some = [*total, "trainer.log_every_n_steps=3"]
+    train(make_config(tmp_path / "some", cache_dir, [*some, "trainer.max_steps=5"]))
+    run = tmp_path / "some" / "run"
+    resume = [*some, "trainer.max_steps=7", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]
+    train(make_config(tmp_path / "some", cache_dir, resume))
+    every_step, logged = scalars(tmp_path / "every" / "run", steps=True), scalars(run, steps=True)
+    for tag in ["train/loss", "train/acc"]:
+        assert [step for step, _ in logged[tag]] == [3, 5, 6, 7], tag  # 5: the first session's last
+        assert dict(logged[tag]).items() <= dict(every_step[tag]).items(), tag

@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins import base_plugin
 from tensorboard.plugins.hparams import backend_context, metadata, plugin_data_pb2
 
-from losslab.compare import read_runs
+from losslab.run_logs import read_runs
 from losslab.sweeps import run_name, shared_keys
 from losslab.train import register_resolvers
 

@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from losslab.generate import generate, load_checkpoint
+from losslab.checkpoint_files import load_model
+from losslab.generate import generate
 from losslab.losses import LOSSES
 from losslab.model import GPT
 from losslab.train import build_module, train
@@ -137,7 +138,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path, cache_dir):
 
 def test_generation_from_a_checkpoint(tmp_path, cache_dir):
     train(make_config(tmp_path, cache_dir, []))
-    model, tokenizer = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    model, tokenizer = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
     samples = generate(model, tokenizer, "The ", max_new_tokens=20, num_samples=2)
     assert len(samples) == 2 and all(s.startswith("The ") for s in samples)
     assert generate(model, tokenizer, "The ", max_new_tokens=20, seed=3) == generate(

@@ -1,17 +1,26 @@
-"""Callbacks that measure what users compare between loss implementations, and the progress bar."""
+"""The run's callbacks: what users compare between loss implementations (step time, tokens per
+second, peak memory), how the run ended (``status.json``), Ctrl-C, and the progress bar."""
 
 from __future__ import annotations
 
 import logging
+import math
+import signal
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from losslab.divergence import divergence
 from losslab.memory import peak_rss_mib, reset_peak_rss
+from losslab.metrics import METRICS, log_metrics
+from losslab.run_status import NonFiniteStepError, RunRecord, Status, reached_max_steps
 from losslab.targets import count_targets
 
 log = logging.getLogger(__name__)
@@ -54,12 +63,13 @@ class StepStats(L.Callback):
             peak_mib = peak_rss_mib()
         step_time = time.perf_counter() - self._start
         tokens = int(sum(count_targets(micro["targets"], pl_module.loss_fn.ignore_index) for micro in batch))
-        pl_module.log_dict(
+        log_metrics(
+            pl_module,
             {
                 "perf/step_time_s": step_time,
                 "perf/tokens_per_sec": tokens / step_time,
                 "perf/peak_memory_mib": peak_mib,
-            }
+            },
         )
 
 
@@ -100,5 +110,85 @@ class ProgressLines(ProgressBar):
     def report(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> None:
         """Logs the progress bar's metrics whose names start with ``prefix``, at the current step."""
         metrics = self.get_metrics(trainer, pl_module)
-        values = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items() if name.startswith(prefix))
+        values = ", ".join(
+            f"{name} {METRICS[name].show(value)}" for name, value in metrics.items() if name.startswith(prefix)
+        )
         log.info(f"step {trainer.global_step}/{trainer.max_steps}: {values}")
+
+
+class RunStatus(L.Callback):
+    """Keeps ``folder/status.json`` (:class:`losslab.run_status.RunRecord`): ``running`` while the run
+    trains, then how it ended (see :class:`losslab.run_status.Status` for what each status means)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.status = Status.RUNNING
+        self.step = 0
+        self.message = ""
+
+    def record(self, trainer: L.Trainer, status: Status, message: str = "") -> None:
+        self.status, self.step, self.message = status, trainer.global_step, message
+        if trainer.is_global_zero:
+            RunRecord(status, self.step, trainer.max_steps, message).write(self.folder)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.record(trainer, Status.RUNNING)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.record(trainer, Status.RUNNING)  # a resumed run: the checkpoint's step
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.status is Status.RUNNING:
+            self.record(trainer, Status.RUNNING)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        val_loss = float(trainer.callback_metrics.get("val/loss", math.nan))
+        reason = divergence(val_loss, getattr(pl_module, "initial_val_loss", math.nan))
+        if trainer.should_stop and not reached_max_steps(trainer):
+            self.record(trainer, Status.INTERRUPTED, "stopped by Ctrl-C; checkpoints/last.ckpt holds this step")
+        elif reason:
+            skipped = int(getattr(pl_module, "skipped_steps", 0))
+            if skipped or not math.isfinite(val_loss):
+                reason += f"; {skipped} step(s) were skipped as non-finite"
+            self.record(trainer, Status.DIVERGED, reason)
+        else:
+            self.record(trainer, Status.FINISHED)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        message = (str(exception).splitlines() or [type(exception).__name__])[0]
+        if isinstance(exception, NonFiniteStepError):
+            self.record(trainer, Status.STOPPED, message)
+        elif isinstance(exception, SIGTERMException):  # Lightning's, raised after the step the signal came in
+            self.record(trainer, Status.INTERRUPTED, "stopped by SIGTERM; checkpoints/last.ckpt holds this step")
+        elif isinstance(exception, KeyboardInterrupt):
+            self.record(trainer, Status.INTERRUPTED, "stopped by a second Ctrl-C, without a checkpoint of this step")
+        else:
+            self.record(trainer, Status.CRASHED, f"{type(exception).__name__}: {message}")
+
+
+class GracefulInterrupt(L.Callback):
+    """The first Ctrl-C ends training after the current step, which is then validated and saved to
+    ``last.ckpt`` as at the end of a run; a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous_handler: Any = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():  # only there can Python take signals
+            self.previous_handler = signal.signal(signal.SIGINT, self.request)
+
+    def request(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous_handler)
+        log.warning("\nCtrl-C: stopping after this step and saving it (press Ctrl-C again to stop at once)")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # every process stops at the same step, whichever of them got the signal
+        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            trainer.should_stop = True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.previous_handler is not None and not self.requested:
+            signal.signal(signal.SIGINT, self.previous_handler)
+        self.previous_handler = None

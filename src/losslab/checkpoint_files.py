@@ -1,24 +1,33 @@
-"""Reading a checkpoint that train.py wrote, safely: with ``torch.load(weights_only=True)`` only
-(:func:`load_checkpoint_file`), so tensors and plain data, never code, whoever wrote the file; only
-once its zip archive is checked whole (:func:`check_checkpoint_file`: every reader, resume included,
-checks it); and a one-line :class:`CheckpointError` for any file that is not a usable checkpoint.
+"""The checkpoint format: what a losslab checkpoint holds beside Lightning's keys, how it is read
+back safely, when a run may resume from it, and the model and tokenizer it gives generate and export.
 
-Besides Lightning's own keys, a checkpoint holds the model's shape (``gpt_config``), its tokenizer
-as plain data (``tokenizer``, see :func:`losslab.tokenizers.tokenizer_to_data`) and what resuming
-must match (``tokenizer_id``, ``schedule``). No Lightning here: scripts that only read checkpoints
-(generate, export) start without importing it.
+- Stored beside the weights (:func:`losslab_state`, written by the module's ``on_save_checkpoint``):
+  the model's shape (``gpt_config``), its tokenizer as plain data (``tokenizer``, see
+  :func:`losslab.tokenizers.tokenizer_to_data`), what resuming must match (``tokenizer_id``,
+  ``schedule``: :func:`check_resumable`) and step 0's validation loss (``initial_val_loss``), which a
+  resumed run reads back (:func:`restore_losslab_state`). A new field is one line in each.
+- Read with ``torch.load(weights_only=True)`` only (:func:`read_checkpoint`, which every reader uses:
+  resume, Lightning's and the sharded strategy's loads, generate, export), so tensors and plain
+  data, never code, whoever wrote the file; only once its zip archive is checked whole
+  (:func:`check_checkpoint_file`); and a one-line :class:`CheckpointError` for any file that is not a
+  usable checkpoint (:func:`load_checkpoint_file`).
+
+It is written whole or not at all by :class:`losslab.checkpointing.AtomicCheckpointIO`. No Lightning
+here: scripts that only read checkpoints (generate, export) start without importing it.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import pickle
 import re
 import stat
 import textwrap
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tiktoken
 import torch
@@ -26,10 +35,64 @@ import torch
 from losslab.model import GPT, GPTConfig
 from losslab.tokenizers import tokenizer_from_data
 
-# What every checkpoint that train.py writes holds, besides Lightning's own keys.
+if TYPE_CHECKING:
+    from losslab.lightning_module import GPTLightningModule
+
+# What every checkpoint that train.py writes holds, of Lightning's keys and losslab's, that its readers need.
 LOSSLAB_KEYS = ("gpt_config", "state_dict", "tokenizer", "global_step")
 ZIP_SIGNATURE = b"PK\x03\x04"  # how every file that torch.save writes begins
 ARCHIVE_READ_BYTES = 1 << 20  # checking an archive reads this much at a time
+
+
+def losslab_state(module: GPTLightningModule) -> dict[str, Any]:
+    """What losslab stores in a checkpoint beside Lightning's keys (weights, optimizer, loops)."""
+    return {
+        "gpt_config": asdict(module.model.config),  # generate and export build the model from it
+        "tokenizer": module.tokenizer,  # whole, as plain data: a checkpoint needs nothing else, offline
+        "tokenizer_id": module.tokenizer_id,  # its name, size and a hash of its tokens: a resume must match
+        "schedule": module.schedule,  # the learning-rate schedule: a resume must match
+        "initial_val_loss": module.initial_val_loss,  # the bar a run must end below (losslab.divergence)
+    }
+
+
+def restore_losslab_state(module: GPTLightningModule, checkpoint: dict[str, Any]) -> None:
+    """Set on ``module`` what a resumed run reads back from its checkpoint, beside Lightning's own."""
+    module.initial_val_loss = checkpoint.get("initial_val_loss", math.nan)  # NaN: a checkpoint older than it
+
+
+def check_resumable(checkpoint: dict[str, Any], module: GPTLightningModule) -> None:
+    """Refuse a checkpoint of another model shape, tokenizer or learning-rate schedule than ``module``'s,
+    naming what differs (Lightning would load another shape with a size-mismatch trace, and another
+    tokenizer or schedule without a word). Dropout changes no weight: a run may resume with another."""
+    saved_model = checkpoint.get("gpt_config", {})
+    check_same("model", saved_model, module.model.config.weight_shape(), "the model it was trained with (model.*=...)")
+    check_same(
+        "tokenizer",
+        checkpoint.get("tokenizer_id") or {},
+        module.tokenizer_id,
+        "its tokenizer and corpus (tokenizer=..., data=...)",
+    )
+    check_same(
+        "learning-rate schedule",
+        checkpoint.get("schedule", {}),
+        module.schedule,
+        "its schedule (schedule.*=...; to train a finished run further at its final learning rate, "
+        "set schedule.total_steps to its trainer.max_steps)",
+    )
+
+
+def check_same(what: str, saved: dict[str, Any], here: dict[str, Any], fix: str) -> None:
+    """Refuse a checkpoint whose ``saved`` settings differ from ``here`` in a key both have."""
+    differing = [
+        f"{name}={saved[name]!r} there, {value!r} here"
+        for name, value in here.items()
+        if name in saved and saved[name] != value
+    ]
+    if differing:
+        raise CheckpointError(
+            f"the checkpoint holds another {what} ({'; '.join(differing)}): resume with {fix}, "
+            "or drop ckpt_path to start anew"
+        )
 
 
 class CheckpointError(ValueError):
@@ -48,9 +111,10 @@ def load_checkpoint_file(path: str | Path, *, key: str | None = None) -> dict[st
     """
     path = Path(path)
     name = f"{key}={path}" if key else str(path)
-    check_checkpoint_file(path, name)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = read_checkpoint(path, name=name, mmap=True)
+    except CheckpointError:
+        raise
     except Exception as error:  # a damaged archive fails in many ways: RuntimeError, EOFError, KeyError...
         raise CheckpointError(f"{name} {load_problem(error)}") from None
     missing = [k for k in LOSSLAB_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else LOSSLAB_KEYS
@@ -60,6 +124,14 @@ def load_checkpoint_file(path: str | Path, *, key: str | None = None) -> dict[st
             "that train.py wrote (checkpoints/last.ckpt of a run)"
         )
     return checkpoint
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False, name: str | None = None) -> Any:
+    """What ``torch.load(weights_only=True)`` reads from ``path`` (memory-mapped with ``mmap``), once
+    :func:`check_checkpoint_file` has found the file whole; CheckpointError (naming the file as
+    ``name``) when it is not."""
+    check_checkpoint_file(path, name)
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def check_checkpoint_file(path: str | Path, name: str | None = None) -> None:
@@ -184,3 +256,10 @@ def tokenizer_from_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> t
         return tokenizer_from_data(data)
     except ValueError as error:
         raise CheckpointError(f"{path} holds a damaged tokenizer ({error}): use an earlier checkpoint") from None
+
+
+def load_model(path: str | Path) -> tuple[GPT, tiktoken.Encoding]:
+    """The GPT (in eval mode) and the tokenizer stored in a checkpoint, as generate.py and export.py
+    use them; CheckpointError when the file is not a usable one."""
+    checkpoint = load_checkpoint_file(path)
+    return model_from_checkpoint(checkpoint, path), tokenizer_from_checkpoint(checkpoint, path)

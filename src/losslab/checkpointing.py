@@ -3,7 +3,8 @@ all, with the random states that exact resume needs.
 
 Lightning's checkpoint already holds the weights, the optimizer and scheduler states and the
 loops' progress; the training loader's position is in it too (losslab.data.ResumableDataLoader).
-What losslab adds, and how any checkpoint is read back safely, is in :mod:`losslab.checkpoint_files`.
+What losslab adds, and how any checkpoint is read back safely, is the checkpoint format,
+:mod:`losslab.checkpoint_files`.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from losslab.checkpoint_files import check_checkpoint_file
+from losslab.checkpoint_files import read_checkpoint
 from losslab.divergence import beats_untrained
-from losslab.files import temporary_path
-from losslab.lightning_module import reached_max_steps
+from losslab.files import atomic_replacement
+from losslab.run_status import reached_max_steps
 
 KEEP = ("both", "last", "best")
 
@@ -40,10 +41,10 @@ BEST_NAME = re.compile(r"best-step(\d+)(?:-v\d+)?\.ckpt")  # -v<N>: a copy made 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Saves a checkpoint whole or not at all, on the local file system.
 
-    The checkpoint goes to a new temporary file beside its path (:func:`losslab.files.temporary_path`:
-    never a link planted there, and a killed save's leftover is removed by the next save), is synced
-    to disk, then renamed over the path, and the rename is synced too: a run killed during a save (or
-    the machine losing power) leaves the previous checkpoint as it was.
+    The checkpoint goes to a new temporary file beside its path (never a link planted there, and a
+    killed save's leftover is removed by the next save), is synced to disk, then renamed over the
+    path, and the rename is synced too (:func:`losslab.files.atomic_replacement`, ``durable``): a run
+    killed during a save (or the machine losing power) leaves the previous checkpoint as it was.
 
     A checkpoint of the same step as the one saved just before it in the same folder (``last.ckpt``
     and the best, when the last validation is the best) is a hard link to that file: the same
@@ -58,38 +59,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: _PATH, map_location: Any = "cpu", weights_only: bool | None = None
     ) -> dict[str, Any]:
-        """Lightning's load of a file that passed :func:`check_checkpoint_file` (whole, its
-        checksums right), always with ``weights_only=True``: a checkpoint never runs code.
+        """Lightning's load, by :func:`losslab.checkpoint_files.read_checkpoint`: a file found whole
+        (its checksums right), read with ``weights_only=True`` always: a checkpoint never runs code.
 
         The tensors are loaded to the CPU, as by Lightning's own default; it moves them after.
         """
         if weights_only is False:
             raise ValueError("losslab loads checkpoints with weights_only=True only: they hold no code")
-        check_checkpoint_file(path)
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return read_checkpoint(path, map_location=map_location)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_path(path)
         step = checkpoint.get("global_step")
-        try:
+        with atomic_replacement(path, durable=True) as tmp:
             if not self.link_previous(step, path, tmp):
                 with open(tmp, "xb") as file:  # a new file: never a link planted at its name
                     torch.save(checkpoint, file)
-                    file.flush()
-                    os.fsync(file.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         self.previous = (step, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
 
     def link_previous(self, step: int | None, path: Path, tmp: Path) -> bool:
         """Hard-link ``tmp`` to the previous save when it holds the same step in the same folder."""
@@ -181,6 +169,7 @@ class LastCheckpoint(ModelCheckpoint):
         self.sigterm = False  # this process got SIGTERM
         self.stopping = False  # some process got it: every process saves this step, then stops
         self.previous_handler: Any = None
+        self.recount = False  # Lightning's count of stepped batches is set right at the fit's first batch
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # From the first validation (step 0's) to the end of the fit: a SIGTERM between the two is
@@ -190,10 +179,22 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self.recount = True
         if self.previous_handler is not None:
             signal.signal(signal.SIGTERM, self.note_sigterm)  # alone (Lightning puts back its own at the end)
         if trainer.received_sigterm:  # noted by Lightning's handler while the fit set up
             trainer._signal_connector.received_sigterm, self.sigterm = False, True
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.recount:
+            # Lightning decides which steps it logs by its count of the batches its loop has stepped,
+            # restored one short from a checkpoint saved after a validation, as this one's are (its loop
+            # adds the missing one back only for a save at a batch's end): a resumed run would log the
+            # steps after the uninterrupted run's (13 for 12), and the module asks the loss for its
+            # predictions on the latter (GPTLightningModule.logs_this_step). Counted as the steps taken,
+            # set once its loop has restored itself, a resumed run logs the steps an uninterrupted one does.
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+            self.recount = False
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":

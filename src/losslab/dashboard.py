@@ -3,35 +3,38 @@ the logger that writes a run into one event file.
 
 TensorBoard's TIME SERIES tab draws one chart per logged tag, in alphabetical groups of tags
 (``lr``, ``perf``, ``train``, ``val``), and expands only the first two. Its CUSTOM SCALARS
-tab draws the charts a layout asks for instead: here the train and validation loss in one chart,
-then validation perplexity, bits per byte, tokens per second and peak memory, with every run
-overlaid. Each run writes the same layout and TensorBoard merges them, so a sweep's folder, a single
-run's or ``logs/runs`` shows the same charts; ``http://localhost:6006/#custom_scalars`` opens them.
+tab draws the charts a layout asks for instead, in sections: the metrics table
+(:data:`losslab.metrics.METRICS`) says which chart of which section draws each metric (in the
+first, "compare runs": the train and validation loss in one chart, then validation perplexity, bits
+per byte, tokens per second and peak memory), with every run overlaid. Each run writes the same
+layout and TensorBoard merges them, so a sweep's folder, a single run's or ``logs/runs`` shows the
+same charts; ``http://localhost:6006/#custom_scalars`` opens them.
 """
 
 from __future__ import annotations
+
+import re
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from losslab.metrics import METRICS
+
 # Where `tensorboard --logdir ...` shows the layout, with TensorBoard's default port.
 DASHBOARD_URL = "http://localhost:6006/#custom_scalars"
 
-CATEGORY = "compare runs"
-# Chart title -> the tags it draws, as the regular expressions the custom-scalars plugin matches.
-CHARTS = {
-    "loss (train and validation)": [r"^train/loss$", r"^val/loss$"],
-    "validation perplexity": [r"^val/ppl$"],
-    "validation bits per byte": [r"^val/bpb$"],
-    "tokens per second": [r"^perf/tokens_per_sec$"],
-    "peak memory (MiB)": [r"^perf/peak_memory_mib$"],
-}
-
 
 def layout() -> dict[str, dict[str, list]]:
-    """The charts as ``SummaryWriter.add_custom_scalars`` takes them: every run's lines in each chart."""
-    return {CATEGORY: {title: ["Multiline", tags] for title, tags in CHARTS.items()}}
+    """The charts of the metrics table as ``SummaryWriter.add_custom_scalars`` takes them: section ->
+    chart title -> every run's lines of its tags (as the regular expressions the plugin matches), in
+    the table's order."""
+    sections: dict[str, dict[str, list]] = {}
+    for metric in METRICS.values():
+        if metric.chart:
+            chart = sections.setdefault(metric.section, {}).setdefault(metric.chart, ["Multiline", []])
+            chart[1].append(f"^{re.escape(metric.tag)}$")
+    return sections
 
 
 class Dashboard(L.Callback):

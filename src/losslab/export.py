@@ -27,8 +27,7 @@ import tiktoken
 import torch
 from torch import Tensor, nn
 
-from losslab.checkpoint_files import CheckpointError
-from losslab.generate import load_checkpoint
+from losslab.checkpoint_files import CheckpointError, load_model
 from losslab.model import GPT
 from losslab.tokenizers import export_tokenizer
 
@@ -53,7 +52,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
     whose files are replaced. Anything else is refused (ExportError) before the checkpoint is read.
     """
     check_out_dir(Path(out_dir), overwrite)
-    model, tokenizer = load_checkpoint(checkpoint)
+    model, tokenizer = load_model(checkpoint)
     if model.config.lm_head_bias:
         raise ExportError(
             f"{checkpoint} was trained with model.lm_head_bias=true, and GPT2LMHeadModel's LM head has no "

@@ -1,6 +1,7 @@
 """The files a run reads and writes: :class:`DataError` for the data files it cannot use (a corpus,
-GPT-2's ranks), and writing a file whole or not at all, through a temporary file that no one else
-can have planted and that a later writer removes if its own writer was killed."""
+GPT-2's ranks), and the one way every file is written whole or not at all (caches, tokenizers,
+status.json, checkpoints): through a temporary file that no one else can have planted and that a
+later writer removes if its own writer was killed, renamed over the file at the end."""
 
 from __future__ import annotations
 
@@ -21,20 +22,47 @@ class DataError(ValueError):
 
 @contextmanager
 def replaced_atomically(path: Path) -> Iterator[BinaryIO]:
-    """A binary file for ``path``'s new content, which replaces ``path`` in one rename at the end.
+    """A binary file for ``path``'s new content, which replaces ``path`` in one rename at the end
+    (:func:`atomic_replacement`; not synced to disk: caches, tokenizers, status.json).
 
     Readers never see a half-written file, and a process that still maps the old one keeps it.
     The temporary file is created new (see :func:`temporary_path`), so processes that build the same
     cache at the same time never write to or rename away each other's file.
     """
+    with atomic_replacement(path) as tmp, open(tmp, "xb") as file:
+        yield file
+
+
+@contextmanager
+def atomic_replacement(path: Path, durable: bool = False) -> Iterator[Path]:
+    """A temporary name beside ``path`` (:func:`temporary_path`), at which the block creates ``path``'s
+    new content as a new file (``open(tmp, "xb")``, or ``os.link`` to a file it is to equal); renamed
+    over ``path`` when the block ends, removed when it fails.
+
+    With ``durable``, the file is synced to disk before the rename, and the folder after it: a machine
+    that loses power then keeps the previous file or the new one, whole (without, the rename may
+    reach the disk before the file's content). For checkpoints; a cache can be built again.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
-        with open(tmp, "xb") as file:
-            yield file
+        yield tmp
+        if durable:
+            sync(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    if durable:
+        sync(path.parent)
+
+
+def sync(path: Path) -> None:
+    """Write a file's content, or a folder's entries, through to the disk (``fsync``)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def temporary_path(path: Path) -> Path:

@@ -12,30 +12,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import tiktoken
 import torch
 
-from losslab.checkpoint_files import (
-    CheckpointError,
-    load_checkpoint_file,
-    model_from_checkpoint,
-    tokenizer_from_checkpoint,
-)
+from losslab.checkpoint_files import CheckpointError, load_model
 from losslab.model import GPT
 
 # Each new token is a forward pass, at some hundreds to thousands of tokens/s on a CPU: a million
 # takes minutes to hours. Beyond these, a typo (10**12) would run for ever, its ids filling memory.
 MAX_NEW_TOKENS = 1_000_000
 MAX_SAMPLES = 10_000
-
-
-def load_checkpoint(path: str | Path) -> tuple[GPT, tiktoken.Encoding]:
-    """The GPT (in eval mode) and the tokenizer stored in a losslab checkpoint; CheckpointError
-    when the file is not one."""
-    checkpoint = load_checkpoint_file(path)
-    return model_from_checkpoint(checkpoint, path), tokenizer_from_checkpoint(checkpoint, path)
 
 
 def generate(
@@ -95,7 +82,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     try:
-        model, tokenizer = load_checkpoint(args.checkpoint)
+        model, tokenizer = load_model(args.checkpoint)
     except CheckpointError as error:
         sys.exit(f"error: {error}")  # one line, not a traceback: the fix is in the message
     samples = generate(

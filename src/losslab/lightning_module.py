@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -26,22 +25,15 @@ from torch.distributed import ProcessGroup
 from torch.distributed.fsdp import FSDPModule
 from torchmetrics import SumMetric
 
-from losslab.checkpoint_files import CheckpointError
+from losslab.checkpoint_files import losslab_state, restore_losslab_state
 from losslab.losses import LossParts, TokenLoss
+from losslab.metrics import log_metrics
 from losslab.model import GPT
+from losslab.run_status import NonFiniteStepError, reached_max_steps
 from losslab.sharding import average_replicated_gradients_, clip_gradients_, gradient_norm, shard_gpt
 from losslab.targets import count_targets, real_targets
 
 NONFINITE_POLICIES = ("skip", "stop")
-
-
-class NonFiniteStepError(FloatingPointError):
-    """A step's loss or gradient was not finite, with ``nonfinite="stop"``."""
-
-
-def reached_max_steps(trainer: L.Trainer) -> bool:
-    """Whether training has taken ``trainer.max_steps`` steps (``-1``: no such limit)."""
-    return 0 <= trainer.max_steps <= trainer.global_step
 
 
 def correct_count(parts: LossParts) -> Tensor:
@@ -162,13 +154,14 @@ class GPTLightningModule(L.LightningModule):
         n_tokens = strategy.reduce(n_tokens, group=group, reduce_op="sum").clamp(min=1)
         # DDP and FSDP average the ranks' gradients: scaling by their number turns that into their sum.
         scale = ranks / n_tokens
+        # the predictions' argmax costs a pass over the logits: asked for on the steps that are logged alone
+        self.loss_fn.predict = self.logs_this_step()
         sums, inexact_grads = [], []
         for i, micro in enumerate(batch):
             # DDP all-reduces once, after the last micro-batch. FSDP reduce-scatters each micro-batch's
             # gradient into the sharded one (toggle_model leaves it alone): deferring that, with
             # set_requires_gradient_sync(False), would hold a whole unsharded gradient on every process.
             with optimizer.toggle_model(sync_grad=i == len(batch) - 1):
-                self.loss_fn.predict = self.trainer._logger_connector.should_update_logs  # train/acc
                 parts = self.loss_sums(micro)
                 self.manual_backward(parts.loss * scale)
             has_accuracy = parts.accuracy is not None  # a peer gives no predictions; none on unlogged steps
@@ -191,31 +184,42 @@ class GPTLightningModule(L.LightningModule):
             # With no gradient, the optimizer leaves every weight and its own state as they are,
             # while the step still counts (max_steps, the schedule, checkpoints) as in a GradScaler skip.
             optimizer.zero_grad(set_to_none=True)
-        self.log("lr", optimizer.param_groups[0]["lr"])
+        lr = optimizer.param_groups[0]["lr"]  # this step's
         optimizer.step()
         optimizer.zero_grad()
         self.lr_schedulers().step()
         # Logged at the number of steps taken, as validation and the checkpoints' names are: step k
         # is the loss of the k-th step's batch (Lightning would log it at k - 1).
-        self.log("step", float(self.global_step))
-        self.log("train/loss", nll, prog_bar=True)
-        self.log("train/ppl", torch.exp(nll))
+        logged = {"lr": lr, "step": float(self.global_step), "train/loss": nll, "train/ppl": torch.exp(nll)}
         if self.loss_fn.label_smoothing > 0 or self.loss_fn.z_loss > 0:
-            self.log("train/objective", objective)
+            logged["train/objective"] = objective
         if has_accuracy:
-            self.log("train/acc", accuracy)
-        self.log("train/grad_norm", norm)
-        self.log("train/skipped_steps", self.skipped_steps.float())
+            logged["train/acc"] = accuracy
+        logged |= {"train/grad_norm": norm, "train/skipped_steps": self.skipped_steps.float()}
         if self.loss_fn.z_loss > 0:
-            self.log("train/z_loss", z_loss)
+            logged["train/z_loss"] = z_loss
+        log_metrics(self, logged)
         if inexact_grads:
             inexact = strategy.reduce(torch.stack(inexact_grads).sum(), group=group, reduce_op="sum")
             self.report_inexact_gradients(inexact)
 
+    def logs_this_step(self) -> bool:
+        """Whether Lightning writes the metrics of the step about to be taken to the logger: by its own
+        rule, when the steps taken once it is are a multiple of ``trainer.log_every_n_steps``, or when
+        training stops there, as it does at ``trainer.max_steps`` (see ``on_train_batch_end``).
+
+        Lightning counts the steps as its loop has stepped batches (``global_step`` here: see
+        :class:`losslab.checkpointing.LastCheckpoint` for a resumed run). A step that Ctrl-C stops,
+        known to be the last only once it has been taken, is logged without predictions (Lightning
+        then writes the last logged step's ``train/acc`` again).
+        """
+        every, step = self.trainer.log_every_n_steps, self.global_step + 1
+        return every > 0 and (step % every == 0 or step == self.trainer.max_steps)
+
     def report_inexact_gradients(self, count: Tensor) -> None:
         """Log how many targets of the step got an inexact gradient, and warn the first time: no
         NaN shows it. Only a loss that can compute one reports it, so the others never sync here."""
-        self.log("train/inexact_grads", count.float())
+        log_metrics(self, {"train/inexact_grads": count.float()})
         if count > 0 and not self.warned_inexact_grads:
             self.warned_inexact_grads = True
             rank_zero_warn(
@@ -265,13 +269,11 @@ class GPTLightningModule(L.LightningModule):
             self.initial_val_loss = float(loss)
         # Each value is the same on every process already: sync_dist with max tells Lightning so, and
         # leaves it exact (a mean of equal values can round).
-        synced = {"sync_dist": True, "reduce_fx": "max"}
-        self.log("val/loss", loss, prog_bar=True, **synced)
-        self.log("val/ppl", torch.exp(loss), **synced)
-        self.log("val/bpb", nll / math.log(2) / n_bytes.clamp(min=1), **synced)
+        logged = {"val/loss": loss, "val/ppl": torch.exp(loss), "val/bpb": nll / math.log(2) / n_bytes.clamp(min=1)}
         if self.val_correct.update_count:  # a peer that gives no predictions has no accuracy
-            self.log("val/acc", self.val_correct.compute() / tokens.clamp(min=1), **synced)
-        self.log("step", float(self.global_step), **synced)  # after that many steps; 0 before training
+            logged["val/acc"] = self.val_correct.compute() / tokens.clamp(min=1)
+        logged["step"] = float(self.global_step)  # after that many steps; 0 before training
+        log_metrics(self, logged, sync_dist=True, reduce_fx="max")
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
@@ -291,47 +293,7 @@ class GPTLightningModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["gpt_config"] = asdict(self.model.config)
-        checkpoint["tokenizer"] = self.tokenizer
-        checkpoint["tokenizer_id"] = self.tokenizer_id
-        checkpoint["schedule"] = self.schedule
-        checkpoint["initial_val_loss"] = self.initial_val_loss
+        checkpoint.update(losslab_state(self))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.initial_val_loss = checkpoint.get("initial_val_loss", math.nan)  # NaN: a checkpoint older than it
-
-    def check_resumable(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another model shape, tokenizer or learning-rate schedule, naming
-        what differs (Lightning would load another shape with a size-mismatch trace, and another
-        tokenizer or schedule without a word). Dropout changes no weight: a run may resume with another."""
-        saved_model = checkpoint.get("gpt_config", {})
-        check_same(
-            "model", saved_model, self.model.config.weight_shape(), "the model it was trained with (model.*=...)"
-        )
-        check_same(
-            "tokenizer",
-            checkpoint.get("tokenizer_id") or {},
-            self.tokenizer_id,
-            "its tokenizer and corpus (tokenizer=..., data=...)",
-        )
-        check_same(
-            "learning-rate schedule",
-            checkpoint.get("schedule", {}),
-            self.schedule,
-            "its schedule (schedule.*=...; to train a finished run further at its final learning rate, "
-            "set schedule.total_steps to its trainer.max_steps)",
-        )
-
-
-def check_same(what: str, saved: dict[str, Any], here: dict[str, Any], fix: str) -> None:
-    """Refuse a checkpoint whose ``saved`` settings differ from ``here`` in a key both have."""
-    differing = [
-        f"{name}={saved[name]!r} there, {value!r} here"
-        for name, value in here.items()
-        if name in saved and saved[name] != value
-    ]
-    if differing:
-        raise CheckpointError(
-            f"the checkpoint holds another {what} ({'; '.join(differing)}): resume with {fix}, "
-            "or drop ckpt_path to start anew"
-        )
+        restore_losslab_state(self, checkpoint)

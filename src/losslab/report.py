@@ -9,11 +9,10 @@ import os
 import shlex
 from pathlib import Path
 
-from losslab.compare import Curves, Run, best_validation, format_number, load_runs, run_folders, summarize
+from losslab.compare import summarize
 from losslab.dashboard import DASHBOARD_URL
-
-# The validation metrics of the table, each with its format.
-VALIDATION = {"val/loss": "{:.4f}", "val/ppl": "{:,.2f}", "val/bpb": "{:.4f}", "val/acc": "{:.2%}"}
+from losslab.metrics import METRICS
+from losslab.run_logs import Curves, Run, best_validation, load_runs, run_folders
 
 
 def run_report(folder: Path, finished: bool) -> list[str]:
@@ -41,19 +40,19 @@ def logged_run(folder: Path) -> Run | None:
 
 
 def validation_table(curves: Curves) -> list[str]:
-    """Each validation metric's final value, its value at the best validation (that of the best
-    checkpoint: see ``best_validation``; ``n/a`` when none beat the untrained model) and its first
-    (step 0 unless resumed)."""
-    logged = [tag for tag in VALIDATION if curves.get(tag)]
+    """Each reported metric's (see :class:`losslab.metrics.Metric`) final value, its value at the best
+    validation (that of the best checkpoint: see ``best_validation``; ``n/a`` when none beat the
+    untrained model) and its first (step 0 unless resumed)."""
+    logged = [metric for metric in METRICS.values() if metric.report and curves.get(metric.tag)]
     if not logged:
         return []
     best = best_validation(curves)
-    rows = [["", "final", "best", f"step {curves[logged[0]][0].step}"]]
-    for tag in logged:
-        events = curves[tag]
+    rows = [["", "final", "best", f"step {curves[logged[0].tag][0].step}"]]
+    for metric in logged:
+        events = curves[metric.tag]
         at_best = [event.value for event in events if best and event.step == best.step][-1:]
-        cells = [format_number(VALIDATION[tag], value) for value in (events[-1].value, *at_best, events[0].value)]
-        rows.append([tag, *cells[:1], *([] if at_best else ["n/a"]), *cells[1:]])
+        cells = [metric.show(value) for value in (events[-1].value, *at_best, events[0].value)]
+        rows.append([metric.tag, *cells[:1], *([] if at_best else ["n/a"]), *cells[1:]])
     width = max(12, *(len(cell) + 2 for row in rows for cell in row[1:]))
     return [f"{row[0]:<10}" + "".join(f"{cell:>{width}}" for cell in row[1:]) for row in rows]
 
@@ -83,11 +82,12 @@ def fall(curves: Curves) -> str:
 def speed(run: Run) -> str:
     """Median tokens per second, highest peak memory and wall time, as in compare's table."""
     row = summarize(run)
+    speed, memory = METRICS["perf/tokens_per_sec"], METRICS["perf/peak_memory_mib"]
     parts = []
-    if row["tokens_per_sec"] is not None:
-        parts.append(f"{row['tokens_per_sec']:,.0f} tokens/s (median)")
-    if row["peak_memory_mib"] is not None:
-        parts.append(f"peak memory {row['peak_memory_mib']:,.0f} MiB")
+    if row[speed.tag] is not None:
+        parts.append(f"{speed.show(row[speed.tag])} {speed.label}")
+    if row[memory.tag] is not None:
+        parts.append(f"peak memory {memory.show(row[memory.tag])} MiB")
     if row["wall_time_s"] is not None:
         minutes, seconds = divmod(row["wall_time_s"], 60)
         parts.append(f"wall time {minutes:.0f} min {seconds:.0f} s" if minutes else f"wall time {seconds:.1f} s")

@@ -26,8 +26,8 @@ from pathlib import Path
 import yaml
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-from losslab.compare import EVENT_FILES
 from losslab.config_checks import ConfigError
+from losslab.run_logs import EVENT_FILES
 from losslab.run_status import STATUS_FILE
 
 LOCK_FILE = "run.lock"

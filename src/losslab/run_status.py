@@ -1,109 +1,110 @@
-"""How a run ended, for people and for tools: ``status.json`` in its folder, and Ctrl-C handling.
+"""How a run ended, for people and for tools: the statuses a run records in ``status.json``.
 
-``status.json`` says ``running`` while the run trains (still so after a kill: then it is the step of
-its last checkpoint) and then one of: ``finished``; ``diverged`` (it reached its last step, but its
-last validation loss is NaN or infinite, or not below the untrained model's: see
-:mod:`losslab.divergence`); ``stopped`` (a non-finite step with ``step.nonfinite=stop``);
-``interrupted`` (Ctrl-C, or SIGTERM as a scheduler sends it to preempt a job; ``last.ckpt`` holds
-the step it reached); ``crashed`` (any other error). ``scripts/compare_runs.py`` reads it.
+:class:`losslab.callbacks.RunStatus` writes the file as the run goes (``running``, then how it
+ended); ``scripts/compare_runs.py``, the end-of-run report and a resume that has nothing to train
+read it. The file holds plain strings, so that the runs of every version read alike. No Lightning
+here: compare_runs.py reads statuses without importing it.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import math
-import signal
-import threading
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import lightning as L
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-from losslab.divergence import divergence
 from losslab.files import replaced_atomically
-from losslab.lightning_module import NonFiniteStepError, reached_max_steps
+
+if TYPE_CHECKING:
+    import lightning as L
 
 STATUS_FILE = "status.json"
 
-log = logging.getLogger(__name__)
+
+class Status(str, Enum):
+    """How a run ended, declared in the order compare's table lists runs: finished ones first."""
+
+    # It reached its last step (trainer.max_steps), and its last validation loss is below the
+    # untrained model's (step 0's).
+    FINISHED = "finished"
+    # It reached its last step, but its last validation loss is NaN or infinite, or not below the
+    # untrained model's: training made the model worse (losslab.divergence). Never anyone's best.
+    DIVERGED = "diverged"
+    # A step's loss or gradient was not finite, with step.nonfinite=stop (NonFiniteStepError).
+    STOPPED = "stopped"
+    # Ctrl-C, or SIGTERM as a scheduler sends it to preempt a job: checkpoints/last.ckpt holds the
+    # step reached (not after a second Ctrl-C, which stops at once), and the run resumes from it.
+    INTERRUPTED = "interrupted"
+    # Any other error, named in the message.
+    CRASHED = "crashed"
+    # Written when the run starts and at each checkpoint, then replaced by how it ended: still there,
+    # the run trains, or it was killed (its step is then that of its last checkpoint).
+    RUNNING = "running"
+    # Never written: a run older than status.json.
+    UNKNOWN = "unknown"
+
+    @property
+    def nonfinite(self) -> bool:
+        """Whether the status alone says that a step was not finite (a run diverges with finite losses too)."""
+        return self is Status.STOPPED
 
 
-class RunStatus(L.Callback):
-    """Keeps ``folder/status.json``: ``{"status", "step", "max_steps", "message"}`` (see the module)."""
-
-    def __init__(self, folder: str | Path) -> None:
-        self.path = Path(folder) / STATUS_FILE
-        self.status = "running"
-        self.step = 0
-        self.message = ""
-
-    def record(self, trainer: L.Trainer, status: str, message: str = "") -> None:
-        self.status, self.step, self.message = status, trainer.global_step, message
-        if trainer.is_global_zero:
-            record = {"status": status, "step": self.step, "max_steps": trainer.max_steps, "message": message}
-            with replaced_atomically(self.path) as file:
-                file.write(json.dumps(record, indent=2).encode())
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.record(trainer, "running")
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.record(trainer, "running")  # a resumed run: the checkpoint's step
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.status == "running":
-            self.record(trainer, "running")
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        val_loss = float(trainer.callback_metrics.get("val/loss", math.nan))
-        reason = divergence(val_loss, getattr(pl_module, "initial_val_loss", math.nan))
-        if trainer.should_stop and not reached_max_steps(trainer):
-            self.record(trainer, "interrupted", "stopped by Ctrl-C; checkpoints/last.ckpt holds this step")
-        elif reason:
-            skipped = int(getattr(pl_module, "skipped_steps", 0))
-            if skipped or not math.isfinite(val_loss):
-                reason += f"; {skipped} step(s) were skipped as non-finite"
-            self.record(trainer, "diverged", reason)
-        else:
-            self.record(trainer, "finished")
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        message = (str(exception).splitlines() or [type(exception).__name__])[0]
-        if isinstance(exception, NonFiniteStepError):
-            self.record(trainer, "stopped", message)
-        elif isinstance(exception, SIGTERMException):  # Lightning's, raised after the step the signal came in
-            self.record(trainer, "interrupted", "stopped by SIGTERM; checkpoints/last.ckpt holds this step")
-        elif isinstance(exception, KeyboardInterrupt):
-            self.record(trainer, "interrupted", "stopped by a second Ctrl-C, without a checkpoint of this step")
-        else:
-            self.record(trainer, "crashed", f"{type(exception).__name__}: {message}")
+# How each status reads in compare's table; the others read "<status> at step <step>/<max_steps>".
+DESCRIPTIONS = {
+    Status.FINISHED: "finished",
+    Status.DIVERGED: "diverged (step {step})",
+    Status.RUNNING: "running or killed (step {step}/{max_steps})",
+    Status.UNKNOWN: "unknown",
+}
 
 
-class GracefulInterrupt(L.Callback):
-    """The first Ctrl-C ends training after the current step, which is then validated and saved to
-    ``last.ckpt`` as at the end of a run; a second Ctrl-C stops at once."""
+@dataclass(frozen=True)
+class RunRecord:
+    """What ``status.json`` holds: the status, the step reached of ``max_steps`` and, for a run that did
+    not finish, why (``message``)."""
 
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous_handler: Any = None
+    status: Status
+    step: int | None = None
+    max_steps: int | None = None
+    message: str = ""
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():  # only there can Python take signals
-            self.previous_handler = signal.signal(signal.SIGINT, self.request)
+    def describe(self) -> str:
+        """How the run ended, in a few words: ``finished``, ``crashed at step 3/500``..."""
+        template = DESCRIPTIONS.get(self.status, "{status} at step {step}/{max_steps}")
+        return template.format(status=self.status.value, step=self.step, max_steps=self.max_steps)
 
-    def request(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous_handler)
-        log.warning("\nCtrl-C: stopping after this step and saving it (press Ctrl-C again to stop at once)")
+    def write(self, folder: Path) -> None:
+        """Replace ``folder/status.json`` with this record, whole (a reader never sees half of it)."""
+        record = {"status": self.status.value, "step": self.step, "max_steps": self.max_steps, "message": self.message}
+        with replaced_atomically(Path(folder) / STATUS_FILE) as file:
+            file.write(json.dumps(record, indent=2).encode())
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        # every process stops at the same step, whichever of them got the signal
-        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
-            trainer.should_stop = True
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.previous_handler is not None and not self.requested:
-            signal.signal(signal.SIGINT, self.previous_handler)
-        self.previous_handler = None
+def read_status(folder: Path) -> RunRecord:
+    """The run's ``status.json``, or a record of status ``unknown`` for a run older than it; ValueError
+    names a file that is not a record losslab writes."""
+    path = Path(folder) / STATUS_FILE
+    if not path.is_file():
+        return RunRecord(Status.UNKNOWN)
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not JSON ({error}): fix it, or delete it to show the run as unknown") from error
+    written = record.get("status") if isinstance(record, dict) else None
+    if written not in {status.value for status in Status}:
+        raise ValueError(
+            f"{path} holds no status losslab writes ({written!r}; one of {', '.join(s.value for s in Status)}): "
+            "fix it, or delete it to show the run as unknown"
+        )
+    return RunRecord(Status(written), record.get("step"), record.get("max_steps"), record.get("message") or "")
+
+
+class NonFiniteStepError(FloatingPointError):
+    """A step's loss or gradient was not finite, with ``nonfinite="stop"``: the run is ``stopped``."""
+
+
+def reached_max_steps(trainer: L.Trainer) -> bool:
+    """Whether training has taken ``trainer.max_steps`` steps (``-1``: no such limit): a run that
+    stops there ended, one that stops before was interrupted."""
+    return 0 <= trainer.max_steps <= trainer.global_step

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.optim import Optimizer
 
-from losslab.checkpoint_files import check_checkpoint_file
+from losslab.checkpoint_files import read_checkpoint
 from losslab.losses import VocabParallel
 from losslab.model import GPT
 
@@ -217,9 +217,7 @@ class ShardedDataParallel(ModelParallelStrategy):
         the checkpoint (loops, schedule, callbacks) is returned for Lightning to restore."""
         if weights_only is False:
             raise ValueError("losslab loads checkpoints with weights_only=True only: they hold no code")
-        path = self.broadcast(checkpoint_path)
-        check_checkpoint_file(path)
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        checkpoint = read_checkpoint(self.broadcast(checkpoint_path), mmap=True)
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, checkpoint.pop("state_dict"), options=full)
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):

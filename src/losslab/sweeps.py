@@ -14,9 +14,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from losslab.compare import load_runs, run_folders, write_comparison
+from losslab.compare import write_comparison
 from losslab.dashboard import DASHBOARD_URL
 from losslab.report import shown
+from losslab.run_logs import load_runs, run_folders
 
 log = logging.getLogger(__name__)
 MAX_NAME_BYTES = 255  # a folder name's longest on Linux, macOS and Windows file systems

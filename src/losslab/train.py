@@ -27,13 +27,14 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from losslab.checkpoint_files import CheckpointError, load_checkpoint_file
-from losslab.compare import read_status
+from losslab.callbacks import GracefulInterrupt, RunStatus
+from losslab.checkpoint_files import CheckpointError, check_resumable, load_checkpoint_file
 from losslab.config_checks import ConfigError, check_config, check_overrides
 from losslab.data import GPTDataModule
 from losslab.files import DataError
 from losslab.hparams import HParamsTab, chosen_options
 from losslab.lightning_module import GPTLightningModule
+from losslab.metrics import METRICS
 from losslab.model import GPT
 from losslab.report import logged_run, run_report
 from losslab.run_folder import (
@@ -45,7 +46,7 @@ from losslab.run_folder import (
     record_subdir,
     remove_leftovers,
 )
-from losslab.run_status import STATUS_FILE, GracefulInterrupt, RunStatus
+from losslab.run_status import Status, read_status
 from losslab.sweeps import run_name
 from losslab.tokenizers import tokenizer_to_data
 
@@ -86,12 +87,15 @@ class RunOutcome:
     """What ``train`` returns: how the run ended (see :mod:`losslab.run_status`), at which step,
     with which final metrics, in which folder."""
 
-    status: str
+    status: Status
     step: int
     max_steps: int
     metrics: dict[str, float]
     folder: Path
     terminated: bool = False  # stopped by SIGTERM
+
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)  # as status.json spells it, too
 
 
 def build_module(cfg: DictConfig) -> tuple[GPTDataModule, GPTLightningModule]:
@@ -163,7 +167,7 @@ def fit(cfg: DictConfig, folder: Path, purge: dict[str, int]) -> RunOutcome:
     datamodule, module = build_module(cfg)
     if cfg.ckpt_path:
         checkpoint = load_checkpoint_file(cfg.ckpt_path, key="ckpt_path")
-        module.check_resumable(checkpoint)
+        check_resumable(checkpoint, module)
         if 0 <= cfg.trainer.max_steps <= checkpoint["global_step"]:
             return nothing_to_train(cfg, folder, checkpoint["global_step"])
         # A resumed run continues in its folder: TensorBoard hides the events logged there after
@@ -206,7 +210,9 @@ def fit(cfg: DictConfig, folder: Path, purge: dict[str, int]) -> RunOutcome:
 def nothing_to_train(cfg: DictConfig, folder: Path, step: int) -> RunOutcome:
     """A resume of a run that has taken its ``trainer.max_steps`` already: it says so, with what the
     run achieved, and leaves the run as it is."""
-    status = read_status(folder) if (folder / STATUS_FILE).exists() else {"status": "finished", "message": ""}
+    status = read_status(folder).status
+    if status is Status.UNKNOWN:  # a run older than status.json that reached its last step
+        status = Status.FINISHED
     run = logged_run(folder)
     metrics = {tag: events[-1].value for tag, events in run.curves.items() if events} if run else {}
     total = cfg.schedule.total_steps or step
@@ -216,11 +222,11 @@ def nothing_to_train(cfg: DictConfig, folder: Path, step: int) -> RunOutcome:
                 f"Nothing to train: ckpt_path={cfg.ckpt_path} is at step {step}, and trainer.max_steps="
                 f"{cfg.trainer.max_steps}. To train it further, give a larger trainer.max_steps (with "
                 f"schedule.total_steps={total} to go on at its final learning rate).",
-                *(f"  {line}" for line in run_report(folder, finished=status["status"] == "finished")),
+                *(f"  {line}" for line in run_report(folder, finished=status is Status.FINISHED)),
             ]
         )
     )
-    return RunOutcome(status["status"], step, cfg.trainer.max_steps, metrics, folder)
+    return RunOutcome(status, step, cfg.trainer.max_steps, metrics, folder)
 
 
 class Terminated(Exception):
@@ -248,17 +254,20 @@ def summary(outcome: RunOutcome, message: str) -> str:
     """What the run achieved: a line that says how it ended, then its validation metrics (final, best
     and first), speed, memory and wall time, where its checkpoints are, and the commands that show
     its curves and sample from it (see :func:`losslab.report.run_report`)."""
-    metrics = outcome.metrics
-    values = ", ".join(f"{name} {metrics[name]:.4f}" for name in ("val/loss", "val/ppl", "val/bpb") if name in metrics)
+    values = ", ".join(
+        f"{metric.tag} {metric.show(outcome.metrics[metric.tag])}"
+        for metric in METRICS.values()
+        if metric.summary and metric.tag in outcome.metrics
+    )
     where = f"step {outcome.step}/{outcome.max_steps}"
-    if outcome.status == "finished":
+    if outcome.status is Status.FINISHED:
         ending = f"Finished at {where}: {values}."
-    elif outcome.status == "diverged":
+    elif outcome.status is Status.DIVERGED:
         ending = f"Diverged: at {where} {values}; {message}."
     else:
         last = outcome.folder / "checkpoints" / "last.ckpt"
         ending = f"Interrupted at {where} ({values}); {last} holds it. Resume it with:\n  {resume_command(last)}"
-    report = run_report(outcome.folder, finished=outcome.status == "finished")
+    report = run_report(outcome.folder, finished=outcome.status is Status.FINISHED)
     return "\n".join([ending, *(f"  {line}" for line in report)])
 
 
@@ -297,7 +306,7 @@ def without_tips(record: logging.LogRecord) -> bool:
 def objective(outcome: RunOutcome) -> float:
     """What a run returns to Hydra's sweepers (Optuna's objective): its final val/loss when it
     finished, else NaN, which fails the trial: a diverged run is nobody's best."""
-    return outcome.metrics.get("val/loss", math.nan) if outcome.status == "finished" else math.nan
+    return outcome.metrics.get("val/loss", math.nan) if outcome.status is Status.FINISHED else math.nan
 
 
 @hydra.main(version_base="1.3", config_path="pkg://losslab.conf", config_name="train")
@@ -311,7 +320,7 @@ def run(cfg: DictConfig) -> float:
     except Terminated as error:
         log.info(str(error))
         sys.exit(143)
-    if outcome.status == "interrupted":
+    if outcome.status is Status.INTERRUPTED:
         # as a shell reports Ctrl-C or SIGTERM: a sweep stops there too, and a scheduler sees a job unfinished
         sys.exit(143 if outcome.terminated else 130)
     return objective(outcome)
