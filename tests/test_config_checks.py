@@ -195,7 +195,7 @@ BAD = [
     ),
     (
         "+data.batchsize=8",
-        re.escape("data.batchsize=8: GPTDataModule has no option batchsize; did you mean data.batch_size?"),
+        re.escape("data.batchsize=8: DataConfig has no option batchsize; did you mean data.batch_size?"),
     ),
     ("+step.acumulate=2", re.escape("step.acumulate=2: step has no option acumulate; did you mean step.accumulate?")),
     (

@@ -7,7 +7,7 @@ import pytest
 import tiktoken
 import torch
 
-from losslab.data import GPTDataModule, load_documents, token_cache
+from losslab.data import DataConfig, GPTDataModule, load_documents, token_cache
 from losslab.data.batching import DocumentRows
 from losslab.data.documents import paragraphs, split_documents
 from losslab.data.token_cache import encode_documents, read_token_split, token_dtype, token_files
@@ -17,7 +17,7 @@ from losslab.targets import count_targets
 
 def make_datamodule(tmp_path, **options) -> GPTDataModule:
     defaults = dict(tokenizer="bpe", vocab_size=512, context_length=32, batch_size=4, cache_dir=tmp_path / "cache")
-    dm = GPTDataModule(**{**defaults, **options})
+    dm = GPTDataModule(DataConfig(**{**defaults, **options}))
     dm.setup("fit")
     return dm
 
@@ -270,7 +270,7 @@ def test_accumulation_batches_are_the_micro_batches_of_one_step(tmp_path):
         for micro in step:  # each padded to its own longest row
             assert torch.equal(micro["input_ids"], next(rows)[0]["input_ids"])
     with pytest.raises(ValueError, match="accumulate=0 must be at least 1"):
-        GPTDataModule(accumulate=0)
+        DataConfig(accumulate=0)
 
 
 def test_long_documents_become_rows_that_share_one_token():

@@ -30,6 +30,7 @@ from losslab.checkpoint_files import check_checkpoint_file
 from losslab.divergence import beats_untrained
 from losslab.files import temporary_path
 from losslab.lightning_module import reached_max_steps
+from losslab.settings import is_int_at_least, require
 
 KEEP = ("both", "last", "best")
 
@@ -168,6 +169,13 @@ class LastCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: _PATH, every_n_train_steps: int, keep: str = "both") -> None:
+        require(
+            is_int_at_least(every_n_train_steps, 1),
+            "every_n_train_steps",
+            every_n_train_steps,
+            "last.ckpt is written every this many steps (and at the end): an int >= 1",
+            "callbacks.last_checkpoint.every_n_train_steps=50",
+        )
         super().__init__(
             dirpath=dirpath,
             every_n_train_steps=every_n_train_steps,
