@@ -107,8 +107,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def check_keep(keep: str) -> str:
-    if keep not in KEEP:
-        raise ValueError(f"keep_checkpoints={keep!r}: choose one of {', '.join(KEEP)}")
+    require(
+        keep in KEEP, "keep", keep, f"the checkpoints to keep must be one of {', '.join(KEEP)}", "keep_checkpoints=last"
+    )
     return keep
 
 

@@ -96,6 +96,12 @@ SETTING_CHECKS: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
         "data.text_field=text",
     ),
     ("num_workers", lambda v: is_int_at_least(v, 0), "the loader's workers must be an int >= 0", "data.num_workers=2"),
+    (
+        "cache_dir",
+        lambda v: isinstance(v, (str, Path)) and str(v) != "",
+        "the cache must be a folder's path",
+        "paths.cache_dir=.cache/losslab",
+    ),
 )
 
 
