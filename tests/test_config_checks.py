@@ -13,7 +13,8 @@ from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from omegaconf import DictConfig, OmegaConf
 
 from losslab.checkpointing import LastCheckpoint
-from losslab.config_checks import FIXED_VOCAB_SIZES, ConfigError, check_config, check_overrides
+from losslab.config_checks import FIXED_VOCAB_SIZES, ConfigError, check_config
+from losslab.config_keys import check_overrides
 from losslab.data import DataConfig
 from losslab.generate import main as generate_main
 from losslab.losses import LOSSES

@@ -1,34 +1,26 @@
-"""Check a training config before any data work, so that a bad value fails in one line, at once.
+"""Check a training config before any data work, so that a bad value fails at once, in one line
+that names the key, its value and the fix.
 
-Two checks, for the two moments a config can be wrong:
+:func:`check_config` reads the composed config (the command line's keys are checked before Hydra
+composes it: :func:`losslab.config_keys.check_overrides`). Each of losslab's components checks its
+own values where it is defined, and this builds them as ``train.py`` does, with nothing read,
+trained or written (:func:`component_problems`): the model (``GPTConfig``), the schedule and the step
+(:mod:`losslab.optimization`), the data and its tokenizer (``DataConfig``, which asks
+:func:`losslab.tokenizers.check_tokenizer_settings`), losslab's callbacks (``LastCheckpoint``...)
+and the loss (``build_loss``). What it checks itself is what no single component can know: every
+key against what reads it ("did you mean": :mod:`losslab.config_keys`); the top-level keys, and what
+losslab asks of Lightning's ``Trainer`` and torch's AdamW, which are not its own (:data:`RULES`);
+and the values that must agree across groups (:data:`RELATIONS`: ``data.context_length`` and the
+model's, ``loss.ignore_index`` and the vocabulary, the loss and tensor parallelism...).
 
-- :func:`check_overrides` reads the command line before Hydra composes it: an override of a key
-  that no file under ``conf/`` has (``model.n_layr=2``) gets "did you mean model.n_layer?"
-  instead of Hydra's advice to add it with ``+``, and a misspelt choice (``loss=fusd``) "did you
-  mean loss=fused?" instead of Hydra's traceback.
-- :func:`check_config` reads the composed config. Each of losslab's components checks its own
-  values where it is defined, and this builds them, as ``train.py`` does but with nothing read,
-  trained or written (:func:`component_problems`): the model (``GPTConfig``), the schedule and the
-  step (:mod:`losslab.optimization`), the data and its tokenizer (``DataConfig``, which asks
-  :func:`losslab.tokenizers.check_tokenizer_settings`), losslab's callbacks (``LastCheckpoint``...)
-  and the loss (``build_loss``). What it checks itself is what no single component can know:
-  every key against what reads it (:mod:`losslab.config_keys`: "did you mean"), the top-level keys
-  and the values that losslab asks of components that are not its own, Lightning's ``Trainer`` and
-  torch's AdamW (:data:`RULES`), and the values that must agree across groups
-  (:data:`RELATIONS`: ``data.context_length`` and the model's, ``loss.ignore_index`` and the
-  vocabulary, the loss and tensor parallelism...).
-
-**Adding a value** of a component: check it where the component takes it, in its constructor or
+**A new value** of a component is checked where the component takes it, in its constructor or
 ``__post_init__`` (:func:`losslab.settings.require`: ``name=value: what it must be (e.g. an
-override)``); nothing here changes. A new component of losslab's with a node of its own: a line in
-:func:`component_problems`. A rule here only for a top-level key, another's component or a relation.
-
-Both name the key, its value and the fix in one line.
+override)``): nothing here changes. A new component of losslab's, with a node of its own: a line in
+:func:`component_problems`. A rule here is for a top-level key, another's component or a relation.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,17 +34,7 @@ from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, OmegaConf
 
 from losslab.checkpointing import KEEP
-from losslab.config_keys import (
-    UNSET,
-    conf_files,
-    conf_groups,
-    conf_keys,
-    did_you_mean,
-    is_target,
-    target_options,
-    unknown_keys,
-    value_at,
-)
+from losslab.config_keys import UNSET, is_target, target_options, unknown_keys, value_at
 from losslab.data import DataConfig
 from losslab.losses import LOSSES, build_loss
 from losslab.model import GPTConfig
@@ -67,9 +49,6 @@ PRECISIONS = tuple(value for kind in get_args(_PRECISION_INPUT) for value in get
 ACCELERATORS = ("auto", "cpu", "gpu", *sorted(AcceleratorRegistry.available_accelerators() - {"cpu"}))
 MAX_SEED = np.iinfo(np.uint32).max  # numpy's, which Lightning's seed_everything seeds too
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-# Hydra's flags that read configs from elsewhere than conf/.
-OTHER_CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
 
 
 class ConfigError(ValueError):
@@ -87,92 +66,34 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(problem)
 
 
-def check_overrides(overrides: list[str]) -> str | None:
-    """The first command-line override of a key, or a group choice, that no file under ``conf/``
-    has, as a message.
-
-    ``overrides`` is ``sys.argv[1:]`` of ``python train.py``: flags (``-m``, ``--cfg job``) and
-    anything that is not ``key=value`` are skipped, and so are additions and deletions (``+``,
-    ``++``, ``~``) and Hydra's own keys (``hydra.``, ``hydra/``). A group choice (``loss=fusd``)
-    must be a file of the group (:func:`unknown_choice`): "did you mean loss=fused?".
-    A key counts as known when any option of any group has it (``loss.chunk_size`` is fused's
-    only, yet known): which option was chosen is Hydra's to check. An unknown top-level key
-    (``foo=1``) is reported too. A key added with ``+`` is :func:`check_config`'s to judge, once
-    composed. With configs from elsewhere (``--config-dir``...) nothing is reported.
-    """
-    if any(arg.split("=", 1)[0] in OTHER_CONFIG_FLAGS for arg in overrides):
-        return None  # keys from files outside conf/: not ours to know
-    for override in overrides:
-        if override.startswith(("-", "+", "~")) or "=" not in override:
-            continue
-        key, value = override.split("=", 1)
-        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or "@" in key:
-            continue
-        if key in conf_groups():
-            problem = unknown_choice(key, value, override)
-            if problem:
-                return problem
-        elif key not in conf_keys():
-            return f"unknown config key {key} (in {override}): {did_you_mean(key)}"
-    return None
-
-
-def unknown_choice(group: str, value: str, override: str) -> str | None:
-    """A choice of ``group`` in ``value`` (``fusd``, or a sweep's ``naive,fusd``) that no file under
-    ``conf/<group>/`` is, with the closest one. Sweep functions (``choice(...)``), lists and
-    interpolations are Hydra's to read."""
-    if any(char in value for char in "()[]{}$'\""):
-        return None
-    options = sorted(file.name.removesuffix(".yaml") for g, file in conf_files() if g == group)
-    for choice in (part.strip() for part in value.split(",")):
-        if choice in options or choice == "null":
-            continue
-        matches = difflib.get_close_matches(choice, options, n=1)
-        choices = f"one of {', '.join(options)}"
-        fix = f"did you mean {group}={matches[0]}? (or {choices})" if matches else f"choose {choices}"
-        return f"unknown {group} choice {choice} (in {override}): {fix}"
-    return None
-
-
 def config_problems(cfg: DictConfig) -> Iterator[str]:
     """What is wrong with ``cfg``, one line each: lazily, so that the later checks may assume
-    that the earlier ones passed (no n_head of 0 when n_embd is divided by it). The model comes
-    first: other values follow its own (data.context_length is model.context_length)."""
-    problem = built(cfg, "model", GPTConfig, vocab_size=1)  # the tokenizer gives the real vocabulary
-    if problem:
-        yield problem
-    for rule in RULES:
-        problem = rule.problem(value_at(cfg, rule.key))
-        if problem:
-            yield problem
+    that the earlier ones passed (no n_head of 0 when n_embd is divided by it)."""
+    yield from filter(None, (rule.problem(value_at(cfg, rule.key)) for rule in RULES))
     yield from component_problems(cfg)
     yield from unknown_keys(cfg, OmegaConf.to_container(cfg, resolve=False))
-    for check in RELATIONS:
-        problem = check(cfg)
-        if problem:
-            yield problem
+    yield from filter(None, (check(cfg) for check in RELATIONS))
 
 
 # --- losslab's components, built ------------------------------------------------------------
 
 
 def component_problems(cfg: DictConfig) -> Iterator[str]:
-    """The refusals of losslab's components built from their nodes, the first of them first (the
-    model's and the loss's are taken in :func:`config_problems`). Of the callbacks, losslab's own
-    are built: their constructors are cheap and touch nothing; another's may not be."""
-    for problem in (
-        built(cfg, "schedule", ScheduleConfig),
-        built(cfg, "step", StepConfig),
-        built(cfg, "data", DataConfig, accumulate=value_at(cfg, "step.accumulate")),
-    ):
-        if problem:
-            yield problem
+    """The refusals of losslab's components built from their nodes (the loss's is a relation: it
+    comes after :func:`unknown_keys`, which names an option it does not take). The model comes first:
+    other values follow its own (data.context_length is model.context_length). Of the callbacks,
+    losslab's own are built: their constructors are cheap and touch nothing; another's may not be."""
+    nodes = [
+        ("model", GPTConfig, {"vocab_size": 1}),  # the tokenizer gives the real vocabulary
+        ("schedule", ScheduleConfig, {}),
+        ("step", StepConfig, {}),
+        ("data", DataConfig, {"accumulate": value_at(cfg, "step.accumulate")}),
+    ]
     callbacks = OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=False)
     for name, node in callbacks.items():
         if is_target(node) and node["_target_"].startswith("losslab."):
-            problem = built(cfg, f"callbacks.{name}", get_object(node["_target_"]))
-            if problem:
-                yield problem
+            nodes.append((f"callbacks.{name}", get_object(node["_target_"]), {}))
+    return filter(None, (built(cfg, path, build, **given) for path, build, given in nodes))
 
 
 def built(cfg: DictConfig, path: str, build: Callable[..., Any], **given: Any) -> str | None:

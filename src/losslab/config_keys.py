@@ -1,7 +1,12 @@
-"""The keys of a training config: those the files under ``conf/`` set, those each node's reader takes,
-and the keys that nothing reads, with the key meant ("did you mean model.n_layer?").
+"""The keys of a training config: those the files under ``conf/`` set, those each node's reader
+takes, and the keys that nothing reads, with the key meant ("did you mean model.n_layer?").
 
-:mod:`losslab.config_checks` reads the command line and the composed config through these.
+:func:`check_overrides` reads the command line before Hydra composes it: an override of a key that
+no file under ``conf/`` has (``model.n_layr=2``) gets "did you mean model.n_layer?" instead of
+Hydra's advice to add it with ``+``, and a misspelt choice (``loss=fusd``) "did you mean
+loss=fused?" instead of Hydra's traceback. :func:`unknown_keys` reads the composed config, for
+:mod:`losslab.config_checks`: every key against what reads it (the ``_target_``'s signature, or for
+the nodes that train.py reads itself, the keys of the files under ``conf/``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,55 @@ SET_BY_LOSSLAB = {
 OPEN_NODES = {"callbacks"}
 
 WHERE_KEYS_ARE = "python train.py --cfg job lists every key"
+# Hydra's flags that read configs from elsewhere than conf/.
+OTHER_CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
+
+
+def check_overrides(overrides: list[str]) -> str | None:
+    """The first command-line override of a key, or a group choice, that no file under ``conf/``
+    has, as a message.
+
+    ``overrides`` is ``sys.argv[1:]`` of ``python train.py``: flags (``-m``, ``--cfg job``) and
+    anything that is not ``key=value`` are skipped, and so are additions and deletions (``+``,
+    ``++``, ``~``) and Hydra's own keys (``hydra.``, ``hydra/``). A group choice (``loss=fusd``)
+    must be a file of the group (:func:`unknown_choice`): "did you mean loss=fused?".
+    A key counts as known when any option of any group has it (``loss.chunk_size`` is fused's
+    only, yet known): which option was chosen is Hydra's to check. An unknown top-level key
+    (``foo=1``) is reported too. A key added with ``+`` is :func:`losslab.config_checks.check_config`'s
+    to judge, once composed. With configs from elsewhere (``--config-dir``...) nothing is reported.
+    """
+    if any(arg.split("=", 1)[0] in OTHER_CONFIG_FLAGS for arg in overrides):
+        return None  # keys from files outside conf/: not ours to know
+    for override in overrides:
+        if override.startswith(("-", "+", "~")) or "=" not in override:
+            continue
+        key, value = override.split("=", 1)
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or "@" in key:
+            continue
+        if key in conf_groups():
+            problem = unknown_choice(key, value, override)
+            if problem:
+                return problem
+        elif key not in conf_keys():
+            return f"unknown config key {key} (in {override}): {did_you_mean(key)}"
+    return None
+
+
+def unknown_choice(group: str, value: str, override: str) -> str | None:
+    """A choice of ``group`` in ``value`` (``fusd``, or a sweep's ``naive,fusd``) that no file under
+    ``conf/<group>/`` is, with the closest one. Sweep functions (``choice(...)``), lists and
+    interpolations are Hydra's to read."""
+    if any(char in value for char in "()[]{}$'\""):
+        return None
+    options = sorted(file.name.removesuffix(".yaml") for g, file in conf_files() if g == group)
+    for choice in (part.strip() for part in value.split(",")):
+        if choice in options or choice == "null":
+            continue
+        matches = difflib.get_close_matches(choice, options, n=1)
+        choices = f"one of {', '.join(options)}"
+        fix = f"did you mean {group}={matches[0]}? (or {choices})" if matches else f"choose {choices}"
+        return f"unknown {group} choice {choice} (in {override}): {fix}"
+    return None
 
 
 def did_you_mean(key: str) -> str:

@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from losslab.checkpoint_files import CheckpointError, load_checkpoint_file
 from losslab.compare import read_status
-from losslab.config_checks import ConfigError, check_config, check_overrides
+from losslab.config_checks import ConfigError, check_config
+from losslab.config_keys import check_overrides
 from losslab.data import GPTDataModule
 from losslab.files import DataError
 from losslab.hparams import HParamsTab, chosen_options
