@@ -10,6 +10,9 @@
 
 Each ends with the ``<|endoftext|>`` special token, so that ``n_vocab`` counts it.
 
+The settings a run gives them (``data.tokenizer``, ``data.vocab_size``, ``data.ranks_path``) are checked
+before any data work by :func:`check_tokenizer_settings`.
+
 A checkpoint stores its tokenizer as plain data (:func:`tokenizer_to_data`, read back by
 :func:`tokenizer_from_data`), never as a pickle, which could run code when loaded; an exported
 model keeps it as two files (:func:`export_tokenizer`, :func:`load_exported_tokenizer`).
