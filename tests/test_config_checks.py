@@ -4,6 +4,7 @@ and the fix: configs are only composed here, nothing is trained or tokenized."""
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,14 @@ from hydra import compose, initialize_config_module
 from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from omegaconf import DictConfig, OmegaConf
 
-from losslab.config_checks import FIXED_VOCAB_SIZES, ConfigError, check_config, check_overrides
+from losslab.checkpointing import LastCheckpoint
+from losslab.config_checks import FIXED_VOCAB_SIZES, ConfigError, check_config
+from losslab.config_keys import check_overrides
+from losslab.data import DataConfig
 from losslab.generate import main as generate_main
 from losslab.losses import LOSSES
+from losslab.model import GPTConfig
+from losslab.optimization import ScheduleConfig, StepConfig
 from losslab.tokenizers import TOKENIZERS, build_tokenizer
 
 GENERATE = Path(__file__).resolve().parents[1] / "scripts" / "generate.py"
@@ -142,6 +148,14 @@ BAD = [
     ("step.accumulate=0", r"step.accumulate=0: a step must take an int >= 1 micro-batches"),
     ("schedule.total_steps=0", r"schedule.total_steps=0: the schedule's length must be an int >= 1 steps, or null"),
     ("keep_checkpoints=all", r"keep_checkpoints=all: the checkpoints to keep must be one of both, last, best"),
+    (
+        "callbacks.model_checkpoint.keep=all",  # built here, as losslab's callbacks are: once a traceback at the fit
+        r"callbacks.model_checkpoint.keep=all: the checkpoints to keep must be one of both, last, best",
+    ),
+    (
+        "paths.cache_dir=null",
+        re.escape("data.cache_dir=null: the cache must be a folder's path (e.g. paths.cache_dir="),
+    ),
     ("branch=maybe", r"branch=maybe: branch must be true or false"),
     (
         "data=shakespeare data.max_document_chars=0",
@@ -195,7 +209,7 @@ BAD = [
     ),
     (
         "+data.batchsize=8",
-        re.escape("data.batchsize=8: GPTDataModule has no option batchsize; did you mean data.batch_size?"),
+        re.escape("data.batchsize=8: DataConfig has no option batchsize; did you mean data.batch_size?"),
     ),
     ("+step.acumulate=2", re.escape("step.acumulate=2: step has no option acumulate; did you mean step.accumulate?")),
     (
@@ -232,6 +246,32 @@ def test_a_bad_value_or_key_is_one_line_naming_it_and_the_fix(overrides, message
         check_config(cfg)
     assert re.match(message, str(error.value)), str(error.value)
     assert "\n" not in str(error.value)
+
+
+# A value is checked once, by the component that takes it: the config's refusal is the component's own,
+# under the node's path. (override, node, the component built from its keyword arguments, those arguments)
+ONE_PLACE = [
+    ("data.batch_size=0", "data", DataConfig, {"batch_size": 0}),
+    ("data.vocab_size=300.5", "data", DataConfig, {"vocab_size": 300.5}),  # the tokenizer's settings
+    ("schedule.min_lr_ratio=-1", "schedule", ScheduleConfig, {"min_lr_ratio": -1}),
+    ("step.gradient_clip_val=-1", "step", StepConfig, {"gradient_clip_val": -1}),
+    (
+        "callbacks.last_checkpoint.every_n_train_steps=-1",
+        "callbacks.last_checkpoint",
+        partial(LastCheckpoint, dirpath=None),
+        {"every_n_train_steps": -1},
+    ),
+    ("model.n_head=3", "model", partial(GPTConfig, vocab_size=1), {"n_head": 3}),
+]
+
+
+@pytest.mark.parametrize("override,node,build,options", ONE_PLACE, ids=[case[0] for case in ONE_PLACE])
+def test_a_value_is_refused_by_the_component_that_takes_it(override, node, build, options):
+    with pytest.raises(ValueError) as own:
+        build(**options)
+    with pytest.raises(ConfigError) as config:
+        check_config(compose_config(override))
+    assert str(config.value) == f"{node}.{own.value}"
 
 
 @pytest.mark.parametrize("accelerator", ["gpu", "cuda"])

@@ -1,13 +1,14 @@
 import os
 import urllib.error
 import urllib.request
+from dataclasses import FrozenInstanceError, asdict
 
 import numpy as np
 import pytest
 import tiktoken
 import torch
 
-from losslab.data import GPTDataModule, load_documents, token_cache
+from losslab.data import DataConfig, GPTDataModule, load_documents, token_cache
 from losslab.data.batching import DocumentRows
 from losslab.data.documents import paragraphs, split_documents
 from losslab.data.token_cache import encode_documents, read_token_split, token_dtype, token_files
@@ -17,7 +18,7 @@ from losslab.targets import count_targets
 
 def make_datamodule(tmp_path, **options) -> GPTDataModule:
     defaults = dict(tokenizer="bpe", vocab_size=512, context_length=32, batch_size=4, cache_dir=tmp_path / "cache")
-    dm = GPTDataModule(**{**defaults, **options})
+    dm = GPTDataModule(DataConfig(**{**defaults, **options}))
     dm.setup("fit")
     return dm
 
@@ -31,6 +32,73 @@ def write(path, text: str):
 def lines_without_blank_ones(n_lines: int) -> str:
     """``n_lines`` lines of about 60 characters, none of them blank."""
     return "".join(f"{i:03d} the quick brown fox jumps over the lazy dog, {i % 7} times\n" for i in range(n_lines))
+
+
+# What a checkpoint (datamodule_hyper_parameters) and hparams.yaml hold of the data module, in this order.
+DATA_HPARAMS = [
+    "corpus",
+    "path",
+    "tokenizer",
+    "vocab_size",
+    "bpe_train_bytes",
+    "ranks_path",
+    "context_length",
+    "batch_size",
+    "accumulate",
+    "mode",
+    "val_fraction",
+    "max_document_chars",
+    "text_field",
+    "val_batches",
+    "num_workers",
+    "cache_dir",
+    "seed",
+    "ignore_index",
+]
+
+
+def test_the_data_module_is_built_from_its_config_whose_fields_are_its_hyperparameters():
+    config = DataConfig(corpus="text", path="notes.txt", tokenizer="bytes", vocab_size=None, batch_size=4)
+    dm = GPTDataModule(config)
+    assert dm.config is config
+    assert list(dm.hparams) == DATA_HPARAMS
+    assert dict(dm.hparams) == asdict(config)
+    with pytest.raises(FrozenInstanceError):
+        config.batch_size = 8
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"batch_size": 0}, "batch_size=0: the batch size must be an int >= 1 row (e.g. data.batch_size=16)"),
+        ({"batch_size": 8.0}, "batch_size=8.0: the batch size must be an int >= 1 row"),
+        ({"corpus": "wiki"}, "corpus=wiki: the corpus must be one of pydoc, shakespeare, text, jsonl, parquet"),
+        ({"corpus": "jsonl"}, "path=null: data=jsonl reads your own files: give data.path=<a file, a folder of jsonl"),
+        ({"mode": "stacked"}, "mode=stacked: the mode must be one of packed, padded (e.g. data.mode=padded)"),
+        ({"val_fraction": float("nan")}, "val_fraction=nan: the validation share must be in (0, 1)"),
+        ({"val_batches": 0}, "val_batches=0: the validation batches must be an int >= 1, or null for the whole split"),
+        ({"num_workers": -1}, "num_workers=-1: the loader's workers must be an int >= 0"),
+        ({"text_field": ""}, "text_field=: the records' text field must be a non-empty name"),
+        (
+            {"cache_dir": None},
+            "cache_dir=null: the cache must be a folder's path (e.g. paths.cache_dir=.cache/losslab)",
+        ),
+        ({"tokenizer": "sentencepiece"}, "tokenizer=sentencepiece: the tokenizer must be one of gpt2, bpe, bytes"),
+        ({"vocab_size": 256}, "vocab_size=256: tokenizer=bpe needs an int >= 257 (256 bytes and <|endoftext|>"),
+        ({"tokenizer": "gpt2", "ranks_path": "nope"}, "ranks_path=nope: no such file (or not a regular file)"),
+        ({"accumulate": 0}, "accumulate=0 must be at least 1 micro-batch per step"),
+    ],
+)
+def test_data_config_refuses_a_bad_value_naming_it_and_the_fix(options, message):
+    with pytest.raises(ValueError) as error:
+        DataConfig(**options)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_data_config_takes_what_only_one_tokenizer_or_corpus_reads():
+    DataConfig(tokenizer="bytes", vocab_size=4096)  # bpe's size, which the others ignore
+    DataConfig(tokenizer="gpt2", vocab_size=None)
+    DataConfig(corpus="text", path="not/there.txt")  # looked for when the corpus is read
 
 
 def test_pydoc_is_one_document_per_topic():
@@ -270,7 +338,7 @@ def test_accumulation_batches_are_the_micro_batches_of_one_step(tmp_path):
         for micro in step:  # each padded to its own longest row
             assert torch.equal(micro["input_ids"], next(rows)[0]["input_ids"])
     with pytest.raises(ValueError, match="accumulate=0 must be at least 1"):
-        GPTDataModule(accumulate=0)
+        DataConfig(accumulate=0)
 
 
 def test_long_documents_become_rows_that_share_one_token():

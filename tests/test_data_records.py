@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from losslab.data import GPTDataModule, load_documents
+from losslab.data import DataConfig, GPTDataModule, load_documents
 from losslab.files import DataError
 
 
@@ -41,7 +41,7 @@ def test_jsonl_trains_through_the_data_module(tmp_path):
     texts = [f"record {i}: " + "words " * (i % 7) for i in range(40)]
     path = write_jsonl(tmp_path / "corpus.jsonl", [{"text": text} for text in texts])
     options = dict(corpus="jsonl", path=str(path), tokenizer="bytes", context_length=8, cache_dir=tmp_path / "cache")
-    dm = GPTDataModule(**options)
+    dm = GPTDataModule(DataConfig(**options))
     dm.setup()
     train, val = (dm.datasets[split].tokens for split in ("train", "val"))
     eot = dm.tokenizer.eot_token

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from losslab.data import GPTDataModule, corpora, token_cache
+from losslab.data import DataConfig, GPTDataModule, corpora, token_cache
 from losslab.data.corpora import open_corpus, text_pieces
 from losslab.data.documents import ParagraphCutter, cut_line, stream_paragraphs, training_sample
 from losslab.data.token_cache import write_token_splits
@@ -176,12 +176,12 @@ def test_progress_is_logged_in_lines_when_stderr_is_not_a_terminal(tmp_path, cap
 
 def test_bpe_learns_from_the_first_bpe_train_bytes_of_the_training_split(tmp_path):
     options = dict(tokenizer="bpe", vocab_size=300, context_length=8, cache_dir=tmp_path)
-    whole = GPTDataModule(**options)
+    whole = GPTDataModule(DataConfig(**options))
     whole.setup()
     splits = whole_corpus_split(list(open_corpus("pydoc").documents()), 0.1)
     assert whole.tokenizer.name == f"bpe300-{text_digest(splits['train'])[:16]}"
-    sampled = GPTDataModule(**options, bpe_train_bytes=20_000)
+    sampled = GPTDataModule(DataConfig(**options, bpe_train_bytes=20_000))
     sampled.setup()
     assert sampled.tokenizer.name != whole.tokenizer.name
-    with pytest.raises(ValueError, match="bpe_train_bytes=0 must be at least 1 byte"):
-        GPTDataModule(bpe_train_bytes=0)
+    with pytest.raises(ValueError, match="bpe_train_bytes=0: the BPE.s training sample must be an int >= 1 bytes"):
+        DataConfig(bpe_train_bytes=0)

@@ -12,8 +12,7 @@ token cache, with the checkpoint's own tokenizer: offline, nothing trained or do
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
 from losslab.checkpoint_files import load_checkpoint_file, model_from_checkpoint, tokenizer_from_checkpoint
-from losslab.data import GPTDataModule
+from losslab.data import DataConfig, GPTDataModule
 from losslab.files import DataError
 from losslab.losses import TokenLoss
 from losslab.targets import IGNORE_INDEX
@@ -95,16 +94,17 @@ def validation_batches(
     """``batches`` batches spread over the validation split that the run's ``data`` settings make
     (fewer if it is smaller), its relative paths taken from ``where``."""
     data = dict(data)
-    for key in ("path", "cache_dir", "ranks_path"):
+    for key in ("path", "cache_dir"):
         if data.get(key) is not None and not Path(data[key]).expanduser().is_absolute():
             data[key] = str(where / data[key])
     if data.get("corpus") == "shakespeare" and data.get("path") is None:  # the copy training downloaded, not a new one
         data["path"] = str(Path(data["cache_dir"]) / "corpora" / "tinyshakespeare.txt")
-    known = inspect.signature(GPTDataModule).parameters
+    known = {field.name for field in fields(DataConfig)}
     options = {key: value for key, value in data.items() if key in known}
-    options.update(context_length=context_length, val_batches=batches, num_workers=0)
+    # ranks_path=None: the checkpoint's own tokenizer is used, and GPT-2's ranks file is not read
+    options.update(context_length=context_length, val_batches=batches, num_workers=0, ranks_path=None)
     try:
-        datamodule = GPTDataModule(**options)
+        datamodule = GPTDataModule(DataConfig(**options))
         datamodule.setup("validate", tokenizer=tokenizer)
         return list(datamodule.val_dataloader())
     except (DataError, ValueError, TypeError) as error:  # a corpus gone, a setting out of range or of a wrong type

@@ -31,6 +31,7 @@ from losslab.checkpoint_files import read_checkpoint
 from losslab.divergence import beats_untrained
 from losslab.files import atomic_replacement
 from losslab.run_status import reached_max_steps
+from losslab.settings import is_int_at_least, require
 
 KEEP = ("both", "last", "best")
 
@@ -94,8 +95,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def check_keep(keep: str) -> str:
-    if keep not in KEEP:
-        raise ValueError(f"keep_checkpoints={keep!r}: choose one of {', '.join(KEEP)}")
+    require(
+        keep in KEEP, "keep", keep, f"the checkpoints to keep must be one of {', '.join(KEEP)}", "keep_checkpoints=last"
+    )
     return keep
 
 
@@ -156,6 +158,13 @@ class LastCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: _PATH, every_n_train_steps: int, keep: str = "both") -> None:
+        require(
+            is_int_at_least(every_n_train_steps, 1),
+            "every_n_train_steps",
+            every_n_train_steps,
+            "last.ckpt is written every this many steps (and at the end): an int >= 1",
+            "callbacks.last_checkpoint.every_n_train_steps=50",
+        )
         super().__init__(
             dirpath=dirpath,
             every_n_train_steps=every_n_train_steps,

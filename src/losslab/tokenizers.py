@@ -5,10 +5,13 @@
 
 - ``gpt2``: GPT-2's 50,257 tokens, from tiktoken's cache (``TIKTOKEN_CACHE_DIR``) or a local ranks
   file (``ranks_path``, the ``r50k_base.tiktoken`` format);
-- ``bpe``: a byte-level BPE trained here on the given text, cached on disk;
+- ``bpe``: a byte-level BPE trained here (:mod:`losslab.bpe`) on the given text, cached on disk;
 - ``bytes``: the 256 byte values.
 
 Each ends with the ``<|endoftext|>`` special token, so that ``n_vocab`` counts it.
+
+The settings a run gives them (``data.tokenizer``, ``data.vocab_size``, ``data.ranks_path``) are checked
+before any data work by :func:`check_tokenizer_settings`.
 
 A checkpoint stores its tokenizer as plain data (:func:`tokenizer_to_data`, read back by
 :func:`tokenizer_from_data`), never as a pickle, which could run code when loaded; an exported
@@ -19,29 +22,30 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import heapq
 import json
 import os
 import shutil
 import warnings
-from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import regex
 import tiktoken
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
+from losslab.bpe import train_bpe
 from losslab.files import DataError, replaced_atomically
+from losslab.settings import is_int_at_least, require
 
 TOKENIZERS = ("gpt2", "bpe", "bytes")
+# The vocabulary's size (<|endoftext|> included) where the tokenizer fixes it. bpe's is its
+# vocab_size, which counts the 256 bytes and <|endoftext|> too, so it is at least 257.
+FIXED_VOCAB_SIZES = {"bytes": 257, "gpt2": 50257}
+BPE_MIN_VOCAB_SIZE = 257
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # What tokenizer_to_data stores, and the type of each.
 TOKENIZER_DATA = {"name": str, "pattern": str, "ranks": bytes, "special_tokens": dict, "n_vocab": int, "sha256": str}
-
-Pair = tuple[int, int]
 
 
 def build_tokenizer(
@@ -67,6 +71,36 @@ def build_tokenizer(
     if name == "bytes":
         return encoding_from_ranks("bytes", {bytes([b]): b for b in range(256)})
     raise ValueError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}")
+
+
+def check_tokenizer_settings(name: str, vocab_size: int | None = None, ranks_path: str | Path | None = None) -> None:
+    """Raise ValueError, naming the setting as the config does (``tokenizer``, ``vocab_size``,
+    ``ranks_path`` under ``data.``), for settings that :func:`build_tokenizer` cannot build from.
+
+    Nothing is read: ``ranks_path`` must only be a file. ``vocab_size`` is bpe's; the others have
+    their own (:data:`FIXED_VOCAB_SIZES`) and ignore it.
+    """
+    require(
+        name in TOKENIZERS,
+        "tokenizer",
+        name,
+        f"the tokenizer must be one of {', '.join(TOKENIZERS)}",
+        "tokenizer=bytes",
+    )
+    require(
+        ranks_path is None or (isinstance(ranks_path, (str, Path)) and Path(ranks_path).is_file()),
+        "ranks_path",
+        ranks_path,
+        "no such file (or not a regular file): give a local copy of GPT-2's ranks",
+        "data.ranks_path=path/to/r50k_base.tiktoken",
+    )
+    require(
+        name != "bpe" or is_int_at_least(vocab_size, BPE_MIN_VOCAB_SIZE),
+        "vocab_size",
+        vocab_size,
+        f"tokenizer=bpe needs an int >= {BPE_MIN_VOCAB_SIZE} (256 bytes and <|endoftext|>, then the merges)",
+        "data.vocab_size=4096",
+    )
 
 
 def encoding_from_ranks(name: str, ranks: dict[bytes, int]) -> tiktoken.Encoding:
@@ -184,104 +218,6 @@ def load_ranks(path: Path, expected_sha256: str | None = None) -> dict[bytes, in
             f"{path} is not GPT-2's ranks file (its sha256 is not {expected_sha256}): give data.ranks_path=<r50k_base.tiktoken>"
         )
     return ranks_from_bytes(data)
-
-
-def train_bpe(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
-    """Learn byte-level BPE merges until ``vocab_size`` tokens (counting ``<|endoftext|>``).
-
-    The text is split with GPT-2's pattern and merges never cross pieces, as in tiktoken's
-    encoder. Each step merges the most frequent adjacent pair, the pair of smallest token ids on
-    ties, so that the result is deterministic. Returns the tokens' bytes in merge order.
-    """
-    n_merges = vocab_size - 256 - 1
-    if n_merges < 0:
-        raise ValueError(f"vocab_size={vocab_size} is below 257 (256 bytes and <|endoftext|>)")
-    tokens = [bytes([b]) for b in range(256)]
-    pairs = PairCounts(count_words(texts))
-    for _ in range(n_merges):
-        pair = pairs.pop_most_frequent()
-        if pair is None:
-            raise DataError(
-                f"the training text is too small for vocab_size={vocab_size}: it has no pairs left to merge "
-                f"after {len(tokens)} tokens: use data.vocab_size<={len(tokens) + 1}, or more text"
-            )
-        pairs.merge(pair, len(tokens))
-        tokens.append(tokens[pair[0]] + tokens[pair[1]])
-    return {token: rank for rank, token in enumerate(tokens)}
-
-
-def count_words(texts: Iterable[str]) -> Counter[str]:
-    """How often each piece of GPT-2's pre-tokenization occurs in ``texts``."""
-    pattern = regex.compile(r50k_pat_str)
-    counts: Counter[str] = Counter()
-    for text in texts:
-        counts.update(pattern.findall(text))
-    return counts
-
-
-class PairCounts:
-    """How often each adjacent token pair occurs in the words, kept up to date through merges.
-
-    A merge revisits only the words that hold the pair, and a heap with lazy deletion finds the
-    most frequent pair: an entry is stale when the pair's count has changed since it was pushed,
-    and each change pushes a new entry.
-    """
-
-    def __init__(self, word_counts: Counter[str]) -> None:
-        self.freqs = list(word_counts.values())
-        self.words: list[list[int]] = [[] for _ in word_counts]
-        self.counts: defaultdict[Pair, int] = defaultdict(int)
-        self.words_with: defaultdict[Pair, set[int]] = defaultdict(set)
-        for i, word in enumerate(word_counts):
-            self.respell(i, list(word.encode("utf-8")))
-        self.heap = [(-count, pair) for pair, count in self.counts.items()]
-        heapq.heapify(self.heap)
-
-    def respell(self, i: int, word: list[int]) -> set[Pair]:
-        """Make ``word`` the tokens of word ``i``; return the pairs whose counts it changed."""
-        old = self.words[i]
-        for pair in zip(old, old[1:]):
-            self.counts[pair] -= self.freqs[i]
-        for pair in zip(word, word[1:]):
-            self.counts[pair] += self.freqs[i]
-            self.words_with[pair].add(i)
-        self.words[i] = word
-        return set(zip(old, old[1:])) | set(zip(word, word[1:]))
-
-    def pop_most_frequent(self) -> Pair | None:
-        while self.heap:
-            negative_count, pair = heapq.heappop(self.heap)
-            if self.counts.get(pair) == -negative_count:
-                return pair
-        return None
-
-    def merge(self, pair: Pair, new_token: int) -> None:
-        """Replace ``pair`` by ``new_token`` in every word and update the counts."""
-        changed = set()
-        # words_with may list words that no longer hold the pair: merging leaves those as they are
-        for i in self.words_with.pop(pair):
-            merged = merge_pair(self.words[i], pair, new_token)
-            if len(merged) < len(self.words[i]):
-                changed |= self.respell(i, merged)
-        for p in changed:
-            if self.counts[p] > 0:
-                heapq.heappush(self.heap, (-self.counts[p], p))
-            else:
-                del self.counts[p]
-
-
-def merge_pair(word: list[int], pair: Pair, new_token: int) -> list[int]:
-    """``word`` with each occurrence of ``pair``, left to right, replaced by ``new_token``."""
-    merged = []
-    i = 0
-    while i < len(word):
-        if i + 1 < len(word) and word[i] == pair[0] and word[i + 1] == pair[1]:
-            merged.append(new_token)
-            i += 2
-        else:
-            merged.append(word[i])
-            i += 1
-    return merged
 
 
 def token_byte_lengths(enc: tiktoken.Encoding) -> np.ndarray:

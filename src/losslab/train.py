@@ -29,13 +29,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from losslab.callbacks import GracefulInterrupt, RunStatus
 from losslab.checkpoint_files import CheckpointError, check_resumable, load_checkpoint_file
-from losslab.config_checks import ConfigError, check_config, check_overrides
+from losslab.config_checks import ConfigError, check_config
+from losslab.config_keys import check_overrides
 from losslab.data import GPTDataModule
 from losslab.files import DataError
 from losslab.hparams import HParamsTab, chosen_options
 from losslab.lightning_module import GPTLightningModule
 from losslab.metrics import METRICS
 from losslab.model import GPT
+from losslab.optimization import ScheduleConfig, StepConfig
 from losslab.report import logged_run, run_report
 from losslab.run_folder import (
     RECORD,
@@ -100,19 +102,20 @@ class RunOutcome:
 
 def build_module(cfg: DictConfig) -> tuple[GPTDataModule, GPTLightningModule]:
     """The data (set up: tokenizer trained, token files written) and the module ``cfg`` describes."""
-    datamodule = instantiate(cfg.data, accumulate=cfg.step.accumulate)
+    step, schedule = StepConfig(**cfg.step), ScheduleConfig(**cfg.schedule)
+    datamodule = GPTDataModule(instantiate(cfg.data, accumulate=step.accumulate))
     datamodule.setup("fit")
     module = GPTLightningModule(
         model=GPT(instantiate(cfg.model, vocab_size=datamodule.vocab_size)),
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optimizer),
-        warmup_steps=cfg.schedule.warmup_steps,
-        total_steps=cfg.schedule.total_steps or cfg.trainer.max_steps,
-        min_lr_ratio=cfg.schedule.min_lr_ratio,
+        warmup_steps=schedule.warmup_steps,
+        total_steps=schedule.total_steps or cfg.trainer.max_steps,
+        min_lr_ratio=schedule.min_lr_ratio,
         token_bytes=datamodule.token_bytes,
         tokenizer=tokenizer_to_data(datamodule.tokenizer),
-        gradient_clip_val=cfg.step.gradient_clip_val,
-        nonfinite=cfg.step.nonfinite,
+        gradient_clip_val=step.gradient_clip_val,
+        nonfinite=step.nonfinite,
     )
     return datamodule, module
 

@@ -12,7 +12,8 @@
   with pyarrow), one row per document: its ``text_field`` column, whole.
 
 Speeches and paragraphs are cut by :mod:`losslab.data.documents`. Records and rows are kept
-whole, as their author made them; one whose text is empty, blank or null is skipped.
+whole, as their author made them (:mod:`losslab.data.records`); one whose text is empty, blank or
+null is skipped.
 
 A corpus is a :class:`Corpus`: a new one is a subclass here, a line in :func:`open_corpus` and
 its ``conf/data/<name>.yaml``.
@@ -22,40 +23,34 @@ from __future__ import annotations
 
 import codecs
 import glob
-import gzip
 import hashlib
 import json
-import re
 import urllib.request
 import warnings
-import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from pydoc_data.topics import topics
-from typing import Any, BinaryIO
 
 from losslab.data.documents import MAX_DOCUMENT_CHARS, stream_paragraphs
+from losslab.data.records import (
+    as_documents,
+    check_text_column,
+    gzip_lines,
+    import_parquet,
+    parquet_errors,
+    record_text,
+)
 from losslab.files import DataError
 from losslab.tokenizers import text_digest
 
 CORPORA = ("pydoc", "shakespeare", "text", "jsonl", "parquet")
+PATH_CORPORA = ("text", "jsonl", "parquet")  # read from data.path, which they need
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 READ_BYTES = 1 << 20  # a text file is read this many bytes at a time
 BINARY_SNIFF_BYTES = 8000  # a NUL byte in a text file's first 8,000 bytes makes it binary (git's rule)
 PARQUET_ROWS = 1024  # rows read at a time
-LONE_SURROGATES = re.compile("[\ud800-\udfff]")  # what a JSON string may hold that UTF-8 cannot
-JSON_KINDS = {
-    dict: "an object",
-    list: "an array",
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    bool: "true or false",
-}
-
 Progress = Callable[[int], object]  # told how many more bytes of the corpus were read
 
 
@@ -176,18 +171,6 @@ class JsonLines(Files):
                 progress(raw.tell() - reported)
 
 
-def gzip_lines(raw: BinaryIO, file: Path) -> Iterator[bytes]:
-    """The lines of the gzip-compressed ``file``, read from ``raw``; a stream that is truncated or
-    damaged (which gzip reports as EOFError, OSError or zlib.error) ends in a DataError naming it."""
-    try:
-        with gzip.open(raw) as lines:
-            yield from lines
-    except (EOFError, OSError, zlib.error) as error:
-        raise DataError(
-            f"{file} is not a whole gzip file ({error}): compress it again, or check it with gzip -t {file}"
-        ) from None
-
-
 class ParquetFiles(Files):
     """Parquet files, a row per document: the string in its ``text_field`` column."""
 
@@ -215,93 +198,6 @@ class ParquetFiles(Files):
                 progress(size * rows // n_rows - reported)
                 reported = size * rows // n_rows
             progress(size - reported)  # all of it, even with no rows
-
-
-@contextmanager
-def parquet_errors(file: Path) -> Iterator[None]:
-    """A file that pyarrow cannot read as Parquet (it is not one, or it is truncated or damaged:
-    ArrowInvalid, or OSError for a damaged page) ends in a DataError naming the file."""
-    import pyarrow
-
-    try:
-        yield
-    except (pyarrow.ArrowException, OSError) as error:
-        reason = (str(error).splitlines() or [type(error).__name__])[0]
-        raise DataError(
-            f"{file} is not a readable Parquet file ({reason}): give Parquet files in data.path, or write this one again"
-        ) from None
-
-
-def as_documents(text: str | None, where: str) -> list[str]:
-    """``[text]`` when it holds more than whitespace, else ``[]``; lone surrogates (which a JSON
-    string may hold and UTF-8 cannot) replaced by U+FFFD, with a warning naming ``where``."""
-    if text is None or not text.strip():
-        return []
-    if LONE_SURROGATES.search(text):
-        warnings.warn(
-            f"{where} holds unpaired UTF-16 surrogates (\\ud800-\\udfff), which are not text: replaced by U+FFFD",
-            stacklevel=2,
-        )
-        text = LONE_SURROGATES.sub("\ufffd", text)
-    return [text]
-
-
-def record_text(line: bytes, field: str, file: Path, number: int) -> str | None:
-    """The ``field`` of the JSON object on ``line``, line ``number`` of ``file``: a string, or None for null."""
-    try:
-        record = json.loads(line)
-    except ValueError as error:  # not JSON, or not UTF-8
-        raise DataError(f"{file} line {number} is not JSON ({error}): write one JSON object per line") from None
-    except RecursionError:
-        raise DataError(
-            f"{file} line {number} nests arrays or objects too deeply for Python's JSON reader: "
-            "write one flat JSON object per line"
-        ) from None
-    if not isinstance(record, dict):
-        raise DataError(
-            f"{file} line {number} is {JSON_KINDS.get(type(record), 'null')}, not a JSON object: "
-            "write one object per line"
-        )
-    if field not in record:
-        raise DataError(
-            f"{file} line {number} has no field {field!r} (its fields: {', '.join(record) or 'none'}): "
-            "set data.text_field=<the field that holds the text>"
-        )
-    text = record[field]
-    if text is not None and not isinstance(text, str):
-        raise DataError(
-            f"{file} line {number}: field {field!r} holds {JSON_KINDS[type(text)]}, not a string: "
-            "set data.text_field=<the field that holds the text>"
-        )
-    return text
-
-
-def import_parquet() -> Any:
-    """``pyarrow.parquet``, or an error that says how to install it."""
-    try:
-        import pyarrow.parquet
-    except ImportError:
-        raise DataError(
-            "data=parquet reads Parquet with pyarrow, which is not installed: pip install pyarrow "
-            '(or pip install -e ".[parquet]")'
-        ) from None
-    return pyarrow.parquet
-
-
-def check_text_column(schema: Any, field: str, file: Path) -> None:
-    """Raise when the Arrow ``schema`` of ``file`` has no string column ``field``."""
-    import pyarrow
-
-    if field not in schema.names:
-        raise DataError(
-            f"{file} has no column {field!r} (its columns: {', '.join(schema.names)}): "
-            "set data.text_field=<the column that holds the text>"
-        )
-    kind = schema.field(field).type
-    if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
-        raise DataError(
-            f"{file}: column {field!r} holds {kind}, not strings: set data.text_field=<the column that holds the text>"
-        )
 
 
 def text_pieces(path: Path, progress: Progress = no_progress) -> Iterator[str]:
