@@ -83,7 +83,7 @@ def kernels_of(dtype: str, options: dict[str, bool]):
         BLOCK_D=block.dim,
     )
     bias_grad = acc_pointer if options["HAS_BIAS"] else None
-    outputs = dict.fromkeys(("lse_ptr", "max_ptr", "target_logit_ptr", "weighted_sum_ptr"), acc_pointer)
+    outputs = dict.fromkeys(("log_norm_ptr", "max_ptr", "target_logit_ptr", "below_max_ptr"), acc_pointer)
     yield kernels._forward_kernel, dict(common, **outputs, argmax_ptr="*i64")
     grads = dict(grad_hidden_ptr=acc_pointer, grad_weight_ptr=acc_pointer, grad_bias_ptr=bias_grad)
     flags = dict(GRAD_HIDDEN=True, GRAD_WEIGHT=True, GRAD_BIAS=options["HAS_BIAS"])

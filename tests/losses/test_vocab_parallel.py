@@ -8,6 +8,8 @@ themselves; the tests here read what each checked and what failed:
   logsumexp: every LossParts field, the weight's and bias's rows of this rank, the hidden states'
   gradient summed over the group; in float64 (1e-12) for every case, and in float32 and bf16
   autocast for cases that hold every option and reduction;
+- logits that share an offset, with label smoothing and class weights: each token's loss within
+  Liger-Kernel's float32 bound (the smoothing term's last digits);
 - the hidden states' gradient left to the caller (``reduce_hidden_grad=False``): the ranks' parts sum to it;
 - ``torch.autograd.gradcheck`` of the hidden states through the group (finite differences);
 - no vocabulary-wide tensor: a TorchDispatchMode records the shape of every tensor the sharded loss
@@ -57,13 +59,21 @@ def checks(ranks: list[dict], fragment: str) -> tuple[list[str], dict[str, str]]
 @pytest.mark.parametrize("size", WORLD_SIZES)
 def test_every_case_equals_the_unsharded_loss(ranks, size):
     checked, failed = checks(ranks, f"{size} ranks/")
-    # every rank of the group, every entry: 25 cases in float64, 5 in float32 and bf16, 5 other checks
-    assert len(checked) == size * len(SHARDED) * (25 + 2 * 5 + 5)
+    # every rank of the group, every entry: 25 cases in float64, 5 in float32 and bf16, 6 other checks
+    assert len(checked) == size * len(SHARDED) * (25 + 2 * 5 + 6)
     assert not failed, "\n".join(f"{key}: {message}" for key, message in list(failed.items())[:5])
 
 
 @pytest.mark.parametrize(
-    "check", ["reduce_hidden_grad=False", "gradcheck", "no vocabulary-wide tensor", "ties", "inconsistent ranks"]
+    "check",
+    [
+        "offset logits",
+        "reduce_hidden_grad=False",
+        "gradcheck",
+        "no vocabulary-wide tensor",
+        "ties",
+        "inconsistent ranks",
+    ],
 )
 def test_each_check_ran_on_every_rank_of_every_group(ranks, check):
     checked, failed = checks(ranks, f"/{check}")

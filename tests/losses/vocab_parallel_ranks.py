@@ -39,7 +39,7 @@ from tests.losses.reference import (  # noqa: E402
     reference_loss,
     torch_bf16_loss,
 )
-from tests.losses.test_losses import BF16_SLACK, CASES, DTYPES, TOLERANCES, case_inputs  # noqa: E402
+from tests.losses.test_losses import BF16_SLACK, CASES, DTYPES, LIGER_FLOAT32, TOLERANCES, case_inputs  # noqa: E402
 
 WORLD_SIZES = (2, 3, 4)
 SHAPE, DIM, VOCAB = (3, 11), 16, 507  # V = 507: 254 + 253 rows over 2, 169 x 3 over 3, 127 x 3 + 126 over 4
@@ -98,6 +98,27 @@ def check_grid_case(name: str, case_id: str, dtype: str, parallel: VocabParallel
 
 def tolerances(dtype: str) -> dict[str, tuple[float, float]]:
     return {"loss_tol": TOLERANCES[dtype]["loss"], "grad_tol": TOLERANCES[dtype]["grad"]}
+
+
+def check_offset_logits_to_the_last_digits(name: str, parallel: VocabParallel) -> None:
+    """Logits that share an offset of -100 (the LM head's bias), class weights, label smoothing 0.2, float32,
+    reduction="none", and every target one of class weight 0 (case_inputs zeroes every 7th id): each token's
+    loss is then the smoothing term alone, which must meet Liger-Kernel's float32 bound per token, as in
+    test_losses.test_per_token_loss_to_the_last_digits_at_V32000, and the gradients our float32 tolerances.
+    The ranks' sums of their logits cancelled against the log-sum-exp here (1.3 to 3.3 times the bound) until
+    each rank took its sum relative to its own maximum (see losslab.losses.smoothing)."""
+    options, hidden, weight, targets, _ = grid_inputs("class_weights-none", torch.float32)
+    options["label_smoothing"] = 0.2
+    targets = torch.where(targets == -100, targets, targets - targets % 7)
+    bias = torch.full((VOCAB,), -100.0)
+    upstream = random_upstream(targets, "none")
+    rows = slice(parallel.start, parallel.stop)
+    got = evaluate(build_sharded(name, parallel, **options), hidden, weight[rows], targets, upstream, bias=bias[rows])
+    expected = evaluate(partial(reference_loss, **options), hidden, weight, targets, upstream, bias=bias)
+    bound = LIGER_FLOAT32[0] + LIGER_FLOAT32[1] * expected.loss.abs()
+    ratio = ((got.loss.double() - expected.loss).abs() / bound).max()
+    assert ratio <= 1, f"a token's loss is {ratio:.2f} times Liger-Kernel's float32 bound"
+    assert_results_within(got, rows_of(expected, parallel), **tolerances("float32"))
 
 
 def check_hidden_grad_left_to_the_caller(name: str, parallel: VocabParallel) -> None:
@@ -208,6 +229,7 @@ def check_inconsistent_ranks_are_refused(name: str, parallel: VocabParallel) -> 
 
 
 CHECKS = {
+    "offset logits": check_offset_logits_to_the_last_digits,
     "reduce_hidden_grad=False": check_hidden_grad_left_to_the_caller,
     "gradcheck": check_gradcheck_through_the_group,
     "no vocabulary-wide tensor": check_no_vocabulary_wide_tensor,

@@ -23,7 +23,8 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from losslab.losses.vocab_parallel import VocabParallel, whole
+from losslab.losses.smoothing import part_weights, weighted_row_sums
+from losslab.losses.vocab_parallel import Layout, VocabParallel, whole
 from losslab.targets import IGNORE_INDEX, real_targets
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -184,18 +185,19 @@ class TokenLoss(nn.Module):
 
     def validate(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None) -> int:
         """Raise a clear error for shapes that do not fit or target ids outside ``[0, V)``; return V,
-        the whole vocabulary's size (see :meth:`whole_vocab_size`)."""
+        the whole vocabulary's size (see :meth:`vocab_layout`)."""
         self.validate_head(hidden, weight, bias)
-        vocab_size = self.whole_vocab_size(weight.shape[0], targets)
+        vocab_size = self.vocab_layout(weight.shape[0], targets).vocab_size
         self.validate_targets(targets, hidden.shape[:-1], vocab_size)
         return vocab_size
 
-    def whole_vocab_size(self, rows: int, targets: Tensor) -> int:
-        """V from this rank's ``rows`` of the head: ``rows`` itself, or under ``vocab_parallel`` the
-        ranks' rows together (checked: :meth:`~losslab.losses.vocab_parallel.VocabParallel.layout`)."""
+    def vocab_layout(self, rows: int, targets: Tensor, chunk_size: int = 0) -> Layout:
+        """The vocabulary from this rank's ``rows`` of the head: ``rows`` itself, or under
+        ``vocab_parallel`` the ranks' rows together (checked, with the ranks' ``chunk_size``:
+        :meth:`~losslab.losses.vocab_parallel.VocabParallel.layout`)."""
         if self.vocab_parallel is None:
-            return rows
-        return self.vocab_parallel.layout(rows, targets, 0)[0]
+            return Layout(rows, rows, (0, rows))
+        return self.vocab_parallel.layout(rows, targets, chunk_size)
 
     def validate_head(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
@@ -240,20 +242,15 @@ class TokenLoss(nn.Module):
         only with label smoothing): ``(1 - eps) * w[t] * nll + (eps / V) * sum_j w[j] * (-log p_j)``,
         ``w`` the class weights (1 without).
 
-        The weighted sum is taken as ``mean(w) * sum_j log p_j + sum_j (w[j] - mean(w)) * log p_j``:
-        the log-probabilities all have one sign, and a float32 matmul that adds V of them, near
-        ``-lse`` each, loses digits (2e-6 of a token's loss at V=32000); ``mean`` sums them
-        pairwise, and the weights less their mean have both signs, so the matmul's partial sums stay
-        small."""
+        The log-probabilities all have one sign, and a float32 matmul that adds V of them loses
+        digits (2e-6 of a token's loss at V=32000): the weighted sum is taken as
+        :func:`~losslab.losses.smoothing.weighted_row_sums` takes it."""
         eps, w = self.label_smoothing, self.class_weights
         loss = nll if w is None else w[targets] * nll
         if eps == 0:
             return loss
-        smooth = -log_probs.mean(dim=-1)
-        if w is not None:
-            w = w.to(log_probs.dtype)
-            smooth = w.mean() * smooth - (log_probs @ (w - w.mean())) / w.numel()
-        return (1 - eps) * loss + eps * smooth
+        weights = None if w is None else w.to(log_probs.dtype)
+        return (1 - eps) * loss - (eps / log_probs.shape[-1]) * weighted_row_sums(log_probs, weights)
 
     def target_weights(self, targets: Tensor, valid: Tensor, dtype: torch.dtype) -> Tensor:
         """Each position's weight in a mean: its target's class weight, 1 without; 0 where ignored."""
@@ -324,14 +321,14 @@ class LogitsLoss(TokenLoss):
     def from_logits(self, logits: Tensor, targets: Tensor):
         """The loss of ready-made logits ``(..., V)`` against aligned ``targets`` ``(...)``; under
         ``vocab_parallel``, ``(..., stop - start)``: this rank's columns."""
-        vocab_size = self.whole_vocab_size(logits.shape[-1], targets)
-        self.validate_targets(targets, logits.shape[:-1], vocab_size)
+        layout = self.vocab_layout(logits.shape[-1], targets)
+        self.validate_targets(targets, logits.shape[:-1], layout.vocab_size)
         # Under bf16 autocast the matmul gives bf16 logits; the loss itself is computed in float32,
         # autocast off (it would run a matmul with the class weights in bf16).
         with torch.autocast(logits.device.type, enabled=False):
-            return self.loss_of_logits(logits.to(loss_dtype(logits.dtype)), targets, vocab_size)
+            return self.loss_of_logits(logits.to(loss_dtype(logits.dtype)), targets, layout)
 
-    def loss_of_logits(self, logits: Tensor, targets: Tensor, vocab_size: int) -> Tensor | LossParts:
+    def loss_of_logits(self, logits: Tensor, targets: Tensor, layout: Layout) -> Tensor | LossParts:
         logits = logits.reshape(-1, logits.shape[-1])
         logits = self.apply_softcap(logits)
         flat_targets = targets.reshape(-1).long()
@@ -344,7 +341,7 @@ class LogitsLoss(TokenLoss):
             with torch.no_grad():
                 predicted = logits.argmax(dim=-1) if predict else None
         else:
-            ce, nll, lse, predicted = self.vocab_parallel_token_loss(logits, safe_targets, vocab_size, predict)
+            ce, nll, lse, predicted = self.vocab_parallel_token_loss(logits, safe_targets, layout, predict)
         z_loss = self.z_loss * lse.square() if self.z_loss > 0 else torch.zeros_like(ce)
         per_token = {
             "ce": ce.masked_fill(~valid, 0.0),
@@ -360,21 +357,21 @@ class LogitsLoss(TokenLoss):
         )
 
     def vocab_parallel_token_loss(
-        self, logits: Tensor, targets: Tensor, vocab_size: int, predict: bool
+        self, logits: Tensor, targets: Tensor, layout: Layout, predict: bool
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """``(loss, nll, logsumexp, argmax)`` per token of this rank's columns of the logits, over
         the whole vocabulary: the log-softmax distributed over the group (one all-gather, see
-        :mod:`losslab.losses.vocab_parallel`), then :meth:`smoothed`'s cross-entropy written with
-        the log-sum-exp: ``sum_j w_j (-log p_j) = sum(w) * lse - sum_j w_j x_j``."""
+        :mod:`losslab.losses.vocab_parallel`), then :meth:`smoothed`'s cross-entropy from the
+        ranks' sums ``sum_j w_j (x_j - max)`` (:mod:`losslab.losses.smoothing`)."""
         parallel, eps, w = self.vocab_parallel, self.label_smoothing, self.class_weights
         local_weights = None if w is None else w[parallel.start : parallel.stop].to(logits.dtype)
         stats = parallel.row_stats(logits, targets, local_weights, eps > 0, predict)
-        rows = whole(parallel.gather(stats), eps > 0, predict)
+        rank_weights = part_weights(layout.bounds, w, logits.dtype, logits.device) if eps > 0 else None
+        rows = whole(parallel.gather(stats), predict, rank_weights)
         nll = rows.lse - rows.target
         ce = nll if w is None else w[targets].to(nll.dtype) * nll
         if eps > 0:
-            mean_weight = 1.0 if w is None else w.sum(dtype=nll.dtype) / vocab_size
-            ce = (1 - eps) * ce + eps * (mean_weight * rows.lse - rows.smooth / vocab_size)
+            ce = (1 - eps) * ce + (eps / layout.vocab_size) * rows.smooth
         return ce, nll, rows.lse, rows.argmax
 
     def token_loss(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

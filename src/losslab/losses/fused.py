@@ -15,8 +15,8 @@ gradient is only known in backward, which then recomputes each chunk's logits (o
 With ``vocab_parallel`` (an LM head sharded by vocabulary rows, :mod:`losslab.losses.vocab_parallel`)
 each rank computes its columns of a chunk's logits, ``chunk_size x (stop - start)``, and the ranks
 exchange 3 to 5 floats per row of the chunk in one all-gather (the row maximum, the sum of exp
-below it, the target's logit, and with label smoothing or predictions the logits' sum and the
-argmax), from which every rank has the whole rows' log-sum-exp, loss and argmax; the chunk's
+below it, the target's logit, and with label smoothing or predictions the logits' sum below the
+maximum and the argmax), from which every rank has the whole rows' log-sum-exp, loss and argmax; the chunk's
 gradient is then local, and the hidden states' is summed over the ranks once, in backward.
 """
 
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from losslab.losses.base import NOT_PREDICTED, PER_TOKEN, TokenLoss, loss_dtype, matmul_dtype
+from losslab.losses.smoothing import part_weights, smoothing_sum, weighted_row_sums
 from losslab.losses.vocab_parallel import VocabParallel, whole
 from losslab.targets import real_targets
 
@@ -70,10 +71,9 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None):
         self.validate_head(hidden, weight, bias)
         parallel = self.vocab_parallel
-        vocab_size = widest = weight.shape[0]
-        if parallel is not None:  # chunks of as many rows on every rank: as many all-gathers
-            vocab_size, widest = parallel.layout(weight.shape[0], targets, self.chunk_size or 0)
-        self.validate_targets(targets, hidden.shape[:-1], vocab_size)
+        # under vocab_parallel, checked to have chunks of as many rows on every rank: as many all-gathers
+        layout = self.vocab_layout(weight.shape[0], targets, self.chunk_size or 0)
+        self.validate_targets(targets, hidden.shape[:-1], layout.vocab_size)
         # Free without vocab_parallel (the row maximum gives it); with it, a column of the all-gather.
         predict = parallel is None or (self.return_parts and self.predict)
         options = FusedOptions(
@@ -82,10 +82,11 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             softcap=self.softcap,
-            chunk_size=self.chunk_size or default_chunk_size(widest),
+            chunk_size=self.chunk_size or default_chunk_size(layout.widest),
             compute_dtype=matmul_dtype(hidden, weight),
             grad_enabled=torch.is_grad_enabled(),
-            vocab_size=vocab_size,
+            vocab_size=layout.vocab_size,
+            vocab_bounds=layout.bounds,
             vocab_parallel=parallel,
             predict=predict,
         )
@@ -108,6 +109,7 @@ class FusedOptions:
     # ctx.needs_input_grad says only which inputs require a gradient.
     grad_enabled: bool
     vocab_size: int  # V: the whole vocabulary's, under vocab_parallel too
+    vocab_bounds: tuple[int, ...]  # the ranks' first ids, then V: (0, V) without vocab_parallel
     vocab_parallel: VocabParallel | None
     predict: bool  # find the argmax (predicted stays NOT_PREDICTED otherwise)
 
@@ -263,6 +265,10 @@ class _Chunks:
             self.target_columns, self.held = self.parallel.local_targets(t)
             if class_weights is not None:
                 self.column_weights = self.class_weights[self.parallel.start : self.parallel.stop]
+        # with label smoothing, the summed class weights of each rank's columns (one part without vocab_parallel)
+        self.part_weights = None
+        if options.label_smoothing > 0:
+            self.part_weights = part_weights(options.vocab_bounds, self.class_weights, self.acc_dtype, h.device)
         # One buffer for every chunk's logits: a fresh allocation per chunk costs page faults.
         rows = min(self.chunk_size, h.shape[0])
         self.buffer = h.new_empty((rows, w.shape[0]), dtype=self.acc_dtype)
@@ -320,25 +326,27 @@ class _Chunks:
         target_logit = logits.gather(1, self.target_columns[rows, None]).squeeze(1)
         if self.held is not None:
             target_logit = torch.where(self.held[rows], target_logit, 0.0)
-        weighted_logit = None  # sum_j w_j x_j, taken before the logits' buffer is overwritten
-        if eps > 0:
-            weighted_logit = logits.sum(dim=1) if self.column_weights is None else logits @ self.column_weights
         row_max, predicted = logits.max(dim=1)
-        shifted = logits.sub_(row_max[:, None]).exp_()
-        norm = shifted.sum(dim=1)
+        shifted = logits.sub_(row_max[:, None])
+        # sum_j w_j (x_j - max) <= 0, before the buffer turns into exp (see losslab.losses.smoothing)
+        below_max = weighted_row_sums(shifted, self.column_weights) if eps > 0 else None
+        norm = shifted.exp_().sum(dim=1)
+        smooth = None  # sum_j w_j (-log p_j)
         if self.parallel is None:
-            lse = row_max + norm.log()
+            log_norm = norm.log()
+            lse = row_max + log_norm
+            if eps > 0:
+                smooth = smoothing_sum(log_norm, below_max, self.part_weights[0])
         else:
             predict = self.options.predict
-            stats = self.parallel.pack(row_max, norm, target_logit, weighted_logit, predicted if predict else None)
-            whole_rows = whole(self.parallel.gather(stats), eps > 0, predict)
-            lse, target_logit, weighted_logit, predicted = whole_rows[1:]
+            stats = self.parallel.pack(row_max, norm, target_logit, below_max, predicted if predict else None)
+            rank_weights = self.part_weights if eps > 0 else None
+            lse, target_logit, smooth, predicted = whole(self.parallel.gather(stats), predict, rank_weights)[1:]
             norm = (lse - row_max).exp()  # shifted / norm: the softmax over the whole vocabulary
         nll = lse - target_logit
         ce = self.target_weights(rows) * nll
         if eps > 0:
-            mean_weight = 1.0 if self.class_weights is None else self.class_weights.mean()
-            ce = (1 - eps) * ce + eps * (mean_weight * lse - weighted_logit / self.options.vocab_size)
+            ce = (1 - eps) * ce + (eps / self.options.vocab_size) * smooth
         return ChunkLoss(ce, nll, z * lse.square(), lse, predicted, shifted, norm)
 
     def grad_logits_(

@@ -6,8 +6,9 @@ each tile of logits, a block of rows by a tile of the vocabulary, on chip (the k
 
 - forward: per block of rows, a loop over the vocabulary tiles gives each row's log-sum-exp, its largest
   logit's token (accuracy and predicted tokens), its target's logit and, with label smoothing, the
-  class-weighted sum of its logits. From these, here in torch, come the cross-entropy (class weights and
-  label smoothing), the plain NLL and the z-loss, exactly as ``fused`` computes them from its chunks;
+  class-weighted sum of its logits less the largest (:mod:`losslab.losses.smoothing`). From these, here in
+  torch, come the cross-entropy (class weights and label smoothing), the plain NLL and the z-loss, exactly as
+  ``fused`` computes them from its chunks;
 - backward: each tile is computed again and turned into the gradient of its logits,
   ``softmax_coef * softmax - target_coef * onehot(target) - smoothing_coef * class_weights`` (times the
   soft-cap's derivative), whose per-row coefficients come from the reduction, the upstream gradient and the
@@ -199,9 +200,8 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
 
         nll = stats.lse - stats.target_logit
         ce = nll if class_weights is None else problem.class_weights[t] * nll
-        if eps > 0:  # as in fused: (1 - eps) * w[t] * nll + eps * (mean(w) * lse - sum_j w_j x_j / V)
-            mean_weight = 1.0 if class_weights is None else problem.class_weights.mean()
-            ce = (1 - eps) * ce + eps * (mean_weight * stats.lse - stats.weighted_sum / weight.shape[0])
+        if eps > 0:  # as in fused: (1 - eps) * w[t] * nll + (eps / V) * sum_j w_j * (-log p_j)
+            ce = (1 - eps) * ce + (eps / weight.shape[0]) * stats.smooth
         z_loss = options.z_loss * stats.lse.square()
         if options.reduction == "none":
             loss = _scatter(ce + z_loss, kept, targets.shape, all_kept)

@@ -8,7 +8,8 @@ memory:
 - :func:`_forward_kernel`, a program per block of rows (and per part of the vocabulary, see
   :func:`vocab_splits`), loops over the vocabulary tiles and keeps, per row, the online log-sum-exp, the
   largest logit and its token (the lowest id on ties, as ``torch.argmax``), the target's logit and the
-  class-weighted sum of the logits (for label smoothing);
+  class-weighted sum of the logits less the largest (for label smoothing: see :mod:`losslab.losses.smoothing`),
+  moved as the largest moves, as the log-sum-exp is;
 - the backward recomputes each tile, turns it into the gradient of the logits (:func:`_grad_logits`, from
   per-row coefficients that :mod:`losslab.losses.tiled` computes) and multiplies that into the gradients of
   ``hidden``, ``weight`` and ``bias``. Two ways, chosen by the caller (see :func:`gradients`):
@@ -42,6 +43,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
+from losslab.losses.smoothing import merged_below_max, part_weights, smoothing_sum
+
 TRITON_DTYPES = {
     torch.float32: tl.float32,
     torch.float64: tl.float64,
@@ -56,6 +59,14 @@ def _tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _kahan_add(total, error, value):
+    """``total + value`` and its new rounding error, with ``total``'s ``error`` (Kahan's summation)."""
+    corrected = value - error
+    new_total = total + corrected
+    return new_total, (new_total - total) - corrected
 
 
 @triton.jit
@@ -133,11 +144,11 @@ def _forward_kernel(
     softcap_ptr,
     class_weights_ptr,
     targets_ptr,
-    lse_ptr,
+    log_norm_ptr,
     max_ptr,
     argmax_ptr,
     target_logit_ptr,
-    weighted_sum_ptr,
+    below_max_ptr,
     n_rows,
     vocab,
     dim,
@@ -156,14 +167,19 @@ def _forward_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Per row, over the vocabulary tiles of split ``program_id(1)``: log-sum-exp, largest logit and its
-    token, the target's logit, and with label smoothing the class-weighted sum of the logits."""
+    """Per row, over the vocabulary tiles of split ``program_id(1)``: the largest logit ``m`` and its token,
+    ``log(sum exp(logits - m))`` (the log-sum-exp less ``m``), the target's logit, and with label smoothing
+    ``sum w * (logits - m)``, ``w`` the class weights (1 without)."""
     index, row_mask, hidden_rows, targets = _rows(tl.program_id(0), n_rows, rows_ptr, targets_ptr, HAS_ROWS, BLOCK_N)
     row_max = tl.full((BLOCK_N,), float("-inf"), dtype=ACC)
     sum_exp = tl.zeros((BLOCK_N,), dtype=ACC)  # of exp(logits - row_max)
     argmax = tl.zeros((BLOCK_N,), dtype=tl.int64)
     target_logit = tl.zeros((BLOCK_N,), dtype=ACC)
-    weighted_sum = tl.zeros((BLOCK_N,), dtype=ACC)
+    # sum w * (logits - row_max) <= 0 over the tiles so far: a sum of terms of one sign, added tile after tile
+    # (a thousand at V=128,256), compensated (Kahan) so that it keeps its digits; and sum w over those tiles
+    below_max = tl.zeros((BLOCK_N,), dtype=ACC)
+    below_max_error = tl.zeros((BLOCK_N,), dtype=ACC)
+    seen_weights = tl.zeros((1,), dtype=ACC)
     first = tl.program_id(1) * tiles_per_split
     for tile in range(first, tl.minimum(first + tiles_per_split, tl.cdiv(vocab, BLOCK_V))):
         cols, col_mask = _columns(tile, vocab, BLOCK_V)
@@ -194,20 +210,27 @@ def _forward_kernel(
         argmax = tl.where(tile_max > row_max, tl.argmax(logits, axis=1) + tile * BLOCK_V, argmax)
         new_max = tl.maximum(row_max, tile_max)
         sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        if SMOOTHING:  # terms <= 0 only: the sum so far moved to the new maximum, and this tile's
+            if WEIGHTED:
+                weights = tl.load(class_weights_ptr + cols, mask=col_mask, other=0.0)
+            else:
+                weights = tl.where(col_mask, 1.0, 0.0).to(ACC)
+            # before the first tile nothing is seen and row_max is -inf: no move (0, not -inf * 0)
+            moved = tl.where(seen_weights > 0, row_max - new_max, 0.0) * seen_weights
+            below = tl.where(col_mask[None, :], logits - new_max[:, None], 0.0)  # not -inf * 0 either
+            below_max, below_max_error = _kahan_add(
+                below_max, below_max_error, moved + tl.sum(below * weights[None, :], axis=1)
+            )
+            seen_weights += tl.sum(weights, axis=0)
         row_max = new_max
         target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], logits, 0.0), axis=1)
-        if SMOOTHING:
-            real_logits = tl.where(col_mask[None, :], logits, 0.0)
-            if WEIGHTED:
-                real_logits *= tl.load(class_weights_ptr + cols, mask=col_mask, other=0.0)[None, :]
-            weighted_sum += tl.sum(real_logits, axis=1)
     out = tl.program_id(1) * n_rows + index
-    tl.store(lse_ptr + out, row_max + tl.log(sum_exp), mask=row_mask)
+    tl.store(log_norm_ptr + out, tl.log(sum_exp), mask=row_mask)
     tl.store(max_ptr + out, row_max, mask=row_mask)
     tl.store(argmax_ptr + out, argmax, mask=row_mask)
     tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
     if SMOOTHING:
-        tl.store(weighted_sum_ptr + out, weighted_sum, mask=row_mask)
+        tl.store(below_max_ptr + out, below_max, mask=row_mask)
 
 
 @triton.jit
@@ -696,7 +719,7 @@ class RowStatistics(NamedTuple):
 
     lse: Tensor  # log-sum-exp of the (soft-capped) logits
     target_logit: Tensor
-    weighted_sum: Tensor | None  # sum_j class_weights[j] * logits[j] (weights 1 without), with smoothing
+    smooth: Tensor | None  # sum_j w_j * (-log p_j), w the class weights (1 without), with smoothing
     predicted: Tensor  # the argmax, the lowest id on ties
 
 
@@ -705,30 +728,34 @@ def row_statistics(problem: Problem, smoothing: bool) -> RowStatistics:
     pointers, constexprs = common_arguments(problem)
     block = blocks(problem)
     splits, per_split = vocab_splits(problem, block)
-    parts = torch.empty((4, splits, problem.n_rows), dtype=problem.acc_dtype, device=problem.hidden.device)
-    lse, row_max, target_logit, weighted_sum = parts
-    argmax = torch.empty((splits, problem.n_rows), dtype=torch.int64, device=problem.hidden.device)
+    device = problem.hidden.device
+    parts = torch.empty((4, splits, problem.n_rows), dtype=problem.acc_dtype, device=device)
+    log_norm, part_max, target_logit, below_max = parts
+    argmax = torch.empty((splits, problem.n_rows), dtype=torch.int64, device=device)
     grid = (triton.cdiv(problem.n_rows, block.rows), splits)
     _forward_kernel[grid](
         *pointers,
-        lse,
-        row_max,
+        log_norm,
+        part_max,
         argmax,
         target_logit,
-        weighted_sum,
+        below_max,
         *sizes(problem),
         per_split,
         SMOOTHING=smoothing,
         **constexprs,
     )
     # The first part holding the largest logit: the lowest id (torch.max gives the first maximum).
-    best = row_max.max(dim=0).indices
-    return RowStatistics(
-        torch.logsumexp(lse, dim=0),
-        target_logit.sum(dim=0),
-        weighted_sum.sum(dim=0) if smoothing else None,
-        argmax.gather(0, best[None]).squeeze(0),
-    )
+    row_max, best = part_max.max(dim=0)
+    lse = torch.logsumexp(part_max + log_norm, dim=0)
+    smooth = None
+    if smoothing:  # from the parts' sums relative to their own maxima: see losslab.losses.smoothing
+        vocab = problem.weight.shape[0]
+        bounds = [min(split * per_split * block.vocab, vocab) for split in range(splits)] + [vocab]
+        weights = part_weights(bounds, problem.class_weights, problem.acc_dtype, device)
+        whole_log_norm = torch.logsumexp(part_max - row_max + log_norm, dim=0)
+        smooth = smoothing_sum(whole_log_norm, merged_below_max(part_max, below_max, weights, row_max), weights.sum())
+    return RowStatistics(lse, target_logit.sum(dim=0), smooth, argmax.gather(0, best[None]).squeeze(0))
 
 
 def gradients(

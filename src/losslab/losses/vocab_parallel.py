@@ -21,8 +21,10 @@ the log-sum-exp of log-sum-exps. What crosses the group, never a vocabulary-wide
 - per chunk of ``r`` rows (``fused``; the logits-based losses: per call, all rows at once): one
   ``all_gather`` in which each rank gives ``k`` floats per row: its maximum logit, the sum of
   ``exp(logit - that maximum)`` over its columns, the target's logit (0 if another rank holds it),
-  and with label smoothing the sum of its logits (weighted by the class weights), and when
-  predictions are asked its argmax: ``k`` = 3 to 5, so ``k x ranks`` floats per row arrive;
+  and with label smoothing the sum of its logits less that maximum (weighted by the class weights:
+  see :mod:`losslab.losses.smoothing`; each rank's summed class weights, which combining these
+  needs, every rank computes from the full class weights and the ranges the layout check gathered),
+  and when predictions are asked its argmax: ``k`` = 3 to 5, so ``k x ranks`` floats per row arrive;
 - in backward: one ``all_reduce`` of the hidden states' gradient ``(N, d)``, unless
   ``reduce_hidden_grad=False``.
 
@@ -43,8 +45,18 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from losslab.losses.smoothing import merged_below_max, smoothing_sum, weighted_row_sums
+
 # The columns of what a rank gives per row (row_stats): k of them, the last two only when asked.
 MAX, SUMEXP, TARGET, SMOOTH, ARGMAX = range(5)
+
+
+class Layout(NamedTuple):
+    """The vocabulary over the ranks of a group, as :meth:`VocabParallel.layout` checked it."""
+
+    vocab_size: int  # V
+    widest: int  # the most rows a rank holds
+    bounds: tuple[int, ...]  # the ranks' first ids, then V: rank r holds [bounds[r], bounds[r + 1])
 
 
 @dataclass(frozen=True)
@@ -89,10 +101,10 @@ class VocabParallel:
     def rows(self) -> int:
         return self.stop - self.start
 
-    def layout(self, weight_rows: int, targets: Tensor, chunk_size: int) -> tuple[int, int]:
-        """The whole vocabulary's size V and the widest rank's rows, after checking that the ranks'
-        ranges tile ``[0, V)`` in rank order, that each weight holds its range's rows, and that every
-        rank got the same targets (their number and sum) and chunk size. Every rank raises the same error."""
+    def layout(self, weight_rows: int, targets: Tensor, chunk_size: int) -> Layout:
+        """The ranks' ranges, after checking that they tile ``[0, V)`` in rank order, that each weight
+        holds its range's rows, and that every rank got the same targets (their number and sum) and
+        chunk size. Every rank raises the same error."""
         numbers = [self.start, self.stop, weight_rows, targets.numel(), chunk_size]
         mine = torch.cat([torch.tensor(numbers, device=targets.device), targets.sum(dtype=torch.long).view(1)])
         every = mine.new_empty(dist.get_world_size(self.group) * mine.numel())
@@ -113,7 +125,7 @@ class VocabParallel:
             )
         if len(set(chunks)) > 1:
             raise ValueError(f"vocab_parallel: the ranks use chunk sizes {chunks}: give them all the same")
-        return stops[-1], max(rows)
+        return Layout(stops[-1], max(rows), (*starts, stops[-1]))
 
     def local_targets(self, targets: Tensor) -> tuple[Tensor, Tensor]:
         """The targets as column indices of this rank's rows (0 where another rank holds them), and
@@ -128,14 +140,14 @@ class VocabParallel:
         """What this rank gives of each row of its ``logits (rows, stop - start)``: ``(rows, k)``.
 
         ``smooth_weights`` are this rank's class weights (``None``: all 1), summed against the
-        logits with ``smoothing``. Differentiable in ``logits`` (the maximum and argmax aside).
+        logits less their maximum with ``smoothing``. Differentiable in ``logits`` (the maximum and
+        argmax aside).
         """
         with torch.no_grad():
             row_max, argmax = logits.max(dim=1)
-        smooth = None
-        if smoothing:
-            smooth = logits.sum(dim=1) if smooth_weights is None else logits @ smooth_weights
-        sumexp = (logits - row_max[:, None]).exp().sum(dim=1)
+        shifted = logits - row_max[:, None]
+        smooth = weighted_row_sums(shifted, smooth_weights) if smoothing else None
+        sumexp = shifted.exp().sum(dim=1)
         return self.pack(row_max, sumexp, self.target_logits(logits, targets), smooth, argmax if predict else None)
 
     def target_logits(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -178,22 +190,29 @@ class WholeRows(NamedTuple):
     max: Tensor  # the largest logit
     lse: Tensor  # the log-sum-exp of the logits
     target: Tensor  # the target's logit
-    smooth: Tensor | None  # the (class-weighted) sum of the logits, with label smoothing
+    smooth: Tensor | None  # sum_j w_j * (-log p_j), w the class weights (1 without), with label smoothing
     argmax: Tensor | None  # the lowest id of the largest logit, when predicted
 
 
-def whole(gathered: Tensor, smoothing: bool, predict: bool) -> WholeRows:
+def whole(gathered: Tensor, predict: bool, rank_weights: Tensor | None = None) -> WholeRows:
     """The whole rows' numbers from every rank's (:meth:`VocabParallel.gather`): the log-sum-exp of
-    the ranks' ``max + log(sumexp)``, taken from the largest maximum; the sums; and the argmax of
-    the first rank whose maximum is the largest (the ranks' ranges ascend)."""
-    row_max = gathered[..., MAX].detach().amax(dim=0)
-    sumexp = (gathered[..., SUMEXP] * (gathered[..., MAX].detach() - row_max).exp()).sum(dim=0)
-    smooth = gathered[..., SMOOTH].sum(dim=0) if smoothing else None
+    the ranks' ``max + log(sumexp)``, taken from the largest maximum; the target's logit; with label
+    smoothing (``rank_weights``: each rank's summed class weights, its number of rows without, see
+    :func:`~losslab.losses.smoothing.part_weights`) the weighted sum of the negative
+    log-probabilities, from the ranks' sums relative to their own maxima; and the argmax of the
+    first rank whose maximum is the largest (the ranks' ranges ascend)."""
+    rank_max = gathered[..., MAX].detach()
+    row_max = rank_max.amax(dim=0)
+    log_norm = (gathered[..., SUMEXP] * (rank_max - row_max).exp()).sum(dim=0).log()
+    smooth = None
+    if rank_weights is not None:
+        below_max = merged_below_max(rank_max, gathered[..., SMOOTH], rank_weights, row_max)
+        smooth = smoothing_sum(log_norm, below_max, rank_weights.sum())
     argmax = None
     if predict:
         first = (gathered[..., MAX] == row_max).to(torch.uint8).argmax(dim=0)  # the first rank that holds it
         argmax = gathered[..., -1].detach().gather(0, first[None]).squeeze(0).long()
-    return WholeRows(row_max, row_max + sumexp.log(), gathered[..., TARGET].sum(dim=0), smooth, argmax)
+    return WholeRows(row_max, row_max + log_norm, gathered[..., TARGET].sum(dim=0), smooth, argmax)
 
 
 def shard_range(vocab_size: int, rank: int, ranks: int) -> tuple[int, int]:
