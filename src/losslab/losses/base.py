@@ -23,6 +23,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from losslab.losses.row_max import max_and_argmax
 from losslab.losses.smoothing import part_weights, weighted_row_sums
 from losslab.losses.vocab_parallel import Layout, VocabParallel, whole
 from losslab.targets import IGNORE_INDEX, real_targets
@@ -339,7 +340,7 @@ class LogitsLoss(TokenLoss):
             ce, nll = self.token_loss(logits, safe_targets)
             lse = torch.logsumexp(logits, dim=-1) if self.z_loss > 0 else None
             with torch.no_grad():
-                predicted = logits.argmax(dim=-1) if predict else None
+                predicted = max_and_argmax(logits)[1] if predict else None
         else:
             ce, nll, lse, predicted = self.vocab_parallel_token_loss(logits, safe_targets, layout, predict)
         z_loss = self.z_loss * lse.square() if self.z_loss > 0 else torch.zeros_like(ce)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from losslab.losses.base import NOT_PREDICTED, PER_TOKEN, TokenLoss, loss_dtype, matmul_dtype
+from losslab.losses.row_max import max_and_argmax
 from losslab.losses.smoothing import part_weights, smoothing_sum, weighted_row_sums
 from losslab.losses.vocab_parallel import VocabParallel, whole
 from losslab.targets import real_targets
@@ -326,7 +327,7 @@ class _Chunks:
         target_logit = logits.gather(1, self.target_columns[rows, None]).squeeze(1)
         if self.held is not None:
             target_logit = torch.where(self.held[rows], target_logit, 0.0)
-        row_max, predicted = logits.max(dim=1)
+        row_max, predicted = max_and_argmax(logits)
         shifted = logits.sub_(row_max[:, None])
         # sum_j w_j (x_j - max) <= 0, before the buffer turns into exp (see losslab.losses.smoothing)
         below_max = weighted_row_sums(shifted, self.column_weights) if eps > 0 else None

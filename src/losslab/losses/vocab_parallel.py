@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from losslab.losses.row_max import max_and_argmax
 from losslab.losses.smoothing import merged_below_max, smoothing_sum, weighted_row_sums
 
 # The columns of what a rank gives per row (row_stats): k of them, the last two only when asked.
@@ -144,7 +145,7 @@ class VocabParallel:
         argmax aside).
         """
         with torch.no_grad():
-            row_max, argmax = logits.max(dim=1)
+            row_max, argmax = max_and_argmax(logits)
         shifted = logits - row_max[:, None]
         smooth = weighted_row_sums(shifted, smooth_weights) if smoothing else None
         sumexp = shifted.exp().sum(dim=1)
