@@ -1,13 +1,24 @@
-"""Tokens per second of the Lightning training step against a plain PyTorch loop.
+"""Tokens per second of the lab's training step, per loss, against a plain PyTorch loop written like nanoGPT's.
 
-Both arms run in this process on the same config (Hydra overrides as arguments): the same data
-loader, model initialisation, loss, batch and optimizer, with gradient clipping and the learning
-rate schedule. The plain loop is what a user would write by hand; the Lightning arm is
-``Trainer.fit`` as ``train.py`` runs it (TensorBoard logging, the config's callbacks and progress
-output on; validation and checkpoints, which come every N steps, off). The arms alternate, ``--rounds`` times each,
-and the medians are compared:
+The plain loop is nanoGPT's ``train.py`` step, whatever loss the config names: the model's full
+logits, torch's cross-entropy on them (the mean over the targets), backward, clipping, the
+optimizer's and the schedule's step, and ``loss.item()`` on the steps it logs (nanoGPT's
+``--log_interval``: here ``trainer.log_every_n_steps``). It shares the config's data loader, model
+initialisation and optimizer (AdamW as ``conf/optimizer`` sets it up, fused: nanoGPT fuses it on
+CUDA only), so that the two differ only in the loss and in what surrounds the step. The lab's
+step is ``Trainer.fit`` as ``train.py`` runs it (TensorBoard logging, the config's per-step
+callbacks, progress output; validation and checkpoints, which come every N steps, off), once per
+loss of ``--losses``.
 
-    python scripts/bench_train.py --steps 60 --rounds 3 loss=fused
+All arms run in this process, one after the other in each of ``--rounds`` rounds. A step is timed
+from the end of the one before (data loading, hooks and logging included); an arm's speed is the
+median, over its steps after the first ``--skip``, of the step's target tokens over its seconds.
+It prints a table ready for the README: each loss's median tokens/s, the plain loop's, and the
+ratio of each round's two (their median, then each round's):
+
+    NANO="tokenizer=gpt2 data=shakespeare data.path=../shared/data/tinyshakespeare.txt model.n_layer=4
+    model.n_head=4 model.n_embd=128 model.context_length=128 data.batch_size=32 model.bias=false"
+    python scripts/bench_train.py --steps 30 --skip 8 --rounds 2 $NANO trainer.log_every_n_steps=1
 """
 
 from __future__ import annotations
@@ -24,111 +35,150 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from losslab.bench import markdown_table
+from losslab.callbacks import GracefulInterrupt, RunStatus
 from losslab.targets import count_targets
 from losslab.train import build_module
 
+PLAIN = "plain"
 
-def step_tokens(micro_batches: list[dict], module: L.LightningModule) -> int:
+
+def step_tokens(micro_batches: list[dict]) -> int:
     """The target tokens a training step learns from, over its micro-batches."""
-    return int(sum(count_targets(micro["targets"], module.loss_fn.ignore_index) for micro in micro_batches))
+    return int(sum(count_targets(micro["targets"]) for micro in micro_batches))
 
 
-class Stopwatch(L.Callback):
-    """Times the training steps after the first ``skip`` (warm-up) and counts their tokens."""
+class StepClock:
+    """Each step's target tokens over its seconds, from the end of the step before, after ``skip`` steps."""
 
     def __init__(self, skip: int) -> None:
         self.skip = skip
-        self.tokens = 0
-        self.start = 0.0
-        self.elapsed = 0.0
+        self.speeds: list[float] = []
+        self.last_end = 0.0
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.skip:
-            self.start = time.perf_counter()
+    def step_end(self, step: int, micro_batches: list[dict]) -> None:
+        now = time.perf_counter()
+        if step >= self.skip:
+            self.speeds.append(step_tokens(micro_batches) / (now - self.last_end))
+        self.last_end = now
+
+    def tokens_per_sec(self) -> float:
+        return statistics.median(self.speeds)
+
+
+class LightningClock(L.Callback):
+    def __init__(self, skip: int) -> None:
+        self.clock = StepClock(skip)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx >= self.skip:
-            self.tokens += step_tokens(batch, pl_module)
-            self.elapsed = time.perf_counter() - self.start
+        self.clock.step_end(batch_idx, batch)
 
 
 def lightning_tokens_per_sec(cfg, steps: int, skip: int) -> float:
     L.seed_everything(cfg.seed)
     datamodule, module = build_module(cfg)
-    stopwatch = Stopwatch(skip)
-    # train.py's per-step callbacks (statistics, progress, layout...), not its checkpoints, saved
-    # every N steps, nor its validation
-    callbacks = [instantiate(c) for name, c in cfg.callbacks.items() if not name.endswith("checkpoint")]
-    with tempfile.TemporaryDirectory() as logs:
+    timer = LightningClock(skip)
+    with tempfile.TemporaryDirectory() as folder:
+        # train.py's per-step callbacks (statistics, progress, layout...) and its run status, not its
+        # checkpoints, saved every N steps, nor its validation
+        callbacks = [instantiate(c) for name, c in cfg.callbacks.items() if not name.endswith("checkpoint")]
+        callbacks += [RunStatus(folder), GracefulInterrupt()]
         trainer = instantiate(
             cfg.trainer,
             max_steps=steps,
             limit_val_batches=0,
             enable_checkpointing=False,
             enable_model_summary=False,
-            logger=TensorBoardLogger(logs, name="", version=""),
-            callbacks=[stopwatch, *callbacks],
+            logger=TensorBoardLogger(folder, name="", version=""),
+            callbacks=[timer, *callbacks],
         )
         trainer.fit(module, datamodule=datamodule)
-    return stopwatch.tokens / stopwatch.elapsed
+    return timer.clock.tokens_per_sec()
 
 
-def plain_tokens_per_sec(cfg, steps: int, skip: int) -> tuple[float, float]:
-    """The same step written by hand: token-weighted loss over the micro-batches, clip, step. The
-    loss is the same implementation, asked for its value only (no parts to log).
-
-    Returns tokens/s and the first step's seconds (with ``model.compile=true``, the compilation)."""
+def plain_tokens_per_sec(cfg, steps: int, skip: int) -> float:
+    """nanoGPT's step: ``model(ids, targets)`` gives the logits and torch's mean cross-entropy,
+    divided by the micro-batches of the step (nanoGPT's gradient accumulation)."""
     L.seed_everything(cfg.seed)
     datamodule, module = build_module(cfg)
     optimizers = module.configure_optimizers()
     optimizer, schedule = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
-    model, loss_fn = module.model.train(), instantiate(cfg.loss)(reduction="sum")
-    tokens, start, first_step = 0, time.perf_counter(), 0.0
+    model, clock, every = module.model.train(), StepClock(skip), cfg.trainer.log_every_n_steps
     for step, micro_batches in enumerate(datamodule.train_dataloader()):
-        if step == 1:
-            first_step = time.perf_counter() - start
-        if step == skip:
-            start = time.perf_counter()
-        n_tokens = step_tokens(micro_batches, module)
+        if step == 0:
+            clock.last_end = time.perf_counter()
         for micro in micro_batches:
-            hidden = model.hidden_states(micro["input_ids"])
-            loss = loss_fn(hidden, model.lm_head.weight, micro["targets"], model.lm_head.bias)
-            (loss / max(n_tokens, 1)).backward()
+            _, loss = model(micro["input_ids"], micro["targets"])
+            (loss / len(micro_batches)).backward()
         if module.gradient_clip_val is not None:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), module.gradient_clip_val)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), module.gradient_clip_val)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        if step >= skip:
-            tokens += n_tokens
+        optimizer.zero_grad(set_to_none=True)
+        if every > 0 and (step + 1) % every == 0:
+            loss.item()  # what nanoGPT prints
+        clock.step_end(step, micro_batches)
         if step + 1 == steps:
             break
-    return tokens / (time.perf_counter() - start), first_step
+    return clock.tokens_per_sec()
+
+
+def ratio_table(speeds: dict[str, list[float]]) -> str:
+    """The README's table from each arm's tokens/s per round (``speeds[PLAIN]`` and one per loss)."""
+    plain = speeds[PLAIN]
+    rows = []
+    for loss, values in speeds.items():
+        if loss == PLAIN:
+            continue
+        ratios = [value / reference for value, reference in zip(values, plain, strict=True)]
+        rows.append(
+            [
+                f"`{loss}`",
+                f"{statistics.median(plain):,.0f}",
+                f"{statistics.median(values):,.0f}",
+                f"{statistics.median(ratios):.2f}",
+                ", ".join(f"{ratio:.2f}" for ratio in ratios),
+            ]
+        )
+    header = ["loss", "plain loop tokens/s", "lab tokens/s", "lab / plain", "rounds"]
+    return markdown_table(header, rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30, help="training steps per arm and round")
+    parser.add_argument("--skip", type=int, default=8, help="warm-up steps left out of the timing")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--losses", default="cross_entropy,fused", help="the lab's losses, comma-separated")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
+    args = parser.parse_args(argv)
+    if not 1 <= args.skip < args.steps:
+        parser.error(f"--skip {args.skip} --steps {args.steps}: time at least one step after at least one warm-up step")
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: at least 1")
+    args.losses = [loss for loss in args.losses.split(",") if loss]
+    if not args.losses or any(override.startswith("loss=") for override in args.overrides):
+        parser.error("name the lab's losses with --losses cross_entropy,fused (not loss=...)")
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="training steps per arm and round")
-    parser.add_argument("--skip", type=int, default=10, help="warm-up steps left out of the timing")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
-    args = parser.parse_args()
+    args = parse_args()
     with initialize_config_module(config_module="losslab.conf", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["paths.root_dir=.", "paths.output_dir=.", *args.overrides])
+        base = ["paths.root_dir=.", "paths.output_dir=.", *args.overrides]
+        configs = {loss: compose(config_name="train", overrides=[*base, f"loss={loss}"]) for loss in args.losses}
+    plain_cfg = next(iter(configs.values()))  # the plain loop takes no loss from the config
 
-    results: dict[str, list[float]] = {"plain PyTorch": [], "Lightning": []}
+    speeds: dict[str, list[float]] = {PLAIN: [], **{loss: [] for loss in args.losses}}
     for round_ in range(args.rounds):
-        plain, first_step = plain_tokens_per_sec(cfg, args.steps, args.skip)
-        results["plain PyTorch"].append(plain)
-        results["Lightning"].append(lightning_tokens_per_sec(cfg, args.steps, args.skip))
+        speeds[PLAIN].append(plain_tokens_per_sec(plain_cfg, args.steps, args.skip))
+        for loss, cfg in configs.items():
+            speeds[loss].append(lightning_tokens_per_sec(cfg, args.steps, args.skip))
         print(
-            f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} tok/s" for k, v in results.items()),
-            f"(plain loop's first step {first_step:.1f} s)",
+            f"round {round_ + 1}: " + ", ".join(f"{arm} {values[-1]:,.0f} tokens/s" for arm, values in speeds.items())
         )
-    medians = {loop: statistics.median(values) for loop, values in results.items()}
-    rows = [[loop, f"{value:,.0f}"] for loop, value in medians.items()]
-    print("\n" + markdown_table(["loop", "tokens/s (median)"], rows))
-    print(f"Lightning / plain = {medians['Lightning'] / medians['plain PyTorch']:.3f}")
+    print(f"\npython scripts/bench_train.py --steps {args.steps} --skip {args.skip} --rounds {args.rounds}", end=" ")
+    print(f"--losses {','.join(args.losses)} {' '.join(args.overrides)}\n")
+    print(ratio_table(speeds))
 
 
 if __name__ == "__main__":

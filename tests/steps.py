@@ -89,6 +89,7 @@ def fit(module: GPTLightningModule, steps: list[list[dict[str, Tensor]]], **trai
         precision="64-true",
         max_epochs=1,
         logger=False,
+        log_every_n_steps=1,  # the module logs (callback_metrics) on the steps Lightning writes alone
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -1,9 +1,12 @@
 """The benchmark scripts run end to end on tiny sizes (their speed goals are not tested here)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,15 +48,17 @@ def test_bench_losses_writes_a_table_json_and_chart(tmp_path):
     assert next(tmp_path.glob("*.png")).stat().st_size > 10_000
 
 
-def test_bench_train_compares_lightning_with_a_plain_loop(tmp_path):
+def test_bench_train_compares_each_loss_with_a_plain_loop(tmp_path):
     out = run_script(
         "bench_train.py",
         "--steps",
-        "4",
+        "3",
         "--skip",
         "1",
         "--rounds",
         "1",
+        "--losses",
+        "cross_entropy,fused",
         "tokenizer=bytes",
         "model.n_layer=1",
         "model.n_embd=32",
@@ -61,7 +66,19 @@ def test_bench_train_compares_lightning_with_a_plain_loop(tmp_path):
         "data.batch_size=4",
         cwd=tmp_path,
     )
-    ratio = float(out.rsplit("Lightning / plain = ", 1)[1])
-    assert ratio > 0
-    assert "| plain PyTorch |" in out and "| Lightning |" in out
-    assert "plain loop's first step" in out
+    table = out[out.index("| loss |") :].strip().splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| `cross_entropy`", "| `fused`"]
+    assert all(float(row.split(" | ")[3]) > 0 for row in table[2:])  # lab / plain
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--skip", "0"], ["--steps", "5", "--skip", "5"], ["--rounds", "0"], ["loss=fused"], ["--losses", ","]],
+)
+def test_bench_train_refuses_what_it_cannot_time(args, capsys):
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
+    bench_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_train)
+    with pytest.raises(SystemExit) as exit:
+        bench_train.parse_args(args)
+    assert exit.value.code == 2 and "error:" in capsys.readouterr().err

@@ -37,14 +37,20 @@ class StepStats(L.Callback):
     RSS on CPU, both reset before each step (on CPU only where Linux's ``/proc/self/clear_refs``
     allows it; elsewhere the process's peak so far), so that the runs of a sweep that share one
     process each report their own.
+    Only the steps that are logged (``GPTLightningModule.logs_this_step``) are measured: the others
+    cost no device synchronisation.
     """
 
     def __init__(self) -> None:
         self._start = 0.0
+        self._measured = False
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._measured = pl_module.logs_this_step()
+        if not self._measured:
+            return
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
             torch.cuda.reset_peak_memory_stats(pl_module.device)
@@ -55,6 +61,8 @@ class StepStats(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if not self._measured:
+            return
         device = pl_module.device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -63,14 +71,13 @@ class StepStats(L.Callback):
             peak_mib = peak_rss_mib()
         step_time = time.perf_counter() - self._start
         tokens = int(sum(count_targets(micro["targets"], pl_module.loss_fn.ignore_index) for micro in batch))
-        log_metrics(
-            pl_module,
-            {
-                "perf/step_time_s": step_time,
-                "perf/tokens_per_sec": tokens / step_time,
-                "perf/peak_memory_mib": peak_mib,
-            },
-        )
+        values = {
+            "perf/step_time_s": step_time,
+            "perf/tokens_per_sec": tokens / step_time,
+            "perf/peak_memory_mib": peak_mib,
+        }
+        pl_module.step_values |= values
+        log_metrics(pl_module, values)
 
 
 def progress_bar(every_n_steps: int) -> ProgressBar:

@@ -119,6 +119,11 @@ class GPTLightningModule(L.LightningModule):
         self.val_bytes = SumMetric(nan_strategy="disable")
         self.val_correct = SumMetric(nan_strategy="disable")
         self.warned_inexact_grads = False
+        # This step's metrics by tag, as tensors (no host sync), for whoever reads them each step, and
+        # whether Lightning writes them (logs_this_step): decided once a step, in training_step, for
+        # the predictions, the module's values and the callbacks' (StepStats), which log only then.
+        self.step_values: dict[str, Tensor | float] = {}
+        self.logging_step = False
 
     def configure_model(self) -> None:
         """Under :class:`losslab.sharding.ShardedDataParallel` (``trainer=fsdp``, ``tp``, ``fsdp_tp``),
@@ -154,8 +159,9 @@ class GPTLightningModule(L.LightningModule):
         n_tokens = strategy.reduce(n_tokens, group=group, reduce_op="sum").clamp(min=1)
         # DDP and FSDP average the ranks' gradients: scaling by their number turns that into their sum.
         scale = ranks / n_tokens
+        self.logging_step, self.step_values = self.logs_this_step(), {}
         # the predictions' argmax costs a pass over the logits: asked for on the steps that are logged alone
-        self.loss_fn.predict = self.logs_this_step()
+        self.loss_fn.predict = self.logging_step
         sums, inexact_grads = [], []
         for i, micro in enumerate(batch):
             # DDP all-reduces once, after the last micro-batch. FSDP reduce-scatters each micro-batch's
@@ -198,10 +204,12 @@ class GPTLightningModule(L.LightningModule):
         logged |= {"train/grad_norm": norm, "train/skipped_steps": self.skipped_steps.float()}
         if self.loss_fn.z_loss > 0:
             logged["train/z_loss"] = z_loss
-        log_metrics(self, logged)
+        self.step_values |= logged
         if inexact_grads:
             inexact = strategy.reduce(torch.stack(inexact_grads).sum(), group=group, reduce_op="sum")
             self.report_inexact_gradients(inexact)
+        if self.logging_step:
+            log_metrics(self, self.step_values)
 
     def logs_this_step(self) -> bool:
         """Whether Lightning writes the metrics of the step about to be taken to the logger: by its own
@@ -210,16 +218,16 @@ class GPTLightningModule(L.LightningModule):
 
         Lightning counts the steps as its loop has stepped batches (``global_step`` here: see
         :class:`losslab.checkpointing.LastCheckpoint` for a resumed run). A step that Ctrl-C stops,
-        known to be the last only once it has been taken, is logged without predictions (Lightning
-        then writes the last logged step's ``train/acc`` again).
+        known to be the last only once it has been taken, is not logged (Lightning then writes the last
+        logged step's values again, at that step).
         """
         every, step = self.trainer.log_every_n_steps, self.global_step + 1
         return every > 0 and (step % every == 0 or step == self.trainer.max_steps)
 
     def report_inexact_gradients(self, count: Tensor) -> None:
-        """Log how many targets of the step got an inexact gradient, and warn the first time: no
-        NaN shows it. Only a loss that can compute one reports it, so the others never sync here."""
-        log_metrics(self, {"train/inexact_grads": count.float()})
+        """Count the targets of the step that got an inexact gradient (``train/inexact_grads``), and warn
+        the first time: no NaN shows it. Only a loss that can compute one reports it, so the others never sync here."""
+        self.step_values["train/inexact_grads"] = count.float()
         if count > 0 and not self.warned_inexact_grads:
             self.warned_inexact_grads = True
             rank_zero_warn(
