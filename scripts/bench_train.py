@@ -48,15 +48,19 @@ def step_tokens(micro_batches: list[dict]) -> int:
 
 
 class StepClock:
-    """Each step's target tokens over its seconds, from the end of the step before, after ``skip`` steps."""
+    """Each step's target tokens over its seconds, from the end of the step before, after ``skip`` steps;
+    and the first step's seconds (with ``model.compile=true``, the compilation)."""
 
     def __init__(self, skip: int) -> None:
         self.skip = skip
         self.speeds: list[float] = []
         self.last_end = 0.0
+        self.first_step = 0.0
 
     def step_end(self, step: int, micro_batches: list[dict]) -> None:
         now = time.perf_counter()
+        if step == 0:
+            self.first_step = now - self.last_end
         if step >= self.skip:
             self.speeds.append(step_tokens(micro_batches) / (now - self.last_end))
         self.last_end = now
@@ -95,9 +99,10 @@ def lightning_tokens_per_sec(cfg, steps: int, skip: int) -> float:
     return timer.clock.tokens_per_sec()
 
 
-def plain_tokens_per_sec(cfg, steps: int, skip: int) -> float:
+def plain_tokens_per_sec(cfg, steps: int, skip: int) -> tuple[float, float]:
     """nanoGPT's step: ``model(ids, targets)`` gives the logits and torch's mean cross-entropy,
-    divided by the micro-batches of the step (nanoGPT's gradient accumulation)."""
+    divided by the micro-batches of the step (nanoGPT's gradient accumulation). Returns tokens/s
+    and the first step's seconds."""
     L.seed_everything(cfg.seed)
     datamodule, module = build_module(cfg)
     optimizers = module.configure_optimizers()
@@ -119,7 +124,7 @@ def plain_tokens_per_sec(cfg, steps: int, skip: int) -> float:
         clock.step_end(step, micro_batches)
         if step + 1 == steps:
             break
-    return clock.tokens_per_sec()
+    return clock.tokens_per_sec(), clock.first_step
 
 
 def ratio_table(speeds: dict[str, list[float]]) -> str:
@@ -170,11 +175,13 @@ def main() -> None:
 
     speeds: dict[str, list[float]] = {PLAIN: [], **{loss: [] for loss in args.losses}}
     for round_ in range(args.rounds):
-        speeds[PLAIN].append(plain_tokens_per_sec(plain_cfg, args.steps, args.skip))
+        plain, first_step = plain_tokens_per_sec(plain_cfg, args.steps, args.skip)
+        speeds[PLAIN].append(plain)
         for loss, cfg in configs.items():
             speeds[loss].append(lightning_tokens_per_sec(cfg, args.steps, args.skip))
         print(
-            f"round {round_ + 1}: " + ", ".join(f"{arm} {values[-1]:,.0f} tokens/s" for arm, values in speeds.items())
+            f"round {round_ + 1}: " + ", ".join(f"{arm} {values[-1]:,.0f} tokens/s" for arm, values in speeds.items()),
+            f"(plain loop's first step {first_step:.1f} s)",
         )
     print(f"\npython scripts/bench_train.py --steps {args.steps} --skip {args.skip} --rounds {args.rounds}", end=" ")
     print(f"--losses {','.join(args.losses)} {' '.join(args.overrides)}\n")

@@ -69,6 +69,7 @@ def test_bench_train_compares_each_loss_with_a_plain_loop(tmp_path):
     table = out[out.index("| loss |") :].strip().splitlines()
     assert [row.split(" | ")[0] for row in table[2:]] == ["| `cross_entropy`", "| `fused`"]
     assert all(float(row.split(" | ")[3]) > 0 for row in table[2:])  # lab / plain
+    assert "plain loop's first step" in out
 
 
 @pytest.mark.parametrize(

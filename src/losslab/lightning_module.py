@@ -219,7 +219,7 @@ class GPTLightningModule(L.LightningModule):
         Lightning counts the steps as its loop has stepped batches (``global_step`` here: see
         :class:`losslab.checkpointing.LastCheckpoint` for a resumed run). A step that Ctrl-C stops,
         known to be the last only once it has been taken, is not logged (Lightning then writes the last
-        logged step's values again, at that step).
+        logged step's values again, under that step's number: a point the curves have already).
         """
         every, step = self.trainer.log_every_n_steps, self.global_step + 1
         return every > 0 and (step % every == 0 or step == self.trainer.max_steps)
