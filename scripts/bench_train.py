@@ -154,10 +154,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip", type=int, default=8, help="warm-up steps left out of the timing")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--losses", default="cross_entropy,fused", help="the lab's losses, comma-separated")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch's CPU threads (default: torch's); 1 where other processes share the cores",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
     args = parser.parse_args(argv)
     if not 1 <= args.skip < args.steps:
         parser.error(f"--skip {args.skip} --steps {args.steps}: time at least one step after at least one warm-up step")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: at least 1")
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: at least 1")
     args.losses = [loss for loss in args.losses.split(",") if loss]
@@ -168,6 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     with initialize_config_module(config_module="losslab.conf", version_base="1.3"):
         base = ["paths.root_dir=.", "paths.output_dir=.", *args.overrides]
         configs = {loss: compose(config_name="train", overrides=[*base, f"loss={loss}"]) for loss in args.losses}
@@ -183,7 +193,11 @@ def main() -> None:
             f"round {round_ + 1}: " + ", ".join(f"{arm} {values[-1]:,.0f} tokens/s" for arm, values in speeds.items()),
             f"(plain loop's first step {first_step:.1f} s)",
         )
-    print(f"\npython scripts/bench_train.py --steps {args.steps} --skip {args.skip} --rounds {args.rounds}", end=" ")
+    threads = "" if args.threads is None else f" --threads {args.threads}"
+    print(
+        f"\npython scripts/bench_train.py --steps {args.steps} --skip {args.skip} --rounds {args.rounds}{threads}",
+        end=" ",
+    )
     print(f"--losses {','.join(args.losses)} {' '.join(args.overrides)}\n")
     print(ratio_table(speeds))
 

@@ -74,7 +74,14 @@ def test_bench_train_compares_each_loss_with_a_plain_loop(tmp_path):
 
 @pytest.mark.parametrize(
     "args",
-    [["--skip", "0"], ["--steps", "5", "--skip", "5"], ["--rounds", "0"], ["loss=fused"], ["--losses", ","]],
+    [
+        ["--skip", "0"],
+        ["--steps", "5", "--skip", "5"],
+        ["--rounds", "0"],
+        ["loss=fused"],
+        ["--losses", ","],
+        ["--threads", "0"],
+    ],
 )
 def test_bench_train_refuses_what_it_cannot_time(args, capsys):
     spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
