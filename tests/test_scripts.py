@@ -81,6 +81,7 @@ def test_bench_train_compares_each_loss_with_a_plain_loop(tmp_path):
         ["loss=fused"],
         ["--losses", ","],
         ["--threads", "0"],
+        ["--clock", "cpu"],
     ],
 )
 def test_bench_train_refuses_what_it_cannot_time(args, capsys):
