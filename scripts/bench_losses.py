@@ -18,6 +18,8 @@ Reading the table (one per size and dtype, one row per implementation):
 - ``x cross_entropy``: time over the ``cross_entropy`` implementation's (PyTorch's own
   ``cross_entropy`` on the full logits), below 1 is faster;
 - ``peak MiB``: memory the step adds on top of the inputs;
+- ``predicted MiB``: the peak :mod:`losslab.peak_memory` predicts from what the implementation
+  allocates (``--itemise`` prints what it is made of), and ``peak / predicted``;
 - ``x cross_entropy memory``: peak memory over ``cross_entropy``'s, below 1 is leaner.
 
 The same data goes to ``--out-dir`` as JSON (with the machine: torch version, device, CPU count,
@@ -43,6 +45,7 @@ from losslab.bench import (
     machine,
     measure_in_worker,
     plot,
+    prediction,
     results_markdown,
     setups,
     unavailable,
@@ -92,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps after the first (default 1)")
     parser.add_argument("--out-dir", type=Path, default=Path("bench_results"), help="default bench_results/")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    parser.add_argument(
+        "--itemise", action="store_true", help="after the tables, the buffers each row's predicted peak is made of"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available to this torch")
@@ -106,6 +112,18 @@ def summary(result: Result) -> str:
     if result.error:
         return f"failed: {result.error}"
     return f"{result.time_s:.3f} s, {result.peak_mib:.1f} MiB"
+
+
+def itemised(results: list[Result], device: str) -> str:
+    """Per configuration, each row's predicted peak: its moment and its buffers."""
+    parts = []
+    for config in dict.fromkeys(result.config for result in results):
+        rows = [
+            (result.label, prediction(result.impl, config, device)) for result in results if result.config == config
+        ]
+        text = "\n".join(found.itemised(label) for label, found in rows if found)
+        parts.append(f"### {config}: predicted peaks\n\n```\n{text}\n```\n")
+    return "\n".join(parts)
 
 
 def main() -> None:
@@ -126,6 +144,8 @@ def main() -> None:
     info = machine(args.device)
     table = results_markdown(results, info)
     print(table)
+    if args.itemise:
+        print(itemised(results, args.device))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"bench_losses-{datetime.now():%Y%m%d-%H%M%S}"
     settings = {**vars(args), "out_dir": str(args.out_dir)}
