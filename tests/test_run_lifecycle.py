@@ -209,7 +209,10 @@ def test_train_log_holds_what_the_terminal_showed(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     (folder,) = run_folders(tmp_path)
     log = (folder / "train.log").read_text()
-    for line in ["Logs: ", "Finished at step 6/6: val/loss", "`Trainer.fit` stopped"]:
+    banner = (
+        "Loss memory (cross_entropy, N=128 = 4 x 32 tokens, V=257, d=32, float32): forward+backward predicted to peak"
+    )
+    for line in ["Logs: ", banner, "Finished at step 6/6: val/loss", "`Trainer.fit` stopped"]:
         assert line in run.stdout and line in log, line
 
 

@@ -145,55 +145,47 @@ class Sizes:
 def naive(sizes: Sizes) -> list[Moment]:
     """``exp(x) / exp(x).sum()``: the division's backward holds four full-size temporaries for
     the gradient of the row sums (``-grad * exp / sum / sum``) beside what it was given."""
-    full = sizes.logits
-    return [
-        Moment(
-            "the division's backward",
-            (
-                *sizes.autocast_copies(),
-                full("exp(logits), saved by exp and the division"),
-                full("the probabilities' gradient (gather's backward)"),
-                full("division backward: exp / sum"),
-                full("division backward: exp / sum / sum"),
-                full("division backward: its negation"),
-                full("division backward: times the gradient"),
-            ),
-        )
-    ]
+    return full_logits(
+        sizes,
+        "the division's backward",
+        "exp(logits), saved by exp and the division",
+        "the probabilities' gradient (gather's backward)",
+        "division backward: exp / sum",
+        "division backward: exp / sum / sum",
+        "division backward: its negation",
+        "division backward: times the gradient",
+    )
 
 
 def logsumexp(sizes: Sizes) -> list[Moment]:
     """``x - logsumexp(x)``: logsumexp keeps the logits and recomputes ``exp(x - lse)`` in backward."""
-    full = sizes.logits
-    return [
-        Moment(
-            "logsumexp's backward",
-            (
-                *sizes.autocast_copies(),
-                full("float32 logits, saved by logsumexp"),
-                full("the log-probabilities' gradient (gather's backward)"),
-                full("logsumexp backward: logits - lse"),
-                full("logsumexp backward: its exp"),
-                full("logsumexp backward: times the gradient"),
-            ),
-        )
-    ]
+    return full_logits(
+        sizes,
+        "logsumexp's backward",
+        "float32 logits, saved by logsumexp",
+        "the log-probabilities' gradient (gather's backward)",
+        "logsumexp backward: logits - lse",
+        "logsumexp backward: its exp",
+        "logsumexp backward: times the gradient",
+    )
 
 
 def cross_entropy(sizes: Sizes) -> list[Moment]:
     """``F.cross_entropy``: log_softmax's output, nll_loss's gradient of it, and the logits' gradient."""
-    full = sizes.logits
-    return [
-        Moment(
-            "log_softmax's backward",
-            (
-                *sizes.autocast_copies(),
-                full("log_softmax's output, saved for its backward"),
-                full("the log-probabilities' gradient (nll_loss's backward)"),
-                full("the logits' gradient (log_softmax's backward)"),
-            ),
-        )
-    ]
+    return full_logits(
+        sizes,
+        "log_softmax's backward",
+        "log_softmax's output, saved for its backward",
+        "the log-probabilities' gradient (nll_loss's backward)",
+        "the logits' gradient (log_softmax's backward)",
+    )
+
+
+def full_logits(sizes: Sizes, when: str, *names: str) -> list[Moment]:
+    """The peak of an implementation on the full logits: float32 ``(N, V)`` tensors, one per name
+    (the logits themselves are freed by then: those kept are the loss's own), and under autocast
+    the bf16 inputs its matmul keeps. The bf16 logits are gone by then too."""
+    return [Moment(when, (*sizes.autocast_copies(), *(sizes.logits(name) for name in names)))]
 
 
 def fused(sizes: Sizes, chunk_size: int | None = None) -> list[Moment]:
