@@ -9,7 +9,8 @@ Usage::
 What runs: every implementation registered in ``losslab.losses.LOSSES`` (a newly registered one
 appears by itself) and the reference rows (torch's ``linear_cross_entropy``, with automatic chunks
 and with fused's chunk size, and the matmul floor), each configuration in a fresh process; the
-rows and the method are described in :mod:`losslab.bench`, the harness this script reports on.
+rows and the method are described in :mod:`losslab.bench`, the harness this script reports on
+(with :mod:`losslab.bench_report`).
 
 Reading the table (one per size and dtype, one row per implementation):
 
@@ -38,19 +39,8 @@ from pathlib import Path
 
 import torch
 
-from losslab.bench import (
-    DTYPES,
-    Config,
-    Result,
-    machine,
-    measure_in_worker,
-    plot,
-    prediction,
-    results_markdown,
-    setups,
-    unavailable,
-    write_json,
-)
+from losslab.bench import DTYPES, Config, Result, measure_in_worker, prediction, setups, unavailable
+from losslab.bench_report import machine, plot, results_markdown, write_json
 
 FULL_GRID = {"tokens": [2048, 8192], "vocab": [50257, 128256], "dim": [768]}
 QUICK_GRID = {"tokens": [512], "vocab": [8192], "dim": [256]}

@@ -14,16 +14,14 @@ from losslab.bench import (
     Config,
     Result,
     make_inputs,
-    markdown_table,
     measure,
     measure_in_worker,
     peak_memory_mib,
-    results_markdown,
     setups,
     time_calls,
     unavailable,
-    write_json,
 )
+from losslab.bench_report import markdown_table, results_markdown, write_json
 from losslab.losses import LOSSES
 from losslab.losses.cross_entropy import CrossEntropyLoss
 from losslab.memory import CLEAR_REFS

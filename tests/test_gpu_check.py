@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from losslab.bench import Result, setups, write_json
+from losslab.bench import Result, setups
+from losslab.bench_report import write_json
 from losslab.gpu_check import BENCH_IMPLS, bench_impls, main, read_tests, report
 
 ROOT = Path(__file__).resolve().parents[1]
