@@ -312,7 +312,8 @@ def cce(sizes: Sizes, device: str = "cpu") -> list[Moment]:
                     sizes.grad_weight("weight's gradient in bf16", BF16),
                     sizes.grad_hidden(),
                     sizes.grad_weight(),
-                    sizes.grad_weight("weight's gradient, made contiguous (it is that of weight.T)"),
+                    # seen in the allocations of the compiled backward, not traced to its source line
+                    sizes.grad_weight("a second float32 weight-sized buffer of the compiled backward"),
                 ),
             )
         )
