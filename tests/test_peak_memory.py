@@ -91,6 +91,8 @@ def test_every_registered_entry_has_a_prediction_that_follows_its_chunks_and_dty
     assert variant.moments[0].buffers[0].shape == (default_chunk_size(vocab), vocab)
     with pytest.raises(ValueError, match="no memory prediction for 'mine'"):
         predict("mine", *SMALL)
+    with pytest.raises(ValueError, match="the memory prediction of 'fused' has no option softcap"):
+        predict("fused", *SMALL, softcap=30.0)
 
 
 def test_the_banner_line_states_the_runs_own_sizes_and_precision():

@@ -22,6 +22,7 @@ same count of torch's allocations under Triton's interpreter on a CPU).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import torch
 from losslab.losses.fused import default_chunk_size
 
 MIB = 2**20
-F32, BF16, I64 = torch.float32, torch.bfloat16, torch.int64
+F32, BF16 = torch.float32, torch.bfloat16
 # Liger-Kernel's chunks: rows such that a chunk's logits are about this many times the size of
 # hidden's (its default chunk_mem_const in liger-kernel 0.8.5).
 LIGER_CHUNK_MEM_CONST = 1
@@ -370,6 +371,9 @@ def predict(
         raise ValueError(f"no memory prediction for {name!r}: there is one for {', '.join(ENTRIES)}")
     if dtype not in ("float32", "bf16"):
         raise ValueError(f"dtype={dtype!r}: choose float32 or bf16 (autocast)")
+    unknown = sorted(set(options) - set(inspect.signature(ENTRIES[name]).parameters))
+    if unknown:
+        raise ValueError(f"the memory prediction of {name!r} has no option {', '.join(unknown)}")
     sizes = Sizes(tokens, vocab, dim, autocast=dtype == "bf16")
     extra = {"device": device} if name == "cce" else {}
     return Prediction(name, tuple(ENTRIES[name](sizes, **options, **extra)))
