@@ -11,22 +11,12 @@ checkpoints in test_checkpoint_files.py.
 import hashlib
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from test_data import make_datamodule
-from test_train import CONF, make_config
+from helpers import make_config, make_datamodule, train_py
 
 from losslab.train import train
-
-TRAIN = CONF.parent / "train.py"
-
-
-def train_py(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(TRAIN), f"paths.root_dir={tmp_path}", *overrides]
-    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
 def test_a_misspelt_group_choice_gets_did_you_mean_in_one_line(tmp_path):

@@ -14,9 +14,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import tiktoken
 import torch
-from test_train import make_config
+from helpers import DOCUMENTS, make_config, tokenizer_named
 
 from losslab.checkpoint_files import CheckpointError, check_checkpoint_file, load_checkpoint_file, load_model
 from losslab.checkpointing import AtomicCheckpointIO
@@ -31,7 +30,6 @@ from losslab.tokenizers import (
 from losslab.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = ["The while statement is used for repeated execution.", "naïve café, 日本語 🤖 and <|endoftext|>"]
 
 
 class RunsCode:
@@ -225,14 +223,6 @@ def test_a_real_checkpoint_loads_and_generates(real_checkpoint):
     run = generate_py(real_checkpoint, "--prompt", "The ", "--max-new-tokens", "5")
     assert run.returncode == 0, run.stderr[-2000:]
     assert "--- sample 0 ---\nThe " in run.stdout
-
-
-def tokenizer_named(name: str, request: pytest.FixtureRequest) -> tiktoken.Encoding:
-    """A tokenizer of each kind: bytes, a small trained BPE, or GPT-2's (skipped without tiktoken's cache)."""
-    if name == "gpt2":
-        request.getfixturevalue("tiktoken_cache")
-    options = {"vocab_size": 300, "train_text": DOCUMENTS * 20} if name == "bpe" else {}
-    return build_tokenizer(name, **options)
 
 
 @pytest.mark.parametrize("name", ["bytes", "bpe", "gpt2"])

@@ -10,7 +10,7 @@ from pydoc_data.topics import topics
 import pytest
 import tiktoken
 import torch
-from test_checkpoint_files import tokenizer_named
+from helpers import tokenizer_named
 
 from losslab.checkpoint_files import CheckpointError
 from losslab.lightning_module import GPTLightningModule
