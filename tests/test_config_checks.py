@@ -186,7 +186,7 @@ BAD = [
             "loss.ignore_index=7 is a token of the vocabulary (ids 0 to 4095): its real targets would be ignored too; use a negative id (e.g. loss.ignore_index=-100)"
         ),
     ),
-    ("loss.name=nope", r"loss.name=nope: no such loss: choose one of naive, logsumexp, cross_entropy, fused"),
+    ("loss.name=nope", re.escape(f"loss.name=nope: no such loss: choose one of {', '.join(LOSSES)}")),
     ("loss.label_smoothing=2.0", re.escape("loss=cross_entropy: label_smoothing=2.0 must be in [0, 1]")),
     (
         "+loss.chunk_size=64",
