@@ -1,5 +1,6 @@
 """The registry: the lab's implementations and the peers, built by name, with clear errors for bad names and options."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -31,20 +32,62 @@ INVALID = {  # id: (option, value, text the message must hold)
 }
 
 
-def test_registry_holds_the_labs_own_and_the_peers():
-    assert set(LOSSES) == {"naive", "logsumexp", "cross_entropy", "fused", "tiled", "torch_lce", "liger", "cce"}
+# The README's tables that name every registry entry (README, "Add a loss", step 4), by the start of
+# their header row, and where in them the names are: a row each, or a column each.
+README_LOSS_TABLES = {
+    "| name | how | lesson |": "rows",  # The loss implementations
+    "| option |": "columns",  # what each honours
+    "| loss | `default` |": "rows",  # Which loss trains under which strategy
+}
+
+
+def test_the_registry_and_conf_loss_hold_the_same_entries():
+    """A conf/loss/<name>.yaml for every registry entry, and no other: ``loss=<name>`` is what a user types."""
+    configs = sorted(path.stem for path in (REPO / "conf" / "loss").glob("*.yaml"))
+    assert configs == sorted(LOSSES)
     assert len(set(LOSSES.values())) == len(LOSSES), "each name has its own implementation"
 
 
 @pytest.mark.parametrize("entry", sorted(LOSSES))  # not "name": it runs for the peers that cannot run here too
 def test_every_entry_has_what_the_readme_says_adding_one_takes(entry):
-    """README, "Add a loss": a class that sets its name, a line in LOSSES (this test's
-    parameters), conf/loss/<entry>.yaml, a row in the README's table; and the grid runs over it."""
+    """README, "Add a loss": a class that sets its name, a line in LOSSES (this test's parameters),
+    conf/loss/<entry>.yaml built from the shared options; and the grid runs over it (the README's
+    tables: the test below)."""
     assert LOSSES[entry].name == entry
     config = yaml.safe_load((REPO / "conf" / "loss" / f"{entry}.yaml").read_text())
     assert config["name"] == entry and config["defaults"][0] == "/base/loss@_here_"
-    assert f"\n| `{entry}` |" in (REPO / "README.md").read_text(), "no row in the README's table"
     assert entry in IMPLEMENTATIONS  # the float64 reference grid
+
+
+def readme_table(header_start: str) -> list[list[str]]:
+    """The cells of the README's table whose header row starts with ``header_start``: the header's,
+    then each row's (``\\|`` in a cell is a ``|`` of its text)."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(header_start)]
+    assert len(starts) == 1, f"the README has {len(starts)} tables whose header starts {header_start!r}"
+    table = []
+    for line in lines[starts[0] :]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])])
+    return [table[0], *table[2:]]  # without the |---| line
+
+
+def names_in(cell: str) -> list[str]:
+    """The loss names a cell gives: in backticks, else as a comma-separated list."""
+    return re.findall(r"`([^`]+)`", cell) or [name.strip() for name in cell.split(",")]
+
+
+@pytest.mark.parametrize("header_start", README_LOSS_TABLES)
+def test_the_readmes_loss_tables_list_every_registered_loss(header_start):
+    table = readme_table(header_start)
+    cells = table[0][1:] if README_LOSS_TABLES[header_start] == "columns" else [row[0] for row in table[1:]]
+    listed = [name for cell in cells for name in names_in(cell)]
+    missing, unknown = set(LOSSES) - set(listed), set(listed) - set(LOSSES)
+    assert not missing and not unknown, (
+        f"README table {header_start!r}: registered but not listed {sorted(missing)}, "
+        f"listed but not registered {sorted(unknown)}"
+    )
 
 
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
