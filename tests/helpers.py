@@ -3,7 +3,7 @@
 A tiny run's config (``make_config``), its logged curves (``scalars``), ``python train.py`` in a
 subprocess (``train_py``, and ``start``/``run``/``kill_after_checkpoint`` on the corpus of the
 ``root`` fixture, tests/conftest.py), the comparison of resumed runs and of sharded ones, a data
-module and a tokenizer of each kind. Beside it: tests/conftest.py (fixtures, the shared material),
+module, a tokenizer of each kind, and the README's loss tables. Beside it: tests/conftest.py (fixtures, the shared material),
 tests/steps.py (single optimizer steps through a Trainer, and the script of the multi-process ones)
 and tests/losses/reference.py (the loss registry's float64 reference).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -246,3 +247,40 @@ def assert_generate_and_export_read(checkpoint: Path, out: Path) -> None:
 
     export_checkpoint(checkpoint, out / "exported")
     assert (out / "exported" / "model.safetensors").is_file()
+
+
+# The README's tables that name every registry entry (README, "Add a loss", step 4), by the start of
+# their header row, and where in them the names are: a row each, or a column each.
+README_LOSS_TABLES = {
+    "| name | how | lesson |": "rows",  # The loss implementations
+    "| option |": "columns",  # what each honours
+    "| loss | `default` |": "rows",  # Which loss trains under which strategy
+}
+
+
+def table_cells(line: str) -> list[str]:
+    """The cells of a markdown table's line (``\\|`` in a cell is a ``|`` of its text)."""
+    return [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+
+
+def table_lines(lines: list[str], header_start: str) -> range:
+    """Where in ``lines`` the one table whose header row starts with ``header_start`` is."""
+    starts = [i for i, line in enumerate(lines) if line.startswith(header_start)]
+    assert len(starts) == 1, f"the README has {len(starts)} tables whose header starts {header_start!r}"
+    end = starts[0]
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return range(starts[0], end)
+
+
+def readme_table(header_start: str, readme: Path = REPO / "README.md") -> list[list[str]]:
+    """The cells of the README's table whose header row starts with ``header_start``: the header's,
+    then each row's."""
+    lines = readme.read_text().splitlines()
+    table = [table_cells(lines[i]) for i in table_lines(lines, header_start)]
+    return [table[0], *table[2:]]  # without the |---| line
+
+
+def names_in(cell: str) -> list[str]:
+    """The loss names a cell gives: in backticks, else as a comma-separated list."""
+    return re.findall(r"`([^`]+)`", cell) or [name.strip() for name in cell.split(",")]

@@ -1,10 +1,10 @@
 """The registry: the lab's implementations and the peers, built by name, with clear errors for bad names and options."""
 
-import re
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import README_LOSS_TABLES, names_in, readme_table
 
 from losslab.losses import LOSSES, TokenLoss, build_loss
 
@@ -32,15 +32,6 @@ INVALID = {  # id: (option, value, text the message must hold)
 }
 
 
-# The README's tables that name every registry entry (README, "Add a loss", step 4), by the start of
-# their header row, and where in them the names are: a row each, or a column each.
-README_LOSS_TABLES = {
-    "| name | how | lesson |": "rows",  # The loss implementations
-    "| option |": "columns",  # what each honours
-    "| loss | `default` |": "rows",  # Which loss trains under which strategy
-}
-
-
 def test_the_registry_and_conf_loss_hold_the_same_entries():
     """A conf/loss/<name>.yaml for every registry entry, and no other: ``loss=<name>`` is what a user types."""
     configs = sorted(path.stem for path in (REPO / "conf" / "loss").glob("*.yaml"))
@@ -57,25 +48,6 @@ def test_every_entry_has_what_the_readme_says_adding_one_takes(entry):
     config = yaml.safe_load((REPO / "conf" / "loss" / f"{entry}.yaml").read_text())
     assert config["name"] == entry and config["defaults"][0] == "/base/loss@_here_"
     assert entry in IMPLEMENTATIONS  # the float64 reference grid
-
-
-def readme_table(header_start: str) -> list[list[str]]:
-    """The cells of the README's table whose header row starts with ``header_start``: the header's,
-    then each row's (``\\|`` in a cell is a ``|`` of its text)."""
-    lines = (REPO / "README.md").read_text().splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith(header_start)]
-    assert len(starts) == 1, f"the README has {len(starts)} tables whose header starts {header_start!r}"
-    table = []
-    for line in lines[starts[0] :]:
-        if not line.startswith("|"):
-            break
-        table.append([cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])])
-    return [table[0], *table[2:]]  # without the |---| line
-
-
-def names_in(cell: str) -> list[str]:
-    """The loss names a cell gives: in backticks, else as a comma-separated list."""
-    return re.findall(r"`([^`]+)`", cell) or [name.strip() for name in cell.split(",")]
 
 
 @pytest.mark.parametrize("header_start", README_LOSS_TABLES)
