@@ -35,7 +35,7 @@ class LogSoftmaxLoss(LogitsLoss):
 CONFIG = f"defaults:\n  - /base/loss@_here_\n  - _self_\n\nname: {NAME}\n"
 # What runs in the copy (not this file, whose test's name holds none of these words).
 TESTS = ["tests/losses", "tests/test_config_checks.py", "tests/test_train.py"]
-SELECTED = f"{NAME} or conf_loss or loss_tables"
+SELECTED = f"{NAME} or conf_loss or loss_tables or entries_that_take_it"  # the last: vocab_parallel
 
 
 def replace_once(text: str, old: str, new: str, where: str) -> str:
