@@ -36,6 +36,7 @@ from losslab.tokenizers import build_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 TRAIN = REPO / "train.py"
+STEPS_SCRIPT = REPO / "tests" / "steps.py"  # the multi-process runs of single optimizer steps
 
 # A tiny model on the byte tokenizer: a run of a few steps takes seconds.
 TINY = [

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DOCUMENTS, make_config, tokenizer_named
+from helpers import DOCUMENTS, REPO, make_config, tokenizer_named
 
 from losslab.checkpoint_files import CheckpointError, check_checkpoint_file, load_checkpoint_file, load_model
 from losslab.checkpointing import AtomicCheckpointIO
@@ -28,8 +28,6 @@ from losslab.tokenizers import (
     tokenizer_to_data,
 )
 from losslab.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class RunsCode:
@@ -249,7 +247,7 @@ def test_tokenizer_data_that_is_not_whole_is_refused():
 
 
 def generate_py(checkpoint: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "scripts" / "generate.py"), str(checkpoint), *args]
+    command = [sys.executable, str(REPO / "scripts" / "generate.py"), str(checkpoint), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 

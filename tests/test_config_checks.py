@@ -5,9 +5,9 @@ import re
 import subprocess
 import sys
 from functools import partial
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 from hydra import compose, initialize_config_module
 from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from omegaconf import DictConfig, OmegaConf
@@ -22,7 +22,7 @@ from losslab.model import GPTConfig
 from losslab.optimization import ScheduleConfig, StepConfig
 from losslab.tokenizers import TOKENIZERS, build_tokenizer
 
-GENERATE = Path(__file__).resolve().parents[1] / "scripts" / "generate.py"
+GENERATE = REPO / "scripts" / "generate.py"
 PRESETS = [
     [],
     ["experiment=tiny"],

@@ -4,12 +4,12 @@ a sharded run's checkpoints resume exactly, on one device too, and serve generat
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from helpers import (
     NO_BIAS,
+    STEPS_SCRIPT,
     assert_generate_and_export_read,
     assert_logged_and_checkpointed_once,
     assert_same_optimizer_state,
@@ -24,7 +24,6 @@ from helpers import (
 
 from losslab.losses import LOSSES
 
-STEPS_SCRIPT = Path(__file__).with_name("steps.py")
 # test_resume's runs (dropout, last.ckpt every 3 steps, validation every 5), shorter
 STEPS = 12
 FSDP = ["trainer=fsdp", *NO_BIAS, f"trainer.max_steps={STEPS}"]

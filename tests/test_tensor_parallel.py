@@ -11,12 +11,12 @@ loss's own sharded arithmetic is ``tests/losses/test_vocab_parallel.py``'s.
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from helpers import (
     NO_BIAS,
+    STEPS_SCRIPT,
     assert_generate_and_export_read,
     assert_logged_and_checkpointed_once,
     assert_same_optimizer_state,
@@ -37,7 +37,6 @@ from steps import (
     tiny_module,
 )
 
-STEPS_SCRIPT = Path(__file__).with_name("steps.py")
 RANKS = 4
 TENSOR_PARALLEL_GROUPS = {"tp": [[0, 1, 2, 3]], "fsdp_tp": [[0, 1], [2, 3]]}  # the mesh is (data, tensor)
 # test_resume's runs (dropout, last.ckpt every 3 steps), shorter: killed after step 3, resumed to 6

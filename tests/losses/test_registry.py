@@ -1,16 +1,12 @@
 """The registry: the lab's implementations and the peers, built by name, with clear errors for bad names and options."""
 
-from pathlib import Path
-
 import pytest
 import yaml
-from helpers import README_LOSS_TABLES, names_in, readme_table
+from helpers import README_LOSS_TABLES, REPO, names_in, readme_table
 
 from losslab.losses import LOSSES, TokenLoss, build_loss
 
 from .reference import IMPLEMENTATIONS
-
-REPO = Path(__file__).resolve().parents[2]
 
 OPTIONS = dict(
     ignore_index=-1,
