@@ -250,12 +250,12 @@ def assert_generate_and_export_read(checkpoint: Path, out: Path) -> None:
     assert (out / "exported" / "model.safetensors").is_file()
 
 
-# The README's tables that name every registry entry (README, "Add a loss", step 4), by the start of
-# their header row, and where in them the names are: a row each, or a column each.
+# The README's tables that name every registry entry (README, "Add a loss", step 4): the start of
+# their header row, and where in them the names are, a row each or a column each.
 README_LOSS_TABLES = {
-    "| name | how | lesson |": "rows",  # The loss implementations
-    "| option |": "columns",  # what each honours
-    "| loss | `default` |": "rows",  # Which loss trains under which strategy
+    "implementations": ("| name | how | lesson |", "rows"),  # The loss implementations
+    "options": ("| option |", "columns"),  # what each honours
+    "strategies": ("| loss | `default` |", "rows"),  # Which loss trains under which strategy
 }
 
 

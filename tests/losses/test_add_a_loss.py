@@ -46,7 +46,7 @@ def replace_once(text: str, old: str, new: str, where: str) -> str:
 def add_to_readme_tables(readme: str, name: str) -> str:
     """Step 4: the name in each of the README's loss tables, a row or a column of its own."""
     lines = readme.splitlines()
-    for header_start, names_are in README_LOSS_TABLES.items():
+    for header_start, names_are in README_LOSS_TABLES.values():
         table = table_lines(lines, header_start)
         columns = len(table_cells(lines[table.start]))
         if names_are == "rows":
