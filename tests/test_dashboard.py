@@ -9,11 +9,11 @@ import sys
 import warnings
 from pathlib import Path
 
+from helpers import TRAIN, make_config, scalars
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2, metadata
-from test_train import CONF, make_config, scalars
 from torch.utils.tensorboard import SummaryWriter
 
 from losslab import callbacks
@@ -152,7 +152,7 @@ def test_lightning_tips_and_the_pytree_warning_are_dropped_and_nothing_else(capl
 
 def test_train_py_prints_progress_lines_and_the_summary_and_nothing_to_ignore(tmp_path):
     """``python train.py`` with its output sent to a pipe, as in CI: no bar frames, no advertisement."""
-    command = [sys.executable, str(CONF.parent / "train.py"), "experiment=tiny", f"paths.root_dir={tmp_path}"]
+    command = [sys.executable, str(TRAIN), "experiment=tiny", f"paths.root_dir={tmp_path}"]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     output = run.stdout + run.stderr

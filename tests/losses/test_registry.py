@@ -1,15 +1,12 @@
 """The registry: the lab's implementations and the peers, built by name, with clear errors for bad names and options."""
 
-from pathlib import Path
-
 import pytest
 import yaml
+from helpers import README_LOSS_TABLES, REPO, names_in, readme_table
 
 from losslab.losses import LOSSES, TokenLoss, build_loss
 
 from .reference import IMPLEMENTATIONS
-
-REPO = Path(__file__).resolve().parents[2]
 
 OPTIONS = dict(
     ignore_index=-1,
@@ -31,20 +28,35 @@ INVALID = {  # id: (option, value, text the message must hold)
 }
 
 
-def test_registry_holds_the_labs_own_and_the_peers():
-    assert set(LOSSES) == {"naive", "logsumexp", "cross_entropy", "fused", "tiled", "torch_lce", "liger", "cce"}
+def test_the_registry_and_conf_loss_hold_the_same_entries():
+    """A conf/loss/<name>.yaml for every registry entry, and no other: ``loss=<name>`` is what a user types."""
+    configs = sorted(path.stem for path in (REPO / "conf" / "loss").glob("*.yaml"))
+    assert configs == sorted(LOSSES)
     assert len(set(LOSSES.values())) == len(LOSSES), "each name has its own implementation"
 
 
 @pytest.mark.parametrize("entry", sorted(LOSSES))  # not "name": it runs for the peers that cannot run here too
 def test_every_entry_has_what_the_readme_says_adding_one_takes(entry):
-    """README, "Add a loss": a class that sets its name, a line in LOSSES (this test's
-    parameters), conf/loss/<entry>.yaml, a row in the README's table; and the grid runs over it."""
+    """README, "Add a loss": a class that sets its name, a line in LOSSES (this test's parameters),
+    conf/loss/<entry>.yaml built from the shared options; and the grid runs over it (the README's
+    tables: the test below)."""
     assert LOSSES[entry].name == entry
     config = yaml.safe_load((REPO / "conf" / "loss" / f"{entry}.yaml").read_text())
     assert config["name"] == entry and config["defaults"][0] == "/base/loss@_here_"
-    assert f"\n| `{entry}` |" in (REPO / "README.md").read_text(), "no row in the README's table"
     assert entry in IMPLEMENTATIONS  # the float64 reference grid
+
+
+@pytest.mark.parametrize("table", README_LOSS_TABLES)
+def test_the_readmes_loss_tables_list_every_registered_loss(table):
+    header_start, names_are = README_LOSS_TABLES[table]
+    cells = readme_table(header_start)
+    names = cells[0][1:] if names_are == "columns" else [row[0] for row in cells[1:]]
+    listed = [name for cell in names for name in names_in(cell)]
+    missing, unknown = set(LOSSES) - set(listed), set(listed) - set(LOSSES)
+    assert not missing and not unknown, (
+        f"the README's table {header_start!r}: registered but not listed {sorted(missing)}, "
+        f"listed but not registered {sorted(unknown)}"
+    )
 
 
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
