@@ -33,7 +33,7 @@ from losslab.checkpoint_files import (
     tokenizer_from_checkpoint,
 )
 from losslab.generate import at_least
-from losslab.spikes import SPIKE_FORMAT
+from losslab.spikes import RELATIVE_STD_FLOOR, SPIKE_FORMAT
 from losslab.targets import IGNORE_INDEX
 from losslab.tokenizers import FIXED_VOCAB_SIZES, build_tokenizer
 
@@ -45,6 +45,8 @@ SPIKE_TENSORS = {
     "targets": 2,
     "micro_batch": 1,
     "vocab_size": 0,
+    "rank": 0,
+    "ranks": 0,
     "lr": 0,
     "loss": 0,
     "objective": 0,
@@ -129,7 +131,7 @@ def run_tokenizer(spike_path: Path) -> tuple[tiktoken.Encoding | None, str]:
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return None, f"no checkpoint or config in {run} to find the tokenizer in"
     if name not in FIXED_VOCAB_SIZES:
-        return None, f"the run's {name} tokenizer is in its checkpoints, and {checkpoints} has none yet"
+        return None, f"the run's {name} tokenizer is in its checkpoints, and {checkpoints} holds no usable one yet"
     try:
         return build_tokenizer(name, ranks_path=data.get("ranks_path")), f"{config} (tokenizer {name})"
     except (ValueError, OSError) as error:
@@ -149,7 +151,7 @@ def why_saved(spike: dict[str, Any]) -> str:
         return f"not finite: the loss is {loss:.6g}, the objective {objective:.6g}, the gradient norm {norm:.6g}"
     mean, std, k, window = (float(spike[key]) for key in ("mean", "std", "k", "window"))
     return (
-        f"train/loss {loss:.4f}, {(loss - mean) / std:.1f} standard deviations above the mean of the last "
+        f"train/loss {loss:.4f}, {(loss - mean) / max(std, RELATIVE_STD_FLOOR * abs(mean)):.1f} standard deviations above the mean of the last "
         f"{window:.0f} steps ({mean:.4f}, std {std:.4f}; k={k:g})"
     )
 
@@ -165,6 +167,11 @@ def report(spike: dict[str, Any], tokenizer: tiktoken.Encoding | None, worst: in
         f"  {ids.shape[0]} rows of up to {ids.shape[1]} tokens in {int(spike['micro_batch'].max()) + 1} "
         f"micro-batch(es), {int(real.sum())} targets",
     ]
+    if int(spike["ranks"]) > 1:
+        lines.append(
+            f"  rank {int(spike['rank'])}'s rows, of {int(spike['ranks'])} data-parallel ranks (their files: "
+            f"step-{int(spike['step'])}.pt, step-{int(spike['step'])}.rank<r>.pt); train/loss is over all of them"
+        )
     diagnostics = spike.get("diagnostics") or {}
     if diagnostics:
         lines.append("  diagnostics: " + ", ".join(f"{name} {value.tolist()}" for name, value in diagnostics.items()))
