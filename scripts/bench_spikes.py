@@ -50,7 +50,7 @@ def main() -> None:
             step["sums"][0].fill_(loss)
             start = time.perf_counter()
             nll, objective, norm = step["sums"]
-            values = torch.stack([nll, objective, norm.to(nll.dtype)]).detach()
+            values = torch.stack([nll, objective, norm.to(nll)]).detach()
             record = StepRecord(i + 1, [step["micro"]], [step["token_nll"]], values, 1e-3, {})
             middle = time.perf_counter()
             capture.on_train_batch_end(None, None, {"step_record": record}, None, i)

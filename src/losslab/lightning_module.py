@@ -182,7 +182,7 @@ class GPTLightningModule(L.LightningModule):
         if self.gradient_clip_val is not None:
             clip_gradients_(list(self.parameters()), self.gradient_clip_val, norm)
         lr = optimizer.param_groups[0]["lr"]  # this step's
-        values = torch.stack([nll, objective, norm.to(nll.dtype)]).detach()
+        values = torch.stack([nll, objective, norm.to(nll)]).detach()  # norm: float64 when sharded
         record = StepRecord(self.global_step + 1, batch, token_nll, values, lr, self.step_diagnostics())
         # The loss sums and the gradients are all-reduced, so every rank takes the same branch.
         if not (torch.isfinite(objective) and torch.isfinite(norm)):
