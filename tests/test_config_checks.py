@@ -92,6 +92,15 @@ BAD = [
         r"step.gradient_clip_val=inf: the clipping norm must be a finite number > 0, or null for no clipping",
     ),
     (
+        "callbacks.spike_capture.k=nan",
+        re.escape(
+            "callbacks.spike_capture.k=nan: a spike is the loss above the mean by k standard deviations: a finite "
+            "number > 0 (e.g. callbacks.spike_capture.k=6)"
+        ),
+    ),
+    ("callbacks.spike_capture.window=1", r"callbacks.spike_capture.window=1: .* an int >= 2"),
+    ("callbacks.spike_capture.max_files=-1", r"callbacks.spike_capture.max_files=-1: the spike files kept at most"),
+    (
         "callbacks.last_checkpoint.every_n_train_steps=0",
         re.escape(
             "callbacks.last_checkpoint.every_n_train_steps=0: last.ckpt is written every this many steps (and at "

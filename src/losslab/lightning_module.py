@@ -31,6 +31,7 @@ from losslab.metrics import log_metrics
 from losslab.model import GPT
 from losslab.run_status import NonFiniteStepError, reached_max_steps
 from losslab.sharding import average_replicated_gradients_, clip_gradients_, gradient_norm, shard_gpt
+from losslab.spikes import StepRecord
 from losslab.targets import count_targets, real_targets
 
 NONFINITE_POLICIES = ("skip", "stop")
@@ -145,8 +146,9 @@ class GPTLightningModule(L.LightningModule):
         """The loss's parts for a batch (see :class:`LossParts`), each summed over its real targets."""
         return self.model.loss(batch["input_ids"], batch["targets"], self.loss_fn)
 
-    def training_step(self, batch: list[dict[str, Tensor]], batch_idx: int) -> None:
-        """One optimizer step over the micro-batches in ``batch``."""
+    def training_step(self, batch: list[dict[str, Tensor]], batch_idx: int) -> dict[str, StepRecord]:
+        """One optimizer step over the micro-batches in ``batch``; returns its record for spike
+        capture (:class:`losslab.spikes.StepRecord`: what the step has, nothing copied)."""
         optimizer = self.optimizers()
         strategy = self.trainer.strategy
         group, ranks = self.data_parallel()
@@ -156,7 +158,7 @@ class GPTLightningModule(L.LightningModule):
         scale = ranks / n_tokens
         # the predictions' argmax costs a pass over the logits: asked for on the steps that are logged alone
         self.loss_fn.predict = self.logs_this_step()
-        sums, inexact_grads = [], []
+        sums, inexact_grads, token_nll = [], [], []
         for i, micro in enumerate(batch):
             # DDP all-reduces once, after the last micro-batch. FSDP reduce-scatters each micro-batch's
             # gradient into the sharded one (toggle_model leaves it alone): deferring that, with
@@ -167,6 +169,7 @@ class GPTLightningModule(L.LightningModule):
             has_accuracy = parts.accuracy is not None  # a peer gives no predictions; none on unlogged steps
             correct = correct_count(parts) if has_accuracy else torch.zeros_like(parts.nll)
             sums.append(torch.stack([parts.loss.detach(), parts.nll, parts.z_loss, correct]))
+            token_nll.append(parts.token_nll)
             if parts.inexact_grads is not None:
                 inexact_grads.append(parts.inexact_grads)
         if self.device_mesh is not None:
@@ -178,13 +181,15 @@ class GPTLightningModule(L.LightningModule):
         norm = gradient_norm(list(self.parameters()))
         if self.gradient_clip_val is not None:
             clip_gradients_(list(self.parameters()), self.gradient_clip_val, norm)
+        lr = optimizer.param_groups[0]["lr"]  # this step's
+        values = torch.stack([nll, objective, norm.to(nll)]).detach()  # norm: float64 when sharded
+        record = StepRecord(self.global_step + 1, batch, token_nll, values, lr, self.step_diagnostics())
         # The loss sums and the gradients are all-reduced, so every rank takes the same branch.
         if not (torch.isfinite(objective) and torch.isfinite(norm)):
-            self.skip_step(objective, norm)
+            self.skip_step(objective, norm, record)
             # With no gradient, the optimizer leaves every weight and its own state as they are,
             # while the step still counts (max_steps, the schedule, checkpoints) as in a GradScaler skip.
             optimizer.zero_grad(set_to_none=True)
-        lr = optimizer.param_groups[0]["lr"]  # this step's
         optimizer.step()
         optimizer.zero_grad()
         self.lr_schedulers().step()
@@ -202,6 +207,12 @@ class GPTLightningModule(L.LightningModule):
         if inexact_grads:
             inexact = strategy.reduce(torch.stack(inexact_grads).sum(), group=group, reduce_op="sum")
             self.report_inexact_gradients(inexact)
+        return {"step_record": record}
+
+    def step_diagnostics(self) -> dict[str, Tensor]:
+        """The step's diagnostics, tensors by name, which a spike's file keeps (``diagnostics``):
+        none yet."""
+        return {}
 
     def logs_this_step(self) -> bool:
         """Whether Lightning writes the metrics of the step about to be taken to the logger: by its own
@@ -235,13 +246,15 @@ class GPTLightningModule(L.LightningModule):
         if reached_max_steps(self.trainer):
             self.trainer.should_stop = True
 
-    def skip_step(self, loss: Tensor, norm: Tensor) -> None:
-        """Count a step with a non-finite loss or gradient, or raise under ``nonfinite="stop"``."""
+    def skip_step(self, loss: Tensor, norm: Tensor, record: StepRecord) -> None:
+        """Count a step with a non-finite loss or gradient, or raise under ``nonfinite="stop"`` (the
+        error carries the step's ``record``, which spike capture saves)."""
         if self.nonfinite == "stop":
             raise NonFiniteStepError(
                 f"step {self.global_step + 1}: the loss is {loss.item():.6g} and the gradient norm "
                 f"{norm.item():.6g} with loss={self.loss_fn.name}; the weights were not updated. Likely "
-                f"cause: {self.loss_fn.nonfinite_hint}. step.nonfinite=skip skips such steps instead."
+                f"cause: {self.loss_fn.nonfinite_hint}. step.nonfinite=skip skips such steps instead.",
+                step_record=record,
             )
         self.skipped_steps += 1
 

@@ -44,7 +44,10 @@ class LossParts(NamedTuple):
     - ``predicted``: the argmax per position, of the targets' shape, ``-1`` where ignored
       (``accuracy`` and ``predicted`` are ``None`` for a peer that does not give its predictions);
     - ``inexact_grads``: how many counted targets get a gradient that the implementation computes
-      inexactly (see ``naive``), ``None`` for those whose gradients are always right.
+      inexactly (see ``naive``), ``None`` for those whose gradients are always right;
+    - ``token_nll``: each target's negative log-likelihood, of the targets' shape, 0 where ignored,
+      whatever the reduction: the per-token values the loss reduced (a step's spike capture saves
+      them, :mod:`losslab.spikes`); ``None`` for a peer, which sums inside its own code.
 
     All but ``loss`` are detached: they are for logging. The full logits are never needed for them.
     """
@@ -55,6 +58,7 @@ class LossParts(NamedTuple):
     accuracy: Tensor | None
     predicted: Tensor | None
     inexact_grads: Tensor | None = None
+    token_nll: Tensor | None = None
 
 
 def loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -273,6 +277,7 @@ class TokenLoss(nn.Module):
         predicted); ``weights`` is :meth:`target_weights`, which only the mean of ``ce`` divides by.
         """
         predicted = per_token.pop("predicted", None)
+        token_nll = per_token["nll"].detach().reshape(shape)
         if self.reduction == "none":
             reduced = {name: values.reshape(shape) for name, values in per_token.items()}
         elif self.reduction == "sum":
@@ -287,7 +292,9 @@ class TokenLoss(nn.Module):
             return loss
         accuracy = reduced["correct"].detach() if "correct" in reduced else None
         predicted = None if predicted is None else predicted.reshape(shape)
-        return LossParts(loss, reduced["nll"].detach(), reduced["z_loss"].detach(), accuracy, predicted, inexact)
+        return LossParts(
+            loss, reduced["nll"].detach(), reduced["z_loss"].detach(), accuracy, predicted, inexact, token_nll
+        )
 
     def finish_per_token(
         self, targets: Tensor, loss: Tensor, per_token: Sequence[Tensor], predicted: bool = True
