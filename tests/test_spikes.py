@@ -11,9 +11,8 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from steps import ACCUMULATED, NanGradient, fit, step_batches, tiny_module
-from test_nonfinite import overflowing_naive
-from test_train import make_config, scalars
+from helpers import make_config, scalars
+from steps import ACCUMULATED, NanGradient, fit, overflowing_naive, step_batches, tiny_module
 
 from losslab.show_spike import main as show_spike
 from losslab.spikes import SpikeCapture, StepRecord
