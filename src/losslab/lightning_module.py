@@ -42,6 +42,16 @@ def correct_count(parts: LossParts) -> Tensor:
     return torch.where(torch.isfinite(parts.nll), parts.accuracy.float(), math.nan)
 
 
+def logit_sums(parts: LossParts, targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """A micro-batch's logit diagnostics (see ``train/`` in :data:`losslab.metrics.METRICS`'s ``logits``
+    section) as what adds up over micro-batches and ranks: the sums of the entropy, of the unlikely
+    targets and of the log-sum-exp over the real targets, and the largest log-sum-exp and logit."""
+    real = real_targets(targets, ignore_index)
+    sums = torch.stack([parts.entropy, parts.unlikely, parts.lse[real].sum()])
+    maxima = torch.stack([torch.where(real, rows, -math.inf).max() for rows in (parts.lse, parts.max_logit)])
+    return sums, maxima
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Learning-rate multiplier: linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at
     ``total_steps``, where it stays."""
@@ -154,9 +164,10 @@ class GPTLightningModule(L.LightningModule):
         n_tokens = strategy.reduce(n_tokens, group=group, reduce_op="sum").clamp(min=1)
         # DDP and FSDP average the ranks' gradients: scaling by their number turns that into their sum.
         scale = ranks / n_tokens
-        # the predictions' argmax costs a pass over the logits: asked for on the steps that are logged alone
+        # the predictions' argmax and the logit diagnostics cost passes over the logits: asked for on the
+        # steps that are logged alone
         self.loss_fn.predict = self.logs_this_step()
-        sums, inexact_grads = [], []
+        sums, inexact_grads, logits = [], [], []
         for i, micro in enumerate(batch):
             # DDP all-reduces once, after the last micro-batch. FSDP reduce-scatters each micro-batch's
             # gradient into the sharded one (toggle_model leaves it alone): deferring that, with
@@ -169,6 +180,8 @@ class GPTLightningModule(L.LightningModule):
             sums.append(torch.stack([parts.loss.detach(), parts.nll, parts.z_loss, correct]))
             if parts.inexact_grads is not None:
                 inexact_grads.append(parts.inexact_grads)
+            if parts.entropy is not None:  # none from a peer, or on unlogged steps
+                logits.append(logit_sums(parts, micro["targets"], self.loss_fn.ignore_index))
         if self.device_mesh is not None:
             average_replicated_gradients_(list(self.parameters()), self.device_mesh)
         sums = strategy.reduce(torch.stack(sums).sum(0), group=group, reduce_op="sum")
@@ -198,10 +211,27 @@ class GPTLightningModule(L.LightningModule):
         logged |= {"train/grad_norm": norm, "train/skipped_steps": self.skipped_steps.float()}
         if self.loss_fn.z_loss > 0:
             logged["train/z_loss"] = z_loss
+        if logits:
+            logged |= self.logit_diagnostics(logits, n_tokens, group)
         log_metrics(self, logged)
         if inexact_grads:
             inexact = strategy.reduce(torch.stack(inexact_grads).sum(), group=group, reduce_op="sum")
             self.report_inexact_gradients(inexact)
+
+    def logit_diagnostics(self, micro_sums: list[tuple[Tensor, Tensor]], n_tokens: Tensor, group) -> dict[str, Tensor]:
+        """The step's logit diagnostics over every real target of every micro-batch and rank, from each
+        micro-batch's :func:`logit_sums`."""
+        strategy = self.trainer.strategy
+        sums = strategy.reduce(torch.stack([s for s, _ in micro_sums]).sum(0), group=group, reduce_op="sum")
+        maxima = strategy.reduce(torch.stack([m for _, m in micro_sums]).amax(0), group=group, reduce_op="max")
+        entropy, unlikely, lse = sums / n_tokens
+        return {
+            "logits/lse_mean": lse,
+            "logits/lse_max": maxima[0],
+            "logits/max_logit": maxima[1],
+            "logits/entropy": entropy,
+            "logits/unlikely_targets": unlikely,
+        }
 
     def logs_this_step(self) -> bool:
         """Whether Lightning writes the metrics of the step about to be taken to the logger: by its own
