@@ -43,9 +43,9 @@ def correct_count(parts: LossParts) -> Tensor:
 
 
 def logit_sums(parts: LossParts, targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """A micro-batch's logit diagnostics (see ``train/`` in :data:`losslab.metrics.METRICS`'s ``logits``
-    section) as what adds up over micro-batches and ranks: the sums of the entropy, of the unlikely
-    targets and of the log-sum-exp over the real targets, and the largest log-sum-exp and logit."""
+    """A micro-batch's logit diagnostics (``logits/*`` in :data:`losslab.metrics.METRICS`) as what adds up
+    over micro-batches and ranks: the sums of the entropy, of the unlikely targets and of the log-sum-exp
+    over the real targets, and the largest log-sum-exp and logit."""
     real = real_targets(targets, ignore_index)
     sums = torch.stack([parts.entropy, parts.unlikely, parts.lse[real].sum()])
     maxima = torch.stack([torch.where(real, rows, -math.inf).max() for rows in (parts.lse, parts.max_logit)])
@@ -218,7 +218,9 @@ class GPTLightningModule(L.LightningModule):
             inexact = strategy.reduce(torch.stack(inexact_grads).sum(), group=group, reduce_op="sum")
             self.report_inexact_gradients(inexact)
 
-    def logit_diagnostics(self, micro_sums: list[tuple[Tensor, Tensor]], n_tokens: Tensor, group) -> dict[str, Tensor]:
+    def logit_diagnostics(
+        self, micro_sums: list[tuple[Tensor, Tensor]], n_tokens: Tensor, group: ProcessGroup | None
+    ) -> dict[str, Tensor]:
         """The step's logit diagnostics over every real target of every micro-batch and rank, from each
         micro-batch's :func:`logit_sums`."""
         strategy = self.trainer.strategy
