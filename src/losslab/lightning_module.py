@@ -81,6 +81,9 @@ class GPTLightningModule(L.LightningModule):
             stored in checkpoints so that ``scripts/generate.py`` needs nothing but the checkpoint,
             with what tells it apart from others (its name, size and a hash of its tokens), so
             that resuming with another one is refused.
+        logit_diagnostics_every_n_steps: the logit diagnostics (``logits/*``) on the logged steps that
+            are multiples of this, and the last; 0: never. Their own interval, as they cost a logged
+            step of ``fused`` about a fifth more at V=50257 (README, "Logit diagnostics").
 
     The metrics are the model's own: ``train/loss``, ``val/loss`` and every ``*/ppl`` and ``*/bpb``
     are its negative log-likelihood of the targets, without label smoothing or z-loss; the
@@ -99,6 +102,7 @@ class GPTLightningModule(L.LightningModule):
         nonfinite: str = "skip",
         token_bytes: Tensor | None = None,
         tokenizer: dict[str, Any] | None = None,
+        logit_diagnostics_every_n_steps: int = 1,
     ) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
@@ -111,6 +115,7 @@ class GPTLightningModule(L.LightningModule):
         self.schedule = {"warmup_steps": warmup_steps, "total_steps": total_steps, "min_lr_ratio": min_lr_ratio}
         self.gradient_clip_val = gradient_clip_val
         self.nonfinite = nonfinite
+        self.logit_diagnostics_every_n_steps = logit_diagnostics_every_n_steps
         self.tokenizer = tokenizer
         # what tells tokenizers apart, compared on resume (the checkpoint holds it as tokenizer_id)
         self.tokenizer_id = {key: tokenizer[key] for key in ("name", "n_vocab", "sha256")} if tokenizer else {}
@@ -165,8 +170,9 @@ class GPTLightningModule(L.LightningModule):
         # DDP and FSDP average the ranks' gradients: scaling by their number turns that into their sum.
         scale = ranks / n_tokens
         # the predictions' argmax and the logit diagnostics cost passes over the logits: asked for on the
-        # steps that are logged alone
+        # steps that are logged alone (the diagnostics on those of their own interval)
         self.loss_fn.predict = self.logs_this_step()
+        self.loss_fn.diagnose = self.loss_fn.predict and self.diagnoses_this_step()
         sums, inexact_grads, logits = [], [], []
         for i, micro in enumerate(batch):
             # DDP all-reduces once, after the last micro-batch. FSDP reduce-scatters each micro-batch's
@@ -235,6 +241,12 @@ class GPTLightningModule(L.LightningModule):
             "logits/unlikely_targets": unlikely,
         }
 
+    def diagnoses_this_step(self) -> bool:
+        """Whether the step about to be taken is one of the logit diagnostics' interval
+        (``logit_diagnostics_every_n_steps``), or the last; they are logged when it is logged too."""
+        every, step = self.logit_diagnostics_every_n_steps, self.global_step + 1
+        return every > 0 and (step % every == 0 or step == self.trainer.max_steps)
+
     def logs_this_step(self) -> bool:
         """Whether Lightning writes the metrics of the step about to be taken to the logger: by its own
         rule, when the steps taken once it is are a multiple of ``trainer.log_every_n_steps``, or when
@@ -279,6 +291,7 @@ class GPTLightningModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.loss_fn.predict = True  # val/acc counts every batch
+        self.loss_fn.diagnose = False  # not logged from validation
         for metric in (self.val_nll, self.val_tokens, self.val_bytes, self.val_correct):
             metric.reset()
 

@@ -57,8 +57,8 @@ class LossParts(NamedTuple):
       whatever the reduction (the training step takes their mean and maximum), 0 where ignored.
 
     The logits of these four are those the softmax takes (soft-capped, divided by the temperature).
-    They, ``accuracy`` and ``predicted`` are ``None`` when the loss was not asked for them (``predict``,
-    see :class:`TokenLoss`) and for a peer whose kernel does not give them.
+    They are ``None`` when the loss was not asked for them (``diagnose``, see :class:`TokenLoss`), as
+    ``accuracy`` and ``predicted`` are (``predict``), and for a peer whose kernel does not give them.
 
     All but ``loss`` are detached: they are for logging. The full logits are never needed for them.
     """
@@ -124,9 +124,10 @@ class TokenLoss(nn.Module):
             ``ignore_index``). It costs a device sync; turn it off for speed once data is trusted.
         return_parts: return :class:`LossParts` instead of ``loss``.
 
-    ``predict`` (an attribute, True when built) asks for the parts that cost a pass over the logits
-    (accuracy, predicted tokens, entropy, log-sum-exp and largest logit): the training step turns it
-    off on the steps it does not log.
+    Two attributes, True when built, ask for the parts that cost passes over the logits: ``predict``
+    for the accuracy and the predicted tokens, ``diagnose`` for the entropy, the unlikely targets, the
+    log-sum-exp and the largest logit. The training step turns them off on the steps it does not log
+    (and ``diagnose`` on those its diagnostics interval skips).
         vocab_parallel: a :class:`~losslab.losses.vocab_parallel.VocabParallel`: ``weight`` and
             ``bias`` are this rank's rows of the LM head, the rest as without it (targets keep their
             global ids, class weights are the full ``(V,)`` vector) and so are the results. Only
@@ -200,9 +201,9 @@ class TokenLoss(nn.Module):
         self.check_targets = check_targets
         self.return_parts = return_parts
         self.vocab_parallel = vocab_parallel
-        # LossParts' accuracy, predicted tokens, entropy, log-sum-exp and largest logit; the training
-        # step turns them off on the steps it does not log, where they would cost a pass over the logits.
+        # LossParts' accuracy and predicted tokens, and its diagnostics (see above)
         self.predict = True
+        self.diagnose = True
         # a buffer: it moves with the module to the device (and is not a parameter)
         self.register_buffer("class_weights", class_weights, persistent=False)
 
@@ -385,13 +386,14 @@ class LogitsLoss(TokenLoss):
         flat_targets = targets.reshape(-1).long()
         valid = real_targets(flat_targets, self.ignore_index)
         safe_targets = flat_targets.masked_fill(~valid, 0)
-        predict = self.return_parts and self.predict  # more passes over the full logits
+        # more passes over the full logits
+        predict, diagnose = self.return_parts and self.predict, self.return_parts and self.diagnose
         if self.vocab_parallel is None:
             ce, nll = self.token_loss(logits, safe_targets)
             lse = torch.logsumexp(logits, dim=-1) if self.z_loss > 0 else None
-            rows = self.row_numbers(logits.detach(), lse) if predict else None
+            rows = self.row_numbers(logits.detach(), lse, diagnose) if predict or diagnose else None
         else:
-            ce, nll, rows = self.vocab_parallel_token_loss(logits, safe_targets, layout, predict)
+            ce, nll, rows = self.vocab_parallel_token_loss(logits, safe_targets, layout, predict, diagnose)
             lse = rows.lse
         z_loss = self.z_loss * lse.square() if self.z_loss > 0 else torch.zeros_like(ce)
         per_token = {
@@ -402,6 +404,7 @@ class LogitsLoss(TokenLoss):
         if predict:
             per_token["correct"] = ((rows.argmax == flat_targets) & valid).to(ce.dtype)
             per_token["predicted"] = rows.argmax.masked_fill(~valid, NOT_PREDICTED)
+        if diagnose:
             for name, values in (("entropy", rows.entropy), ("lse", rows.lse), ("max_logit", rows.max)):
                 per_token[name] = values.detach().masked_fill(~valid, 0.0)
         weights = self.target_weights(safe_targets, valid, ce.dtype)
@@ -410,17 +413,19 @@ class LogitsLoss(TokenLoss):
         )
 
     @staticmethod
-    def row_numbers(logits: Tensor, lse: Tensor | None) -> WholeRows:
-        """Each row's largest logit and its lowest id, log-sum-exp (``lse``, if taken already) and entropy
-        (:mod:`losslab.losses.entropy`) of the softmax's ``logits (N, V)``."""
+    def row_numbers(logits: Tensor, lse: Tensor | None, diagnose: bool) -> WholeRows:
+        """Each row's largest logit and its lowest id, and with ``diagnose`` its log-sum-exp (``lse``, if
+        taken already) and entropy (:mod:`losslab.losses.entropy`), of the softmax's ``logits (N, V)``."""
         with torch.no_grad():
             row_max, argmax = logits.max(dim=-1)  # the first maximum, as torch.argmax
+            if not diagnose:
+                return WholeRows(row_max, lse, None, None, argmax)
             lse = torch.logsumexp(logits, dim=-1) if lse is None else lse.detach()
             row_entropy = entropy(lse - row_max, exp_weighted_sums(logits, row_max))
         return WholeRows(row_max, lse, None, None, argmax, row_entropy)
 
     def vocab_parallel_token_loss(
-        self, logits: Tensor, targets: Tensor, layout: Layout, predict: bool
+        self, logits: Tensor, targets: Tensor, layout: Layout, predict: bool, diagnose: bool
     ) -> tuple[Tensor, Tensor, WholeRows]:
         """``(loss, nll)`` per token of this rank's columns of the logits, over the whole vocabulary,
         and the whole rows' numbers (:func:`~losslab.losses.vocab_parallel.whole`): the log-softmax
@@ -429,9 +434,9 @@ class LogitsLoss(TokenLoss):
         (:mod:`losslab.losses.smoothing`)."""
         parallel, eps, w = self.vocab_parallel, self.label_smoothing, self.class_weights
         local_weights = None if w is None else w[parallel.start : parallel.stop].to(logits.dtype)
-        stats = parallel.row_stats(logits, targets, local_weights, eps > 0, predict)
+        stats = parallel.row_stats(logits, targets, local_weights, eps > 0, predict, diagnose)
         rank_weights = part_weights(layout.bounds, w, logits.dtype, logits.device) if eps > 0 else None
-        rows = whole(parallel.gather(stats), predict, rank_weights)
+        rows = whole(parallel.gather(stats), predict, rank_weights, diagnose)
         nll = rows.lse - rows.target
         ce = nll if w is None else w[targets].to(nll.dtype) * nll
         if eps > 0:

@@ -18,7 +18,7 @@ With ``vocab_parallel`` (an LM head sharded by vocabulary rows, :mod:`losslab.lo
 each rank computes its columns of a chunk's logits, ``chunk_size x (stop - start)``, and the ranks
 exchange 3 to 6 floats per row of the chunk in one all-gather (the row maximum, the sum of exp
 below it, the target's logit, with label smoothing the logits' sum below the maximum, and with
-predictions the entropy's sum and the argmax), from which every rank has the whole rows' log-sum-exp,
+diagnostics the entropy's sum, with predictions the argmax), from which every rank has the whole rows' log-sum-exp,
 loss, entropy and argmax; the chunk's
 gradient is then local, and the hidden states' is summed over the ranks once, in backward.
 """
@@ -80,8 +80,8 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
         self.validate_targets(targets, hidden.shape[:-1], layout.vocab_size)
         # The entropy costs a pass over the logits; the argmax is free without vocab_parallel (the row
         # maximum gives it), and with it a column of the all-gather.
-        diagnose = self.return_parts and self.predict
-        predict = parallel is None or diagnose
+        diagnose = self.return_parts and self.diagnose
+        predict = parallel is None or (self.return_parts and self.predict)
         options = FusedOptions(
             ignore_index=self.ignore_index,
             reduction=self.reduction,
@@ -369,7 +369,7 @@ class _Chunks:
             predict = self.options.predict
             stats = self.parallel.pack(row_max, norm, target_logit, below_max, weighted, predicted if predict else None)
             rank_weights = self.part_weights if eps > 0 else None
-            gathered = whole(self.parallel.gather(stats), predict, rank_weights)
+            gathered = whole(self.parallel.gather(stats), predict, rank_weights, self.options.diagnose)
             whole_max, lse, target_logit, smooth, predicted, row_entropy = gathered
             norm = (lse - row_max).exp()  # shifted / norm: the softmax over the whole vocabulary
         nll = lse - target_logit

@@ -125,7 +125,7 @@ class TiledLinearCrossEntropyLoss(TokenLoss):
             else self.deterministic,
             compute_dtype=compute_dtype,
             grad_enabled=torch.is_grad_enabled(),
-            diagnose=self.return_parts and self.predict,
+            diagnose=self.return_parts and self.diagnose,
         )
         loss, *per_token = _TiledLinearCrossEntropy.apply(hidden, weight, targets, bias, self.class_weights, options)
         if not self.return_parts:
