@@ -18,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from losslab import callbacks
 from losslab.dashboard import layout
-from losslab.metrics import COMPARISON, METRICS, Metric
+from losslab.metrics import COMPARISON, LOGITS, METRICS, Metric
 from losslab.train import RunOutcome, route_library_logs, summary, train
 
 
@@ -38,12 +38,14 @@ def test_the_layout_charts_what_the_run_logs(tmp_path, cache_dir):
     logged = events.Tags()["scalars"]
 
     assert set(logged) <= set(METRICS)  # every logged quantity is declared in the metrics table
-    [category] = layout_of(run).category
-    assert category.title == COMPARISON and [chart.title for chart in category.chart] == list(layout()[COMPARISON])
-    for chart in category.chart:
-        for pattern in chart.multiline.tag:
-            assert [tag for tag in logged if re.search(pattern, tag)], (chart.title, pattern)
-    loss_chart = category.chart[0].multiline.tag
+    categories = layout_of(run).category
+    assert [category.title for category in categories] == [COMPARISON, LOGITS]  # the logit diagnostics' own
+    for category in categories:
+        assert [chart.title for chart in category.chart] == list(layout()[category.title])
+        for chart in category.chart:
+            for pattern in chart.multiline.tag:
+                assert [tag for tag in logged if re.search(pattern, tag)], (chart.title, pattern)
+    loss_chart = categories[0].chart[0].multiline.tag
     assert {tag for tag in logged if any(re.search(p, tag) for p in loss_chart)} == {"train/loss", "val/loss"}
 
 
@@ -56,7 +58,7 @@ def test_the_layout_is_the_metrics_tables_charts_by_section(monkeypatch):
         METRICS, "diag/max_logit", Metric("diag/max_logit", "max logit", "{:.1f}", None, chart="logits", section="diag")
     )
     charts = layout()
-    assert list(charts) == [COMPARISON, "diag"]
+    assert list(charts) == [COMPARISON, LOGITS, "diag"]
     assert charts["diag"] == {
         "entropy": ["Multiline", [r"^diag/entropy$"]],
         "logits": ["Multiline", [r"^diag/max_logit$"]],

@@ -55,9 +55,14 @@ SPIKE_LOG = Lines()
 
 @pytest.fixture(scope="module")
 def spiked_run(tmp_path_factory, cache_dir) -> Path:
-    """A 6-step tiny run whose step 5 spikes, comparing from step 3 on."""
+    """A 6-step tiny run whose step 5 spikes, comparing from step 3 on; the logit diagnostics on step 5."""
     tmp_path = tmp_path_factory.mktemp("spiked")
-    overrides = ["callbacks.spike_capture.warmup=2", "+callbacks.jump._target_=test_spikes.LearningRateJump"]
+    overrides = [
+        "callbacks.spike_capture.warmup=2",
+        "+callbacks.jump._target_=test_spikes.LearningRateJump",
+        "trainer.log_every_n_steps=1",
+        "step.logit_diagnostics_every_n_steps=5",
+    ]
     logging.getLogger("losslab.spikes").addHandler(SPIKE_LOG)
     try:
         train(make_config(tmp_path, cache_dir, overrides))
@@ -78,7 +83,13 @@ def test_a_learning_rate_jump_is_caught_and_its_step_saved_whole(spiked_run):
     before = [logged[step] for step in (1, 2, 3, 4)]  # the window it was compared with
     assert float(spike["mean"]) == pytest.approx(sum(before) / 4, rel=1e-6)
     assert float(spike["loss"]) > float(spike["mean"]) + 6 * float(spike["std"])
-    assert spike["diagnostics"] == {} and math.isfinite(float(spike["grad_norm"]))
+    assert math.isfinite(float(spike["grad_norm"]))
+    logged_diagnostics = {
+        tag: dict(curve)[5] for tag, curve in scalars(spiked_run, steps=True).items() if tag.startswith("logits/")
+    }
+    assert logged_diagnostics and spike["diagnostics"].keys() == logged_diagnostics.keys()
+    for tag, value in logged_diagnostics.items():
+        assert float(spike["diagnostics"][tag]) == pytest.approx(value, rel=1e-6)
     [line] = SPIKE_LOG.lines
     assert re.match(
         r"step 5: spike: train/loss [\d.]+ is [\d.]+ standard deviations above the mean of the last 4", line

@@ -52,7 +52,8 @@ class StepRecord:
 
     ``step`` counts as the logs do (1 for the first step); ``values`` holds ``train/loss``, the
     objective and the gradient's norm before clipping; ``token_nll`` is ``LossParts.token_nll`` of
-    each micro-batch (``None`` for a peer); ``diagnostics`` are the step's diagnostics, saved as they are.
+    each micro-batch (``None`` for a peer); ``diagnostics`` are the step's logit diagnostics (``logits/...``,
+    saved as they are) on the steps that compute them (``step.logit_diagnostics_every_n_steps``), else empty.
     """
 
     step: int

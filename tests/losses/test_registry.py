@@ -25,6 +25,11 @@ INVALID = {  # id: (option, value, text the message must hold)
     "z_loss=-1": ("z_loss", -1.0, "-1"),
     "softcap=0": ("softcap", 0.0, "softcap"),
     "softcap=-30": ("softcap", -30.0, "-30"),
+    "temperature=0": ("temperature", 0.0, "> 0"),
+    "temperature=-1": ("temperature", -1.0, "-1"),
+    "temperature=inf": ("temperature", float("inf"), "finite"),
+    "temperature=nan": ("temperature", float("nan"), "nan"),
+    "temperature='hot'": ("temperature", "hot", "'hot'"),
 }
 
 
@@ -124,3 +129,10 @@ def test_boundary_values_are_valid(name):
         **({} if "softcap" in unsupported else {"softcap": 1e-3}),
         **chunking,
     )
+
+
+@pytest.mark.parametrize("entry", ["liger", "cce"])  # not "name": refused before it needs its package or GPU
+def test_a_peer_that_soft_caps_refuses_a_temperature_with_a_soft_cap(entry):
+    """It would cap the logits divided by the temperature (its input is), not divide the capped ones."""
+    with pytest.raises(ValueError, match=rf"loss '{entry}' cannot honour temperature=0.5 with softcap=30.0"):
+        build_loss(entry, softcap=30.0, temperature=0.5)
