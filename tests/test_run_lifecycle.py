@@ -13,19 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_train import CONF, TINY, make_config, scalars
+from helpers import TINY, TRAIN, make_config, scalars, train_py
 
 from losslab.config_checks import ConfigError
 from losslab.run_folder import LEFTOVER_AGE_S, LOCK_FILE, FolderInUse, remove_leftovers
 from losslab.train import train
-
-TRAIN = CONF.parent / "train.py"
-
-
-def train_py(root: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python train.py`` with the tiny model, logging under ``root/logs``."""
-    command = [sys.executable, str(TRAIN), *TINY, f"paths.root_dir={root}", *overrides]
-    return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=timeout)
 
 
 def run_folders(root: Path) -> list[Path]:

@@ -117,6 +117,7 @@ def build_module(cfg: DictConfig) -> tuple[GPTDataModule, GPTLightningModule]:
         tokenizer=tokenizer_to_data(datamodule.tokenizer),
         gradient_clip_val=step.gradient_clip_val,
         nonfinite=step.nonfinite,
+        logit_diagnostics_every_n_steps=step.logit_diagnostics_every_n_steps,
     )
     return datamodule, module
 
