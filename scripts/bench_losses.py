@@ -9,7 +9,8 @@ Usage::
 What runs: every implementation registered in ``losslab.losses.LOSSES`` (a newly registered one
 appears by itself) and the reference rows (torch's ``linear_cross_entropy``, with automatic chunks
 and with fused's chunk size, and the matmul floor), each configuration in a fresh process; the
-rows and the method are described in :mod:`losslab.bench`, the harness this script reports on.
+rows and the method are described in :mod:`losslab.bench`, the harness this script reports on
+(with :mod:`losslab.bench_report`).
 
 Reading the table (one per size and dtype, one row per implementation):
 
@@ -18,6 +19,8 @@ Reading the table (one per size and dtype, one row per implementation):
 - ``x cross_entropy``: time over the ``cross_entropy`` implementation's (PyTorch's own
   ``cross_entropy`` on the full logits), below 1 is faster;
 - ``peak MiB``: memory the step adds on top of the inputs;
+- ``predicted MiB``: the peak :mod:`losslab.peak_memory` predicts from what the implementation
+  allocates (``--itemise`` prints what it is made of), and ``peak / predicted``;
 - ``x cross_entropy memory``: peak memory over ``cross_entropy``'s, below 1 is leaner.
 
 The same data goes to ``--out-dir`` as JSON (with the machine: torch version, device, CPU count,
@@ -36,18 +39,8 @@ from pathlib import Path
 
 import torch
 
-from losslab.bench import (
-    DTYPES,
-    Config,
-    Result,
-    machine,
-    measure_in_worker,
-    plot,
-    results_markdown,
-    setups,
-    unavailable,
-    write_json,
-)
+from losslab.bench import DTYPES, Config, Result, measure_in_worker, prediction, setups, unavailable
+from losslab.bench_report import machine, plot, results_markdown, write_json
 
 FULL_GRID = {"tokens": [2048, 8192], "vocab": [50257, 128256], "dim": [768]}
 QUICK_GRID = {"tokens": [512], "vocab": [8192], "dim": [256]}
@@ -92,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps after the first (default 1)")
     parser.add_argument("--out-dir", type=Path, default=Path("bench_results"), help="default bench_results/")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    parser.add_argument(
+        "--itemise", action="store_true", help="after the tables, the buffers each row's predicted peak is made of"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available to this torch")
@@ -106,6 +102,18 @@ def summary(result: Result) -> str:
     if result.error:
         return f"failed: {result.error}"
     return f"{result.time_s:.3f} s, {result.peak_mib:.1f} MiB"
+
+
+def itemised(results: list[Result], device: str) -> str:
+    """Per configuration, each row's predicted peak: its moment and its buffers."""
+    parts = []
+    for config in dict.fromkeys(result.config for result in results):
+        rows = [
+            (result.label, prediction(result.impl, config, device)) for result in results if result.config == config
+        ]
+        text = "\n".join(found.itemised(label) for label, found in rows if found)
+        parts.append(f"### {config}: predicted peaks\n\n```\n{text}\n```\n")
+    return "\n".join(parts)
 
 
 def main() -> None:
@@ -126,6 +134,8 @@ def main() -> None:
     info = machine(args.device)
     table = results_markdown(results, info)
     print(table)
+    if args.itemise:
+        print(itemised(results, args.device))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"bench_losses-{datetime.now():%Y%m%d-%H%M%S}"
     settings = {**vars(args), "out_dir": str(args.out_dir)}

@@ -34,7 +34,7 @@ from hydra.utils import instantiate
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from losslab.bench import markdown_table
+from losslab.bench_report import markdown_table
 from losslab.memory import peak_rss_mib, reset_peak_rss
 from losslab.train import build_module
 

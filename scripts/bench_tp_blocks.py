@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from losslab.bench import markdown_table, time_calls
+from losslab.bench import time_calls
+from losslab.bench_report import markdown_table
 from losslab.model import MLP, Block
 
 # name: (n_embd, n_head, batch, context): experiment=tiny's, model=small's (data.batch_size 16) and

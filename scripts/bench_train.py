@@ -34,7 +34,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from losslab.bench import markdown_table
+from losslab.bench_report import markdown_table
 from losslab.callbacks import GracefulInterrupt, RunStatus
 from losslab.targets import count_targets
 from losslab.train import build_module

@@ -42,7 +42,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import loss_parallel
 
-from losslab.bench import machine, markdown_table, peak_memory_mib, time_calls
+from losslab.bench import peak_memory_mib, time_calls
+from losslab.bench_report import machine, markdown_table
 from losslab.losses import VocabParallel, build_loss
 from losslab.losses.vocab_parallel import shard_range
 

@@ -6,6 +6,7 @@ material is not there is skipped, with a reason that says where to put it.
 
 import importlib.util
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,18 @@ def shakespeare_path() -> Path:
 def cache_dir(tmp_path_factory) -> Path:
     """Token files and trained tokenizers, shared by the tests' runs."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """A folder holding ``corpus.txt``, a small text corpus of 10 documents, for a module's runs of
+    ``python train.py`` (``helpers.start``, ``helpers.run``), a folder ``root/<name>`` each."""
+    root = tmp_path_factory.mktemp("runs")
+    words = "the cat sat on a mat and dog ran far away from home".split()
+    rng = random.Random(0)
+    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(15)) for _ in range(10))
+    (root / "corpus.txt").write_text(text)
+    return root
 
 
 @pytest.fixture(autouse=True)

@@ -74,6 +74,14 @@ def tiny_module(
     )
 
 
+def overflowing_naive(nonfinite: str) -> GPTLightningModule:
+    """``naive`` with an LM head so large that float32 logits pass 88 and exp overflows."""
+    module = tiny_module("naive", optimizer=partial(torch.optim.AdamW, lr=1e-2), nonfinite=nonfinite)
+    with torch.no_grad():
+        module.model.lm_head.weight.mul_(1000)
+    return module
+
+
 def step_batches(lengths: list[list[int]], seed: int = 0) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
     """Padded micro-batches of random rows of the given lengths, and all their rows as one batch."""
     generator = torch.Generator().manual_seed(seed)

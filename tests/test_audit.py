@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_train import make_config
+from helpers import make_config
 
 from losslab.audit import audit, main
 from losslab.losses import LossParts

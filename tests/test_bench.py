@@ -14,16 +14,14 @@ from losslab.bench import (
     Config,
     Result,
     make_inputs,
-    markdown_table,
     measure,
     measure_in_worker,
     peak_memory_mib,
-    results_markdown,
     setups,
     time_calls,
     unavailable,
-    write_json,
 )
+from losslab.bench_report import markdown_table, results_markdown, write_json
 from losslab.losses import LOSSES
 from losslab.losses.cross_entropy import CrossEntropyLoss
 from losslab.memory import CLEAR_REFS
@@ -117,12 +115,18 @@ def test_markdown_table_aligns_numbers_right():
     )
 
 
+HEADER = (
+    "| implementation | time s | x floor | x cross_entropy | peak MiB | predicted MiB | peak / predicted "
+    "| x cross_entropy memory |"
+)
+
+
 def test_results_table_has_a_section_per_configuration_and_ratios_to_floor_and_cross_entropy():
     bf16 = TINY._replace(dtype="bf16")
     results = [
-        Result("cross_entropy", *TINY, label="cross_entropy", time_s=2.0, peak_mib=20.0),
+        Result("cross_entropy", *TINY, label="cross_entropy", time_s=2.0, peak_mib=20.0, predicted_mib=16.0),
         Result("fused", *TINY, label="fused", time_s=1.5, peak_mib=5.0),
-        Result("torch_lce", *TINY, label="torch_lce", error="boom"),
+        Result("torch_lce", *TINY, label="torch_lce", predicted_mib=4.0, error="boom"),
         Result("floor", *TINY, label="matmul floor", time_s=1.0, peak_mib=10.0),
         Result("fused", *bf16, label="fused", time_s=0.5, peak_mib=4.0),
     ]
@@ -132,18 +136,18 @@ def test_results_table_has_a_section_per_configuration_and_ratios_to_floor_and_c
         "\n"
         "### N=64, V=256, d=16, float32\n"
         "\n"
-        "| implementation | time s | x floor | x cross_entropy | peak MiB | x cross_entropy memory |\n"
-        "|---|---:|---:|---:|---:|---:|\n"
-        "| cross_entropy | 2 | 2.00 | 1.00 | 20.0 | 1.00 |\n"
-        "| fused | 1.5 | 1.50 | 0.75 | 5.0 | 0.25 |\n"
-        "| torch_lce | failed: boom |  |  |  |  |\n"
-        "| matmul floor | 1 | 1.00 | 0.50 | 10.0 | 0.50 |\n"
+        f"{HEADER}\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| cross_entropy | 2 | 2.00 | 1.00 | 20.0 | 16.0 | 1.25 | 1.00 |\n"
+        "| fused | 1.5 | 1.50 | 0.75 | 5.0 | - | - | 0.25 |\n"
+        "| torch_lce | failed: boom |  |  |  | 4.0 |  |  |\n"
+        "| matmul floor | 1 | 1.00 | 0.50 | 10.0 | - | - | 0.50 |\n"
         "\n"
         "### N=64, V=256, d=16, bf16\n"
         "\n"
-        "| implementation | time s | x floor | x cross_entropy | peak MiB | x cross_entropy memory |\n"
-        "|---|---:|---:|---:|---:|---:|\n"
-        "| fused | 0.5 | - | - | 4.0 | - |\n"
+        f"{HEADER}\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| fused | 0.5 | - | - | 4.0 | - | - | - |\n"
     )
 
 

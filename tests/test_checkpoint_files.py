@@ -14,9 +14,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import tiktoken
 import torch
-from test_train import make_config
+from helpers import DOCUMENTS, REPO, make_config, tokenizer_named
 
 from losslab.checkpoint_files import CheckpointError, check_checkpoint_file, load_checkpoint_file, load_model
 from losslab.checkpointing import AtomicCheckpointIO
@@ -29,9 +28,6 @@ from losslab.tokenizers import (
     tokenizer_to_data,
 )
 from losslab.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = ["The while statement is used for repeated execution.", "naïve café, 日本語 🤖 and <|endoftext|>"]
 
 
 class RunsCode:
@@ -227,14 +223,6 @@ def test_a_real_checkpoint_loads_and_generates(real_checkpoint):
     assert "--- sample 0 ---\nThe " in run.stdout
 
 
-def tokenizer_named(name: str, request: pytest.FixtureRequest) -> tiktoken.Encoding:
-    """A tokenizer of each kind: bytes, a small trained BPE, or GPT-2's (skipped without tiktoken's cache)."""
-    if name == "gpt2":
-        request.getfixturevalue("tiktoken_cache")
-    options = {"vocab_size": 300, "train_text": DOCUMENTS * 20} if name == "bpe" else {}
-    return build_tokenizer(name, **options)
-
-
 @pytest.mark.parametrize("name", ["bytes", "bpe", "gpt2"])
 def test_a_tokenizer_comes_back_from_its_data_through_a_weights_only_load(tmp_path, request, name):
     enc = tokenizer_named(name, request)
@@ -259,7 +247,7 @@ def test_tokenizer_data_that_is_not_whole_is_refused():
 
 
 def generate_py(checkpoint: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "scripts" / "generate.py"), str(checkpoint), *args]
+    command = [sys.executable, str(REPO / "scripts" / "generate.py"), str(checkpoint), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 

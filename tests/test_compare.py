@@ -293,3 +293,22 @@ def test_the_metrics_table_makes_the_columns_and_a_metric_kept_for_when_asked_sh
     assert list(row)[-3:] == ["val top-5", "wall time (s)", "non-finite"] and row["val top-5"] == "25.0%"
     [row] = rows_of(markdown_table(runs, asked={"diag"}))
     assert list(row)[-4:-2] == ["val top-5", "max logit"] and row["max logit"] == "31.0"
+
+
+def test_the_logit_diagnostics_show_when_their_section_is_asked_for(tmp_path, capsys):
+    """compare_runs.py --show logits adds the logit diagnostics' columns, summed up as the table says;
+    a section that is not one is refused by argparse, naming the choices."""
+    run = write_run(tmp_path / "loss=fused", [3.0, 2.0], status("finished"))
+    with SummaryWriter(str(run)) as writer:
+        for step, (max_logit, entropy) in enumerate([(12.0, 5.5), (31.0, 4.25)], start=1):
+            writer.add_scalar("logits/max_logit", max_logit, step)
+            writer.add_scalar("logits/entropy", entropy, step)
+    [row] = compare(run)
+    assert not {"largest logit", "entropy (nats)"} & set(row)
+    main([str(run), "--show", "logits"])
+    [row] = table_rows(run / "compare.md")
+    assert row["largest logit"] == "31.000" and row["entropy (nats)"] == "4.2500"
+    assert row["mean log-sum-exp"] == "n/a"  # not logged by this run
+    with pytest.raises(SystemExit):
+        main([str(run), "--show", "logit"])
+    assert "invalid choice: 'logit'" in capsys.readouterr().err

@@ -5,9 +5,9 @@ import re
 import subprocess
 import sys
 from functools import partial
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 from hydra import compose, initialize_config_module
 from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from omegaconf import DictConfig, OmegaConf
@@ -22,7 +22,7 @@ from losslab.model import GPTConfig
 from losslab.optimization import ScheduleConfig, StepConfig
 from losslab.tokenizers import TOKENIZERS, build_tokenizer
 
-GENERATE = Path(__file__).resolve().parents[1] / "scripts" / "generate.py"
+GENERATE = REPO / "scripts" / "generate.py"
 PRESETS = [
     [],
     ["experiment=tiny"],
@@ -91,6 +91,15 @@ BAD = [
         "step.gradient_clip_val=inf",
         r"step.gradient_clip_val=inf: the clipping norm must be a finite number > 0, or null for no clipping",
     ),
+    (
+        "callbacks.spike_capture.k=nan",
+        re.escape(
+            "callbacks.spike_capture.k=nan: a spike is the loss above the mean by k standard deviations: a finite "
+            "number > 0 (e.g. callbacks.spike_capture.k=6)"
+        ),
+    ),
+    ("callbacks.spike_capture.window=1", r"callbacks.spike_capture.window=1: .* an int >= 2"),
+    ("callbacks.spike_capture.max_files=-1", r"callbacks.spike_capture.max_files=-1: the spike files kept at most"),
     (
         "callbacks.last_checkpoint.every_n_train_steps=0",
         re.escape(
@@ -186,7 +195,7 @@ BAD = [
             "loss.ignore_index=7 is a token of the vocabulary (ids 0 to 4095): its real targets would be ignored too; use a negative id (e.g. loss.ignore_index=-100)"
         ),
     ),
-    ("loss.name=nope", r"loss.name=nope: no such loss: choose one of naive, logsumexp, cross_entropy, fused"),
+    ("loss.name=nope", re.escape(f"loss.name=nope: no such loss: choose one of {', '.join(LOSSES)}")),
     ("loss.label_smoothing=2.0", re.escape("loss=cross_entropy: label_smoothing=2.0 must be in [0, 1]")),
     (
         "+loss.chunk_size=64",

@@ -9,16 +9,16 @@ import sys
 import warnings
 from pathlib import Path
 
+from helpers import TRAIN, make_config, scalars
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2, metadata
-from test_train import CONF, make_config, scalars
 from torch.utils.tensorboard import SummaryWriter
 
 from losslab import callbacks
 from losslab.dashboard import layout
-from losslab.metrics import COMPARISON, METRICS, Metric
+from losslab.metrics import COMPARISON, LOGITS, METRICS, Metric
 from losslab.train import RunOutcome, route_library_logs, summary, train
 
 
@@ -38,12 +38,14 @@ def test_the_layout_charts_what_the_run_logs(tmp_path, cache_dir):
     logged = events.Tags()["scalars"]
 
     assert set(logged) <= set(METRICS)  # every logged quantity is declared in the metrics table
-    [category] = layout_of(run).category
-    assert category.title == COMPARISON and [chart.title for chart in category.chart] == list(layout()[COMPARISON])
-    for chart in category.chart:
-        for pattern in chart.multiline.tag:
-            assert [tag for tag in logged if re.search(pattern, tag)], (chart.title, pattern)
-    loss_chart = category.chart[0].multiline.tag
+    categories = layout_of(run).category
+    assert [category.title for category in categories] == [COMPARISON, LOGITS]  # the logit diagnostics' own
+    for category in categories:
+        assert [chart.title for chart in category.chart] == list(layout()[category.title])
+        for chart in category.chart:
+            for pattern in chart.multiline.tag:
+                assert [tag for tag in logged if re.search(pattern, tag)], (chart.title, pattern)
+    loss_chart = categories[0].chart[0].multiline.tag
     assert {tag for tag in logged if any(re.search(p, tag) for p in loss_chart)} == {"train/loss", "val/loss"}
 
 
@@ -56,7 +58,7 @@ def test_the_layout_is_the_metrics_tables_charts_by_section(monkeypatch):
         METRICS, "diag/max_logit", Metric("diag/max_logit", "max logit", "{:.1f}", None, chart="logits", section="diag")
     )
     charts = layout()
-    assert list(charts) == [COMPARISON, "diag"]
+    assert list(charts) == [COMPARISON, LOGITS, "diag"]
     assert charts["diag"] == {
         "entropy": ["Multiline", [r"^diag/entropy$"]],
         "logits": ["Multiline", [r"^diag/max_logit$"]],
@@ -152,7 +154,7 @@ def test_lightning_tips_and_the_pytree_warning_are_dropped_and_nothing_else(capl
 
 def test_train_py_prints_progress_lines_and_the_summary_and_nothing_to_ignore(tmp_path):
     """``python train.py`` with its output sent to a pipe, as in CI: no bar frames, no advertisement."""
-    command = [sys.executable, str(CONF.parent / "train.py"), "experiment=tiny", f"paths.root_dir={tmp_path}"]
+    command = [sys.executable, str(TRAIN), "experiment=tiny", f"paths.root_dir={tmp_path}"]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     output = run.stdout + run.stderr

@@ -10,7 +10,7 @@ from pydoc_data.topics import topics
 import pytest
 import tiktoken
 import torch
-from test_checkpoint_files import tokenizer_named
+from helpers import REPO, tokenizer_named
 
 from losslab.checkpoint_files import CheckpointError
 from losslab.lightning_module import GPTLightningModule
@@ -21,7 +21,6 @@ from losslab.tokenizers import build_tokenizer, load_exported_tokenizer, tokeniz
 transformers = pytest.importorskip("transformers", reason="exporting needs transformers: pip install -e '.[export]'")
 from losslab.export import ExportError, export_checkpoint  # noqa: E402  (needs transformers)
 
-ROOT = Path(__file__).resolve().parents[1]
 # text the bpe tokenizer of test_checkpoint_files never saw, and text that is hard to split
 TEXTS = [
     *(topics[name] for name in ("if", "while", "with", "try")),
@@ -163,5 +162,5 @@ def test_a_damaged_or_diverged_checkpoint_is_never_exported(tmp_path):
 
 
 def export_py(checkpoint: Path, out_dir: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "scripts" / "export.py"), str(checkpoint), str(out_dir)]
+    command = [sys.executable, str(REPO / "scripts" / "export.py"), str(checkpoint), str(out_dir)]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -2,28 +2,28 @@
 takes the steps it takes under DDP, each process holds half the parameters and optimizer state, and
 a sharded run's checkpoints resume exactly, on one device too, and serve generate and export."""
 
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import test_resume
 import torch
-from test_resume import assert_same_run, checkpoint_step, kill_after_checkpoint, last_checkpoint, logged, run
+from helpers import (
+    NO_BIAS,
+    STEPS_SCRIPT,
+    assert_generate_and_export_read,
+    assert_logged_and_checkpointed_once,
+    assert_same_optimizer_state,
+    assert_same_run,
+    checkpoint_step,
+    kill_after_checkpoint,
+    last_checkpoint,
+    logged,
+    relative_difference,
+    run,
+)
 
-from losslab.checkpoint_files import load_model
-from losslab.generate import generate
 from losslab.losses import LOSSES
-from losslab.run_status import STATUS_FILE
 
-STEPS_SCRIPT = Path(__file__).with_name("steps.py")
-root = test_resume.root  # a fixture: a folder with test_resume's corpus, for this module's runs too
-# Without biases: the attention's key bias has a gradient of 0 in exact arithmetic (softmax ignores
-# what it adds to all of a query's scores alike), so it holds float noise only, which AdamW turns
-# into steps as large as any other weight's, and two runs that round differently part there.
-NO_BIAS = ["model.bias=false"]
 # test_resume's runs (dropout, last.ckpt every 3 steps, validation every 5), shorter
 STEPS = 12
 FSDP = ["trainer=fsdp", *NO_BIAS, f"trainer.max_steps={STEPS}"]
@@ -41,11 +41,6 @@ def sharded_steps(tmp_path_factory) -> list[dict]:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return [torch.load(out / f"sharded-rank{rank}.pt") for rank in range(2)]
-
-
-def relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """The largest difference, relative to the largest value expected."""
-    return float((got - expected).abs().max() / expected.abs().max())
 
 
 def test_every_loss_takes_the_same_steps_sharded_as_under_ddp(sharded_steps):
@@ -80,15 +75,6 @@ def test_a_sharded_checkpoint_holds_the_optimizer_state_as_ddp_numbers_it(sharde
     assert_same_optimizer_state(fsdp, ddp)
 
 
-def assert_same_optimizer_state(got: dict, expected: dict) -> None:
-    """Two optimizer states (``state_dict()``'s) number the parameters alike and hold the same values."""
-    assert got["param_groups"] == expected["param_groups"]  # the parameters numbered in the same order
-    assert got["state"].keys() == expected["state"].keys()
-    for param_id, state in expected["state"].items():
-        for name, value in state.items():
-            assert relative_difference(got["state"][param_id][name], value) < 1e-12, (param_id, name)
-
-
 @pytest.fixture(scope="module")
 def sharded_run(root) -> str:
     run(root, "fsdp", FSDP)
@@ -112,36 +98,6 @@ def test_train_py_logs_under_fsdp_the_losses_and_weights_of_ddp(root, sharded_ru
 
 def test_a_sharded_run_logs_and_checkpoints_once_as_ddp_does(root, sharded_run):
     assert_logged_and_checkpointed_once(root, sharded_run, STEPS)
-
-
-def assert_logged_and_checkpointed_once(root: Path, name: str, steps: int) -> None:
-    """The run ``name`` under ``root``: a finished run of ``steps`` steps whose events one process
-    wrote (rank 0), whose best and last checkpoints are one whole file, hard-linked, as DDP's, and
-    with no advice from Lightning in its log."""
-    folder = root / name
-    events = folder.rglob("events.out.tfevents.*")  # named ...<host>.<pid>.<n>
-    assert len({file.name.split(".")[-2] for file in events}) == 1  # one process wrote them: rank 0
-    assert json.loads((folder / STATUS_FILE).read_text())["status"] == "finished"
-    checkpoints = sorted((folder / "checkpoints").iterdir())
-    assert [path.name for path in checkpoints] == [f"best-step{steps}.ckpt", "last.ckpt"]
-    assert all(path.is_file() for path in checkpoints)  # whole files, not distributed folders
-    # of the same step: one file, hard-linked
-    assert os.path.samefile(*checkpoints)
-    # Lightning's advice, for what it cannot see is synced, in no run's train.log (Hydra's folders: the
-    # runs here write the rest to paths.output_dir)
-    logs = [path.read_text() for path in root.glob("logs/runs/*/train.log")]
-    assert logs and not [advice for advice in ["sync_dist=True", "DistributedSampler"] for log in logs if advice in log]
-
-
-def assert_generate_and_export_read(checkpoint: Path, out: Path) -> None:
-    model, tokenizer = load_model(checkpoint)
-    [sample] = generate(model, tokenizer, "the ", max_new_tokens=10, seed=1)
-    assert sample.startswith("the ")
-    pytest.importorskip("transformers", reason="exporting needs transformers: pip install -e '.[export]'")
-    from losslab.export import export_checkpoint
-
-    export_checkpoint(checkpoint, out / "exported")
-    assert (out / "exported" / "model.safetensors").is_file()
 
 
 def test_a_killed_sharded_run_resumes_exactly(root, sharded_run):

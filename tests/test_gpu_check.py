@@ -6,18 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
-from losslab.bench import Result, setups, write_json
+from losslab.bench import Result, setups
+from losslab.bench_report import write_json
 from losslab.gpu_check import BENCH_IMPLS, bench_impls, main, read_tests, report
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+SCRIPT = REPO / "scripts" / "gpu_check.sh"
 MACHINE = {"GPU": "NVIDIA H200, 140 GiB, 132 SMs", "torch": "2.13.0", "triton": "3.9.0"}
 BENCH_MACHINE = {"torch": "2.13.0", "device_name": "NVIDIA H200", "threads": 16, "date": "2026-12-05T10:00:00"}
 CONFIG = dict(tokens=8192, vocab=128256, dim=4096, dtype="bf16")
 
 
-def gpu_check(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def gpu_check(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=60)
 
 

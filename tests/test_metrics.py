@@ -6,7 +6,7 @@ import logging
 import math
 
 import pytest
-from test_train import make_config, scalars
+from helpers import make_config, scalars
 
 from losslab.compare import summarize
 from losslab.run_logs import load_runs

@@ -7,7 +7,7 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-from steps import ACCUMULATED, NanGradient, fit, parameters_of, step_batches, tiny_module
+from steps import ACCUMULATED, NanGradient, fit, overflowing_naive, parameters_of, step_batches, tiny_module
 from torch import Tensor
 
 from losslab.lightning_module import GPTLightningModule
@@ -26,14 +26,6 @@ class Snapshots(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: GPTLightningModule, *args) -> None:
         self.parameters.append(parameters_of(pl_module))
-
-
-def overflowing_naive(nonfinite: str) -> GPTLightningModule:
-    """``naive`` with an LM head so large that float32 logits pass 88 and exp overflows."""
-    module = tiny_module("naive", optimizer=ADAMW, nonfinite=nonfinite)
-    with torch.no_grad():
-        module.model.lm_head.weight.mul_(1000)
-    return module
 
 
 def test_an_overflowing_naive_loss_skips_every_step_and_counts_them():

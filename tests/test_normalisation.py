@@ -3,16 +3,14 @@ step, divided by their count, however the tokens are spread over micro-batches a
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import STEPS_SCRIPT
 from steps import ACCUMULATED, LR, ddp_steps, fit, parameters_of, step_batches, tiny_module
 from torch import Tensor
 
 from losslab.targets import count_targets
-
-STEPS_SCRIPT = Path(__file__).with_name("steps.py")
 
 
 def union_step(union: dict[str, Tensor]) -> tuple[Tensor, float]:

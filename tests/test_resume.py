@@ -6,35 +6,26 @@ import json
 import pickle
 import random
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train import TINY
+from helpers import (
+    MAX_STEPS,
+    assert_same_run,
+    checkpoint_step,
+    kill_after_checkpoint,
+    kill_when,
+    last_checkpoint,
+    logged,
+    run,
+    start,
+)
 
 from losslab.checkpointing import AtomicCheckpointIO, RNGState
 from losslab.data import EpochSampler, ResumableDataLoader
 
-REPO = Path(__file__).resolve().parents[1]
-MAX_STEPS = 24
-# Dropout draws from the global RNG, so the resumed runs need its state; last.ckpt every 3 steps
-# and val every 6 meet every 6 steps, so that runs resume from a checkpoint of a step that validated
-# (12) and of one that did not (3); the corpus makes epochs of 4 steps, so the runs cross epoch ends
-# and resume both mid-epoch (step 3) and from an epoch's last step (12).
-RESUME = TINY + [
-    "data=text",
-    "model.dropout=0.1",
-    "trainer.deterministic=true",
-    f"trainer.max_steps={MAX_STEPS}",
-    "trainer.val_check_interval=6",
-    "callbacks.last_checkpoint.every_n_train_steps=3",
-]
 # train.py with os.replace pausing before it renames a checkpoint over an existing last.ckpt:
 # the window in which a kill finds a complete temporary file and the old checkpoint.
 PAUSED_SAVE = """
@@ -54,103 +45,6 @@ sys.argv[0] = "train.py"
 from losslab.train import main
 main()
 """
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("resume")
-    words = "the cat sat on a mat and dog ran far away from home".split()
-    rng = random.Random(0)
-    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(15)) for _ in range(10))
-    (root / "corpus.txt").write_text(text)
-    return root
-
-
-def start(root: Path, name: str, overrides: list[str], script: list[str] | None = None) -> subprocess.Popen:
-    """``python train.py`` (or ``script``) on the test corpus, writing to ``root/name``."""
-    paths = [f"paths.root_dir={root}", f"paths.output_dir={root / name}", f"paths.cache_dir={root / 'cache'}"]
-    command = [
-        sys.executable,
-        *(script or [str(REPO / "train.py")]),
-        *RESUME,
-        f"data.path={root / 'corpus.txt'}",
-        *paths,
-        *overrides,
-    ]
-    (root / name).mkdir()
-    with open(root / name / "stderr.txt", "w") as stderr:
-        return subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=stderr)
-
-
-def failure(root: Path, name: str) -> str:
-    return f"run {name} failed:\n" + (root / name / "stderr.txt").read_text()[-4000:]
-
-
-def run(root: Path, name: str, overrides: list[str] = ()) -> Path:
-    """Run to the end; returns the run's last.ckpt."""
-    assert start(root, name, list(overrides)).wait(timeout=600) == 0, failure(root, name)
-    return last_checkpoint(root, name)
-
-
-def last_checkpoint(root: Path, name: str) -> Path:
-    return root / name / "checkpoints" / "last.ckpt"
-
-
-def checkpoint_step(path: Path) -> int:
-    return torch.load(path, weights_only=True)["global_step"] if path.exists() else -1
-
-
-def kill_when(
-    root: Path, name: str, process: subprocess.Popen, ready: Callable[[], bool], how: int = signal.SIGKILL
-) -> None:
-    """Send run ``name`` the signal ``how`` (SIGKILL) as soon as ``ready()``; fail if it ends, or is
-    not ready in 10 minutes. It must end as that signal's default action ends a process: SIGKILL
-    kills it, and a run stopped with SIGTERM exits as a shell reports it, with 128 + SIGTERM."""
-    deadline = time.monotonic() + 600
-    try:
-        while not ready():
-            assert process.poll() is None, failure(root, name)
-            assert time.monotonic() < deadline, f"run {name} took too long"
-            time.sleep(0.02)
-    finally:
-        process.send_signal(how)
-    expected = -signal.SIGKILL if how == signal.SIGKILL else 128 + how
-    assert process.wait(timeout=600) == expected, failure(root, name)
-
-
-def kill_after_checkpoint(root: Path, name: str, step: int, overrides: list[str] = ()) -> Path:
-    """Start a run and SIGKILL it, mid-training, once its last.ckpt holds ``step`` or later."""
-    last = last_checkpoint(root, name)
-    # saves are atomic: last.ckpt is whole whenever it is read
-    kill_when(root, name, start(root, name, list(overrides)), lambda: checkpoint_step(last) >= step)
-    return last
-
-
-def logged(run_dir: Path, tag: str) -> dict[int, float]:
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return {event.step: event.value for event in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
-
-
-def best_checkpoints(run_dir: Path) -> list[str]:
-    return sorted(path.name for path in (run_dir / "checkpoints").glob("best-*"))
-
-
-def assert_same_run(root: Path, expected_run: str, runs: list[str]) -> None:
-    """``runs``, each resumed from the one before, end with the weights of ``expected_run``, logged
-    what it logged at the same steps and keep the same best checkpoint."""
-    expected_weights, weights = (
-        torch.load(last_checkpoint(root, name), weights_only=True)["state_dict"] for name in (expected_run, runs[-1])
-    )
-    assert expected_weights.keys() == weights.keys()
-    for name in weights:
-        assert torch.equal(expected_weights[name], weights[name]), name
-    for tag in ["train/loss", "val/loss"]:
-        expected = logged(root / expected_run, tag)
-        for name in runs:
-            got = logged(root / name, tag)
-            assert got == {step: expected[step] for step in got}, (name, tag)
-    assert best_checkpoints(root / runs[-1]) == best_checkpoints(root / expected_run)
 
 
 @pytest.fixture(scope="module")

@@ -13,19 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_train import CONF, TINY, make_config, scalars
+from helpers import TINY, TRAIN, make_config, scalars, train_py
 
 from losslab.config_checks import ConfigError
 from losslab.run_folder import LEFTOVER_AGE_S, LOCK_FILE, FolderInUse, remove_leftovers
 from losslab.train import train
-
-TRAIN = CONF.parent / "train.py"
-
-
-def train_py(root: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python train.py`` with the tiny model, logging under ``root/logs``."""
-    command = [sys.executable, str(TRAIN), *TINY, f"paths.root_dir={root}", *overrides]
-    return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=timeout)
 
 
 def run_folders(root: Path) -> list[Path]:
@@ -209,7 +201,10 @@ def test_train_log_holds_what_the_terminal_showed(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     (folder,) = run_folders(tmp_path)
     log = (folder / "train.log").read_text()
-    for line in ["Logs: ", "Finished at step 6/6: val/loss", "`Trainer.fit` stopped"]:
+    banner = (
+        "Loss memory (cross_entropy, N=128 = 4 x 32 tokens, V=257, d=32, float32): forward+backward predicted to peak"
+    )
+    for line in ["Logs: ", banner, "Finished at step 6/6: val/loss", "`Trainer.fit` stopped"]:
         assert line in run.stdout and line in log, line
 
 

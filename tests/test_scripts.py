@@ -7,13 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def run_script(name: str, *args: str, cwd: Path) -> str:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / name), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, str(REPO / "scripts" / name), *args], cwd=cwd, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
@@ -85,7 +84,7 @@ def test_bench_train_compares_each_loss_with_a_plain_loop(tmp_path):
     ],
 )
 def test_bench_train_refuses_what_it_cannot_time(args, capsys):
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
     bench_train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_train)
     with pytest.raises(SystemExit) as exit:

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import pytest
 import yaml
+from helpers import REPO, TRAIN
 from hydra import compose, initialize_config_module
 from hydra.utils import get_class
 from tensorboard import context
@@ -22,7 +23,6 @@ from losslab.run_logs import read_runs
 from losslab.sweeps import run_name, shared_keys
 from losslab.train import register_resolvers
 
-ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FOLDER = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}")
 
 
@@ -42,7 +42,7 @@ def sweeps(tmp_path_factory) -> dict[str, Sweep]:
     }
     started = {
         name: subprocess.Popen(
-            [sys.executable, str(ROOT / "train.py"), *overrides, *common],
+            [sys.executable, str(TRAIN), *overrides, *common],
             cwd=root,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -186,7 +186,7 @@ def test_compare_runs_writes_a_table_and_a_figure(sweeps, tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "scripts" / "compare_runs.py"),
+            str(REPO / "scripts" / "compare_runs.py"),
             str(sweeps["losses"].folder),
             "--out",
             str(tmp_path),

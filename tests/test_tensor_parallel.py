@@ -11,11 +11,21 @@ loss's own sharded arithmetic is ``tests/losses/test_vocab_parallel.py``'s.
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import test_resume
 import torch
+from helpers import (
+    NO_BIAS,
+    STEPS_SCRIPT,
+    assert_generate_and_export_read,
+    assert_logged_and_checkpointed_once,
+    assert_same_optimizer_state,
+    assert_same_run,
+    kill_after_checkpoint,
+    last_checkpoint,
+    relative_difference,
+    run,
+)
 from steps import (
     TENSOR_PARALLEL_RUNS,
     VOCAB,
@@ -26,17 +36,7 @@ from steps import (
     tensor_parallel_steps,
     tiny_module,
 )
-from test_fsdp import (
-    NO_BIAS,
-    assert_generate_and_export_read,
-    assert_logged_and_checkpointed_once,
-    assert_same_optimizer_state,
-    relative_difference,
-)
-from test_resume import assert_same_run, kill_after_checkpoint, last_checkpoint, run
 
-STEPS_SCRIPT = Path(__file__).with_name("steps.py")
-root = test_resume.root  # a fixture: a folder with test_resume's corpus, for this module's runs too
 RANKS = 4
 TENSOR_PARALLEL_GROUPS = {"tp": [[0, 1, 2, 3]], "fsdp_tp": [[0, 1], [2, 3]]}  # the mesh is (data, tensor)
 # test_resume's runs (dropout, last.ckpt every 3 steps), shorter: killed after step 3, resumed to 6

@@ -135,7 +135,9 @@ def measure(
     result = Measurement(name, dtype)
 
     def build(**options: Any) -> TokenLoss:
-        return entry(return_parts=True, **activations.loss_options, **options)
+        loss = entry(return_parts=True, **activations.loss_options, **options)
+        loss.diagnose = False  # the logit diagnostics' passes are training's, not the loss's time and memory
+        return loss
 
     try:
         build()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from losslab.bench import machine, markdown_table
+from losslab.bench_report import machine, markdown_table
 from losslab.files import replaced_atomically
 
 if TYPE_CHECKING:

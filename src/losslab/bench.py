@@ -1,7 +1,8 @@
 """The benchmark harness: inputs, timing, peak memory and worker processes for the loss benchmark.
 
 ``scripts/bench_losses.py`` is the report built on it: it picks the sizes and rows to run,
-measures each in a fresh process with :func:`measure_in_worker` and prints :func:`results_markdown`.
+measures each in a fresh process with :func:`measure_in_worker` and prints
+:func:`losslab.bench_report.results_markdown`.
 
 A row of the benchmark is a *setup*: a function that takes the inputs and the dtype and returns
 the :class:`Step` to measure, one forward and backward. :func:`setups` holds them all: one per
@@ -17,11 +18,19 @@ The dtype of a row is ``float32``, or ``bf16``: mixed-precision training, float3
 ``torch.autocast(device, dtype=torch.bfloat16)`` around the forward. (torch 2.13's
 ``linear_cross_entropy`` ignores autocast: under ``bf16`` its rows compute in float32.)
 
-Method (:func:`measure`): a step on a small problem first (:data:`PRIMING_SIZE`), so that one-time
-costs (lazy imports, library set-up) are not counted; then, at full size, the first step's peak
-memory above the inputs (:func:`peak_memory_mib`; it includes the gradients of ``hidden`` and
-``weight``), then ``warmup`` untimed steps and ``repeats`` timed ones, gradients cleared before
-each, reported by their median (:func:`time_calls`).
+Method (:func:`measure`): a step at full size first, so that one-time costs (lazy imports, library
+set-up, a compilation for the shape, the BLAS's buffers for its sizes) are not counted; then the
+next step's peak memory above the inputs (:func:`peak_memory_mib`; it includes the gradients of
+``hidden`` and ``weight``), then ``warmup`` untimed steps and ``repeats`` timed ones, gradients
+cleared before each, reported by their median (:func:`time_calls`). Beside it, the peak that
+:mod:`losslab.peak_memory` predicts from what the implementation allocates (:func:`prediction`).
+
+On a CPU the peak is the process's resident memory, and the worker processes start with glibc's
+``MALLOC_MMAP_THRESHOLD_`` at 128 KiB (:data:`WORKER_ENV`): every tensor larger than that is mapped
+from Linux when allocated and handed back when freed, so that the peak is that of the tensors alive
+together. With glibc's default the threshold rises to the size of the first large block freed (up
+to 32 MiB), later tensors come from the heap, whose freed holes stay resident, and the peak counted
+them: 54 to 72 MiB for ``cross_entropy``'s 48 MiB at N=512, V=8192, d=256.
 """
 
 from __future__ import annotations
@@ -29,16 +38,13 @@ from __future__ import annotations
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -46,15 +52,15 @@ from torch import Tensor
 
 from losslab.losses import LOSSES, REFERENCE, build_loss
 from losslab.memory import peak_rss_mib, reset_peak_rss
+from losslab.peak_memory import Prediction, predict
 
 MIB = 2**20
 DTYPES = ("float32", "bf16")
 # The rows the table's ratio columns divide by.
 FLOOR = "floor"
 BASELINE = REFERENCE
-# (N, V, d) of the step each worker runs before its measured one, so that one-time costs (lazy
-# imports, library set-up: 77 MiB for torch 2.13's linear_cross_entropy) are not counted.
-PRIMING_SIZE = (256, 1024, 64)
+# The environment of the worker processes: large tensors mapped from Linux, and handed back when freed.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 2**10)}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -263,6 +269,7 @@ class Result:
     time_s: float | None = None  # median of times_s
     times_s: list[float] = field(default_factory=list)
     peak_mib: float | None = None
+    predicted_mib: float | None = None  # see losslab.peak_memory; None: no prediction for the row
     error: str | None = None
 
     @property
@@ -275,157 +282,82 @@ def measure(impl: str, config: Config, *, device: str, warmup: int, repeats: int
     in this process (see the module docstring for the method)."""
     setup = setups()[impl]
     torch_device = torch.device(device)
-    setup(make_inputs(*PRIMING_SIZE, device=torch_device), config.dtype).run()
     inputs = make_inputs(config.tokens, config.vocab, config.dim, device=torch_device)
     step = setup(inputs, config.dtype)
+    step.run()
+    inputs.hidden.grad = inputs.weight.grad = None
     peak_mib = peak_memory_mib(step.run, torch_device)
     timing = time_calls(
         step.run, torch_device, warmup=warmup, repeats=repeats, grad_to_none=(inputs.hidden, inputs.weight)
     )
-    return Result(impl, *config, label=step.label, time_s=timing.median_s, times_s=timing.times_s, peak_mib=peak_mib)
+    return Result(
+        impl,
+        *config,
+        label=step.label,
+        time_s=timing.median_s,
+        times_s=timing.times_s,
+        peak_mib=peak_mib,
+        predicted_mib=predicted_mib(impl, config, device),
+    )
+
+
+def prediction(impl: str, config: Config, device: str = "cpu") -> Prediction | None:
+    """The peak memory :mod:`losslab.peak_memory` predicts for the row ``impl`` (an entry with its
+    default options, one of its variants, or the floor); None for an entry it has no prediction for."""
+    name, options = impl, {}
+    try:
+        if impl not in LOSSES and impl != FLOOR:
+            name, variant = impl.rsplit("_", 1)
+            options = LOSSES[name].bench_variants(config.vocab)[variant]
+        return predict(name, config.tokens, config.vocab, config.dim, config.dtype, device=device, **options)
+    except (KeyError, ValueError):  # not a row, or a newly registered entry without a prediction
+        return None
+
+
+def predicted_mib(impl: str, config: Config, device: str = "cpu") -> float | None:
+    found = prediction(impl, config, device)
+    return None if found is None else found.mib
 
 
 def measure_in_worker(impl: str, config: Config, *, device: str, warmup: int, repeats: int) -> Result:
     """:func:`measure` in a fresh Python process, so that the peak memory is the measurement's own
     (and a crash or an out-of-memory kill costs one row); a failure is a result with ``error``."""
-    task = {"impl": impl, "config": config, "device": device, "warmup": warmup, "repeats": repeats}
-    proc = subprocess.run([sys.executable, "-m", "losslab.bench", json.dumps(task)], capture_output=True, text=True)
+    return measure_rows_in_worker([impl], config, device=device, warmup=warmup, repeats=repeats)[0]
+
+
+def measure_rows_in_worker(
+    impls: Sequence[str], config: Config, *, device: str, warmup: int, repeats: int
+) -> list[Result]:
+    """:func:`measure` of several rows one after the other in one fresh process (started with
+    :data:`WORKER_ENV`, where each row's peak is its own): cheaper than a process each, but a
+    failure is every row's ``error``."""
+    tasks = [{"impl": impl, "config": config, "device": device, "warmup": warmup, "repeats": repeats} for impl in impls]
+    proc = subprocess.run(
+        [sys.executable, "-m", "losslab.bench", *(json.dumps(task) for task in tasks)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **WORKER_ENV},
+    )
     sys.stderr.write(proc.stderr)
     if proc.returncode == 0:
-        return Result(**json.loads(proc.stdout.splitlines()[-1]))
+        return [Result(**json.loads(line)) for line in proc.stdout.splitlines() if line.startswith('{"impl"')]
     if proc.returncode < 0:
         error = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
     else:
         lines = proc.stderr.strip().splitlines()
         error = lines[-1] if lines else f"exit status {proc.returncode}"
-    return Result(impl, *config, label=impl, error=error)
-
-
-def worker_main() -> None:
-    """``python -m losslab.bench TASK``: measure the task (JSON) and print the result as a JSON line."""
-    task = json.loads(sys.argv[1])
-    task["config"] = Config(*task["config"])
-    print(json.dumps(asdict(measure(**task))))
-
-
-# ----------------------------------------------------------------------------- reporting
-
-
-def device_name(device: str) -> str:
-    """The GPU's name, or the CPU's model name."""
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def machine(device: str) -> dict[str, object]:
-    """What the numbers were measured on, and when."""
-    return {
-        "torch": torch.__version__,
-        "device": device,
-        "device_name": device_name(device),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "date": datetime.now().isoformat(timespec="seconds"),
-    }
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A markdown table: the first column left-aligned, the others (numbers) right-aligned."""
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def by_config(results: Sequence[Result]) -> dict[Config, list[Result]]:
-    """The results grouped by configuration, in the order they ran."""
-    groups: dict[Config, list[Result]] = {}
-    for result in results:
-        groups.setdefault(result.config, []).append(result)
-    return groups
-
-
-def ratio(value: float | None, reference: float | None) -> str:
-    """``value / reference`` to two decimals, or "-" without a reference (not run, or failed)."""
-    return "-" if value is None or not reference else f"{value / reference:.2f}"
-
-
-def table_row(result: Result, floor: Result | None, baseline: Result | None) -> list[str]:
-    """A result's row of :func:`results_markdown`, its ratios to the floor and the baseline."""
-    if result.error:
-        return [result.label, f"failed: {result.error}", "", "", "", ""]
-    floor_time = floor.time_s if floor else None
-    base_time, base_peak = (baseline.time_s, baseline.peak_mib) if baseline else (None, None)
     return [
-        result.label,
-        f"{result.time_s:.4g}",
-        ratio(result.time_s, floor_time),
-        ratio(result.time_s, base_time),
-        f"{result.peak_mib:.1f}",
-        ratio(result.peak_mib, base_peak),
+        Result(impl, *config, label=impl, predicted_mib=predicted_mib(impl, config, device), error=error)
+        for impl in impls
     ]
 
 
-def results_markdown(results: Sequence[Result], info: dict[str, object]) -> str:
-    """The machine, then per configuration a table: time, peak memory and their ratios to the
-    matmul floor's time and to the ``cross_entropy`` implementation's time and memory."""
-    header = ["implementation", "time s", "x floor", f"x {BASELINE}", "peak MiB", f"x {BASELINE} memory"]
-    parts = [f"torch {info['torch']}, {info['device_name']}, {info['threads']} threads, {info['date']}\n"]
-    for config, config_results in by_config(results).items():
-        by_impl = {result.impl: result for result in config_results}
-        rows = [table_row(result, by_impl.get(FLOOR), by_impl.get(BASELINE)) for result in config_results]
-        parts.append(f"### {config}\n\n{markdown_table(header, rows)}")
-    return "\n".join(parts)
-
-
-def write_json(path: Path, results: Sequence[Result], **context: object) -> None:
-    """The results as JSON, after ``context`` (such as the machine and the settings)."""
-    report = {**context, "results": [asdict(result) for result in results]}
-    path.write_text(json.dumps(report, indent=2) + "\n")
-
-
-def plot(results: Sequence[Result], path: Path, title: str) -> None:
-    """A PNG chart: per configuration, horizontal bars of time and of peak memory, one per row."""
-    # Imported here: the worker processes, which import this module, never draw.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = by_config(results)
-    heights = [0.45 * len(config_results) + 1.2 for config_results in groups.values()]
-    figure, axes = plt.subplots(
-        len(groups),
-        2,
-        figsize=(13, sum(heights) + 0.6),
-        squeeze=False,
-        sharey="row",
-        gridspec_kw={"height_ratios": heights},
-    )
-    impls = list(dict.fromkeys(result.impl for result in results))
-    colours = {impl: plt.cm.tab10(index % 10) for index, impl in enumerate(impls)}
-    colours[FLOOR] = "0.6"
-    for (config, config_results), (time_axis, memory_axis) in zip(groups.items(), axes, strict=True):
-        positions = range(len(config_results))
-        for axis, key, unit in ((time_axis, "time_s", "time (s)"), (memory_axis, "peak_mib", "peak memory (MiB)")):
-            values = [getattr(result, key) or 0.0 for result in config_results]
-            axis.barh(positions, values, color=[colours[result.impl] for result in config_results])
-            for position, result, value in zip(positions, config_results, values, strict=True):
-                axis.text(value, position, " failed" if result.error else f" {value:.4g}", va="center", fontsize=8)
-            axis.set_title(f"{config}: {unit}", fontsize=10)
-            axis.set_xlim(0, max(values, default=0) * 1.18 or 1)
-            axis.grid(axis="x", alpha=0.3)
-        time_axis.set_yticks(list(positions), [result.label for result in config_results], fontsize=8)
-        time_axis.invert_yaxis()
-    figure.suptitle(title, fontsize=11)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+def worker_main() -> None:
+    """``python -m losslab.bench TASK...``: measure each task (JSON) and print its result as a JSON line."""
+    for argument in sys.argv[1:]:
+        task = json.loads(argument)
+        task["config"] = Config(*task["config"])
+        print(json.dumps(asdict(measure(**task))), flush=True)
 
 
 if __name__ == "__main__":

@@ -177,13 +177,20 @@ def archive_problem(path: Path) -> str | None:
     checks them). Reads the whole file, at the speed of the disk or page cache (1.5-3 GB/s here);
     a file checked before, unchanged since (the same inode, size and modification time), is not
     read again."""
+    damage = archive_damage(path)
+    return f"is truncated or damaged ({damage}): use an earlier checkpoint, or train anew" if damage else None
+
+
+def archive_damage(path: Path) -> str | None:
+    """What :func:`archive_problem` finds damaged in the zip archive at ``path`` (any file that
+    torch.save wrote: spike files too), in a few words, or None."""
     info = path.stat()
     return checked_archive(str(path.resolve()), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=8)
 def checked_archive(path: str, *identity: int) -> str | None:
-    """:func:`archive_problem` of the file at ``path`` as it was when it had ``identity``."""
+    """:func:`archive_damage` of the file at ``path`` as it was when it had ``identity``."""
     member = None
     try:
         with zipfile.ZipFile(path) as archive:
@@ -198,7 +205,7 @@ def checked_archive(path: str, *identity: int) -> str | None:
             reason = f"{member.filename} does not match its CRC-32"
         else:
             reason = f"{member.filename}: {(str(error).splitlines() or [type(error).__name__])[0]}"
-        return f"is truncated or damaged ({reason}): use an earlier checkpoint, or train anew"
+        return reason
     return None
 
 

@@ -285,6 +285,14 @@ def main(argv: list[str] | None = None) -> None:
         "of them ('logs/runs/2026-12-*'); a run reached twice is compared once",
     )
     parser.add_argument(
+        "--show",
+        action="append",
+        default=[],
+        choices=sorted({metric.section for metric in METRICS.values() if metric.asked}),
+        help="add the columns of a section of diagnostics kept out by default (logits: the logit diagnostics); "
+        "repeatable",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="folder for compare.md and compare.png (default: PATH when it is the one folder given, "
@@ -296,14 +304,14 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     runs = load_runs(folders)
-    print(write_comparison(runs, args.out or default_out(args.paths, runs)))
+    print(write_comparison(runs, args.out or default_out(args.paths, runs), args.show))
 
 
-def write_comparison(runs: dict[str, Run], out: Path) -> str:
-    """Writes the table and the figure of ``runs`` to ``out``/compare.md and ``out``/compare.png, and
-    returns the table and where they went."""
+def write_comparison(runs: dict[str, Run], out: Path, asked: Collection[str] = ()) -> str:
+    """Writes the table (with the sections ``asked`` for) and the figure of ``runs`` to ``out``/compare.md
+    and ``out``/compare.png, and returns the table and where they went."""
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(runs)
+    table = markdown_table(runs, asked)
     (out / "compare.md").write_text(table)
     plot_curves(runs, out / "compare.png")
     return f"{table}\nWrote {out / 'compare.md'} and {out / 'compare.png'}"

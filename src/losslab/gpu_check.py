@@ -24,7 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from losslab.bench import Result, results_markdown
+from losslab.bench import Result
+from losslab.bench_report import results_markdown
 
 # The benchmark's rows, in this order where they can run (see losslab.bench.setups).
 BENCH_IMPLS = (

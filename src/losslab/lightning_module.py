@@ -31,6 +31,7 @@ from losslab.metrics import log_metrics
 from losslab.model import GPT
 from losslab.run_status import NonFiniteStepError, reached_max_steps
 from losslab.sharding import average_replicated_gradients_, clip_gradients_, gradient_norm, shard_gpt
+from losslab.spikes import StepRecord
 from losslab.targets import count_targets, real_targets
 
 NONFINITE_POLICIES = ("skip", "stop")
@@ -40,6 +41,16 @@ def correct_count(parts: LossParts) -> Tensor:
     """The number of targets predicted right, NaN when the loss is not finite: the argmax of
     non-finite logits (NaN counts as the largest) is no prediction."""
     return torch.where(torch.isfinite(parts.nll), parts.accuracy.float(), math.nan)
+
+
+def logit_sums(parts: LossParts, targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """A micro-batch's logit diagnostics (``logits/*`` in :data:`losslab.metrics.METRICS`) as what adds up
+    over micro-batches and ranks: the sums of the entropy, of the unlikely targets and of the log-sum-exp
+    over the real targets, and the largest log-sum-exp and logit."""
+    real = real_targets(targets, ignore_index)
+    sums = torch.stack([parts.entropy, parts.unlikely, parts.lse[real].sum()])
+    maxima = torch.stack([torch.where(real, rows, -math.inf).max() for rows in (parts.lse, parts.max_logit)])
+    return sums, maxima
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -71,6 +82,9 @@ class GPTLightningModule(L.LightningModule):
             stored in checkpoints so that ``scripts/generate.py`` needs nothing but the checkpoint,
             with what tells it apart from others (its name, size and a hash of its tokens), so
             that resuming with another one is refused.
+        logit_diagnostics_every_n_steps: the logit diagnostics (``logits/*``) on the logged steps that
+            are multiples of this, and the last; 0: never. Their own interval, as they cost a logged
+            step of ``fused`` about a fifth more at V=50257 (README, "Logit diagnostics").
 
     The metrics are the model's own: ``train/loss``, ``val/loss`` and every ``*/ppl`` and ``*/bpb``
     are its negative log-likelihood of the targets, without label smoothing or z-loss; the
@@ -89,6 +103,7 @@ class GPTLightningModule(L.LightningModule):
         nonfinite: str = "skip",
         token_bytes: Tensor | None = None,
         tokenizer: dict[str, Any] | None = None,
+        logit_diagnostics_every_n_steps: int = 1,
     ) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
@@ -101,6 +116,7 @@ class GPTLightningModule(L.LightningModule):
         self.schedule = {"warmup_steps": warmup_steps, "total_steps": total_steps, "min_lr_ratio": min_lr_ratio}
         self.gradient_clip_val = gradient_clip_val
         self.nonfinite = nonfinite
+        self.logit_diagnostics_every_n_steps = logit_diagnostics_every_n_steps
         self.tokenizer = tokenizer
         # what tells tokenizers apart, compared on resume (the checkpoint holds it as tokenizer_id)
         self.tokenizer_id = {key: tokenizer[key] for key in ("name", "n_vocab", "sha256")} if tokenizer else {}
@@ -150,8 +166,9 @@ class GPTLightningModule(L.LightningModule):
         """The loss's parts for a batch (see :class:`LossParts`), each summed over its real targets."""
         return self.model.loss(batch["input_ids"], batch["targets"], self.loss_fn)
 
-    def training_step(self, batch: list[dict[str, Tensor]], batch_idx: int) -> None:
-        """One optimizer step over the micro-batches in ``batch``."""
+    def training_step(self, batch: list[dict[str, Tensor]], batch_idx: int) -> dict[str, StepRecord]:
+        """One optimizer step over the micro-batches in ``batch``; returns its record for spike
+        capture (:class:`losslab.spikes.StepRecord`: what the step has, nothing copied)."""
         optimizer = self.optimizers()
         strategy = self.trainer.strategy
         group, ranks = self.data_parallel()
@@ -160,9 +177,11 @@ class GPTLightningModule(L.LightningModule):
         # DDP and FSDP average the ranks' gradients: scaling by their number turns that into their sum.
         scale = ranks / n_tokens
         self.logging_step, self.step_values = self.logs_this_step(), {}
-        # the predictions' argmax costs a pass over the logits: asked for on the steps that are logged alone
+        # the predictions' argmax and the logit diagnostics cost passes over the logits: asked for on the
+        # steps that are logged alone (the diagnostics on those of their own interval)
         self.loss_fn.predict = self.logging_step
-        sums, inexact_grads = [], []
+        self.loss_fn.diagnose = self.logging_step and self.diagnoses_this_step()
+        sums, inexact_grads, token_nll, logits = [], [], [], []
         for i, micro in enumerate(batch):
             # DDP all-reduces once, after the last micro-batch. FSDP reduce-scatters each micro-batch's
             # gradient into the sharded one (toggle_model leaves it alone): deferring that, with
@@ -173,8 +192,11 @@ class GPTLightningModule(L.LightningModule):
             has_accuracy = parts.accuracy is not None  # a peer gives no predictions; none on unlogged steps
             correct = correct_count(parts) if has_accuracy else torch.zeros_like(parts.nll)
             sums.append(torch.stack([parts.loss.detach(), parts.nll, parts.z_loss, correct]))
+            token_nll.append(parts.token_nll)
             if parts.inexact_grads is not None:
                 inexact_grads.append(parts.inexact_grads)
+            if parts.entropy is not None:  # none from a peer, or on unlogged steps
+                logits.append(logit_sums(parts, micro["targets"], self.loss_fn.ignore_index))
         if self.device_mesh is not None:
             average_replicated_gradients_(list(self.parameters()), self.device_mesh)
         sums = strategy.reduce(torch.stack(sums).sum(0), group=group, reduce_op="sum")
@@ -184,13 +206,16 @@ class GPTLightningModule(L.LightningModule):
         norm = gradient_norm(list(self.parameters()))
         if self.gradient_clip_val is not None:
             clip_gradients_(list(self.parameters()), self.gradient_clip_val, norm)
+        lr = optimizer.param_groups[0]["lr"]  # this step's
+        values = torch.stack([nll, objective, norm.to(nll)]).detach()  # norm: float64 when sharded
+        diagnostics = self.logit_diagnostics(logits, n_tokens, group) if logits else {}
+        record = StepRecord(self.global_step + 1, batch, token_nll, values, lr, diagnostics)
         # The loss sums and the gradients are all-reduced, so every rank takes the same branch.
         if not (torch.isfinite(objective) and torch.isfinite(norm)):
-            self.skip_step(objective, norm)
+            self.skip_step(objective, norm, record)
             # With no gradient, the optimizer leaves every weight and its own state as they are,
             # while the step still counts (max_steps, the schedule, checkpoints) as in a GradScaler skip.
             optimizer.zero_grad(set_to_none=True)
-        lr = optimizer.param_groups[0]["lr"]  # this step's
         optimizer.step()
         optimizer.zero_grad()
         self.lr_schedulers().step()
@@ -204,12 +229,37 @@ class GPTLightningModule(L.LightningModule):
         logged |= {"train/grad_norm": norm, "train/skipped_steps": self.skipped_steps.float()}
         if self.loss_fn.z_loss > 0:
             logged["train/z_loss"] = z_loss
+        logged |= diagnostics
         self.step_values |= logged
         if inexact_grads:
             inexact = strategy.reduce(torch.stack(inexact_grads).sum(), group=group, reduce_op="sum")
             self.report_inexact_gradients(inexact)
         if self.logging_step:
             log_metrics(self, self.step_values)
+        return {"step_record": record}
+
+    def logit_diagnostics(
+        self, micro_sums: list[tuple[Tensor, Tensor]], n_tokens: Tensor, group: ProcessGroup | None
+    ) -> dict[str, Tensor]:
+        """The step's logit diagnostics over every real target of every micro-batch and rank, from each
+        micro-batch's :func:`logit_sums`."""
+        strategy = self.trainer.strategy
+        sums = strategy.reduce(torch.stack([s for s, _ in micro_sums]).sum(0), group=group, reduce_op="sum")
+        maxima = strategy.reduce(torch.stack([m for _, m in micro_sums]).amax(0), group=group, reduce_op="max")
+        entropy, unlikely, lse = sums / n_tokens
+        return {
+            "logits/lse_mean": lse,
+            "logits/lse_max": maxima[0],
+            "logits/max_logit": maxima[1],
+            "logits/entropy": entropy,
+            "logits/unlikely_targets": unlikely,
+        }
+
+    def diagnoses_this_step(self) -> bool:
+        """Whether the step about to be taken is one of the logit diagnostics' interval
+        (``logit_diagnostics_every_n_steps``), or the last; they are logged when it is logged too."""
+        every, step = self.logit_diagnostics_every_n_steps, self.global_step + 1
+        return every > 0 and (step % every == 0 or step == self.trainer.max_steps)
 
     def logs_this_step(self) -> bool:
         """Whether Lightning writes the metrics of the step about to be taken to the logger: by its own
@@ -243,18 +293,21 @@ class GPTLightningModule(L.LightningModule):
         if reached_max_steps(self.trainer):
             self.trainer.should_stop = True
 
-    def skip_step(self, loss: Tensor, norm: Tensor) -> None:
-        """Count a step with a non-finite loss or gradient, or raise under ``nonfinite="stop"``."""
+    def skip_step(self, loss: Tensor, norm: Tensor, record: StepRecord) -> None:
+        """Count a step with a non-finite loss or gradient, or raise under ``nonfinite="stop"`` (the
+        error carries the step's ``record``, which spike capture saves)."""
         if self.nonfinite == "stop":
             raise NonFiniteStepError(
                 f"step {self.global_step + 1}: the loss is {loss.item():.6g} and the gradient norm "
                 f"{norm.item():.6g} with loss={self.loss_fn.name}; the weights were not updated. Likely "
-                f"cause: {self.loss_fn.nonfinite_hint}. step.nonfinite=skip skips such steps instead."
+                f"cause: {self.loss_fn.nonfinite_hint}. step.nonfinite=skip skips such steps instead.",
+                step_record=record,
             )
         self.skipped_steps += 1
 
     def on_validation_epoch_start(self) -> None:
         self.loss_fn.predict = True  # val/acc counts every batch
+        self.loss_fn.diagnose = False  # not logged from validation
         for metric in (self.val_nll, self.val_tokens, self.val_bytes, self.val_correct):
             metric.reset()
 

@@ -17,6 +17,9 @@ from typing import Any, Literal
 # TensorBoard's custom-scalars section of the charts that compare runs, the first one it shows.
 COMPARISON = "compare runs"
 LOSS_CHART = "loss (train and validation)"
+# The logit diagnostics of the steps training logs (README, "Logit diagnostics"); compare shows them
+# when asked (compare_runs.py --show logits).
+LOGITS = "logits"
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,23 @@ METRICS = {
         Metric("train/skipped_steps", "skipped steps", "{:,.0f}", "lower"),  # non-finite, so far
         Metric("train/z_loss", "z-loss", "{:.4g}", "lower"),
         Metric("train/inexact_grads", "inexact gradients", "{:,.0f}", "lower"),  # targets of the step
+        # of the logits the softmax takes (soft-capped, divided by the temperature), over the step's real
+        # targets, on the logged steps, when the loss gives them (not a peer)
+        Metric("logits/lse_mean", "mean log-sum-exp", "{:.3f}", None, "log-sum-exp (mean, max)", LOGITS, "last", True),
+        Metric("logits/lse_max", "max log-sum-exp", "{:.3f}", None, "log-sum-exp (mean, max)", LOGITS, "max", True),
+        Metric("logits/max_logit", "largest logit", "{:.3f}", None, "largest logit", LOGITS, "max", True),
+        Metric("logits/entropy", "entropy (nats)", "{:.4f}", None, "predictive entropy (nats)", LOGITS, "last", True),
+        # the fraction of the targets whose probability is below 1e-6
+        Metric(
+            "logits/unlikely_targets",
+            "p(target) < 1e-6",
+            "{:.2%}",
+            "lower",
+            "targets of p < 1e-6",
+            LOGITS,
+            "last",
+            True,
+        ),
         # token-weighted over the whole validation set
         Metric(
             "val/loss",

@@ -23,6 +23,9 @@ class StepConfig:
     accumulate: int = 1  # micro-batches per step: a step trains on data.batch_size * accumulate rows per device
     gradient_clip_val: float | None = 1.0  # clip the gradient's global norm to this; None: no clipping
     nonfinite: str = "skip"  # a non-finite loss or gradient: skip the step (counted) or stop the run
+    # the logit diagnostics (logits/*) on the logged steps that are multiples of this, and the last; 0: never.
+    # Their own interval: a logged step of fused at V=50257 costs them ~19% (README, "Logit diagnostics").
+    logit_diagnostics_every_n_steps: int = 10
 
     def __post_init__(self) -> None:
         require(
@@ -38,6 +41,13 @@ class StepConfig:
             self.gradient_clip_val,
             "the clipping norm must be a finite number > 0, or null for no clipping",
             "step.gradient_clip_val=1.0",
+        )
+        require(
+            is_int_at_least(self.logit_diagnostics_every_n_steps, 0),
+            "logit_diagnostics_every_n_steps",
+            self.logit_diagnostics_every_n_steps,
+            "the diagnostics' interval must be an int >= 1, or 0 for none",
+            "step.logit_diagnostics_every_n_steps=100",
         )
         require(
             self.nonfinite in NONFINITE_POLICIES,

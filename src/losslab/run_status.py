@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from losslab.files import replaced_atomically
 
@@ -101,7 +101,12 @@ def read_status(folder: Path) -> RunRecord:
 
 
 class NonFiniteStepError(FloatingPointError):
-    """A step's loss or gradient was not finite, with ``nonfinite="stop"``: the run is ``stopped``."""
+    """A step's loss or gradient was not finite, with ``nonfinite="stop"``: the run is ``stopped``.
+    ``step_record`` is the step's :class:`losslab.spikes.StepRecord`, which spike capture saves."""
+
+    def __init__(self, message: str, step_record: Any = None) -> None:
+        super().__init__(message)
+        self.step_record = step_record
 
 
 def reached_max_steps(trainer: L.Trainer) -> bool:

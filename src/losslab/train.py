@@ -38,6 +38,7 @@ from losslab.lightning_module import GPTLightningModule
 from losslab.metrics import METRICS
 from losslab.model import GPT
 from losslab.optimization import ScheduleConfig, StepConfig
+from losslab.peak_memory import banner_line
 from losslab.report import logged_run, run_report
 from losslab.run_folder import (
     RECORD,
@@ -116,6 +117,7 @@ def build_module(cfg: DictConfig) -> tuple[GPTDataModule, GPTLightningModule]:
         tokenizer=tokenizer_to_data(datamodule.tokenizer),
         gradient_clip_val=step.gradient_clip_val,
         nonfinite=step.nonfinite,
+        logit_diagnostics_every_n_steps=step.logit_diagnostics_every_n_steps,
     )
     return datamodule, module
 
@@ -185,6 +187,18 @@ def fit(cfg: DictConfig, folder: Path, purge: dict[str, int]) -> RunOutcome:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         if trainer.is_global_zero:
             log.info(f"Logs: {folder}\nView them: tensorboard --logdir {folder.parent}")
+    if trainer.is_global_zero:
+        model = module.model.config
+        log.info(
+            banner_line(
+                module.loss_fn,
+                datamodule.config.batch_size,
+                model.context_length,
+                model.vocab_size,
+                model.n_embd,
+                trainer.precision,
+            )
+        )
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Lightning's handlers from here, then LastCheckpoint's
     if cfg.ckpt_path is None:

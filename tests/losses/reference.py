@@ -1,8 +1,9 @@
 """The independent float64 reference for the loss registry, and the helpers its tests share.
 
 The reference is built on :func:`torch.nn.functional.cross_entropy` only: logits in float64,
-soft-capping, cross-entropy with ``ignore_index`` and ``label_smoothing``, PaLM's z-loss on the
-non-ignored tokens, then the reduction. Nothing here imports the code under test except
+soft-capping, the temperature, cross-entropy with ``ignore_index`` and ``label_smoothing``, PaLM's
+z-loss on the non-ignored tokens, then the reduction; the entropy as ``-sum p log p`` of
+``F.softmax`` and ``F.log_softmax``. Nothing here imports the code under test except
 ``build_loss`` to construct it; the tolerances are the project's policy, :mod:`losslab.losses.tolerances`.
 """
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from losslab.losses import LOSSES, LogitsLoss, LossParts, build_loss
+from losslab.losses import LOSSES, LogitsLoss, LossParts, PeerLoss, build_loss
 from losslab.losses.peer import OFF
 from losslab.losses.tolerances import allowed_bf16_error, allowed_max_error, max_error, norm_error
 
@@ -36,17 +37,21 @@ def reference_from_logits(
     label_smoothing=0.0,
     z_loss=0.0,
     softcap=None,
+    temperature=1.0,
     class_weights=None,
 ):
     """:class:`LossParts` of ``logits (..., V)`` against ``targets (...)``, in ``logits``' dtype.
 
-    The cross-entropy is ``F.cross_entropy`` with ``weight=class_weights`` and label smoothing; the
-    z-loss is added unweighted and its mean is over the counted targets (as in Liger-Kernel);
-    ``nll`` is the plain cross-entropy; accuracy and the predicted tokens come from the argmax.
+    The logits are soft-capped, then divided by the temperature. The cross-entropy is
+    ``F.cross_entropy`` with ``weight=class_weights`` and label smoothing; the z-loss is added
+    unweighted and its mean is over the counted targets (as in Liger-Kernel); ``nll`` is the plain
+    cross-entropy; accuracy and the predicted tokens come from the argmax; ``unlikely`` marks the
+    targets of probability below 1e-6; the per-token log-sum-exp and largest logit are 0 where ignored.
     """
     flat = logits.reshape(-1, logits.shape[-1])
     if softcap is not None:
         flat = softcap * torch.tanh(flat / softcap)
+    flat = flat / temperature
     flat_targets = targets.reshape(-1)
     kept = flat_targets != ignore_index
     weight = None if class_weights is None else class_weights.to(flat.dtype)
@@ -58,6 +63,12 @@ def reference_from_logits(
     z = torch.where(kept, z_loss * torch.logsumexp(flat, dim=-1).square(), zeros)
     predicted = torch.where(kept, flat.argmax(dim=-1), -1)
     correct = ((predicted == flat_targets) & kept).to(flat.dtype)
+    entropy = torch.where(kept, -(F.softmax(flat, dim=-1) * F.log_softmax(flat, dim=-1)).sum(dim=-1), zeros)
+    unlikely = (
+        kept & (F.softmax(flat, dim=-1).gather(1, torch.where(kept, flat_targets, 0)[:, None])[:, 0] < 1e-6)
+    ).to(flat.dtype)
+    lse = torch.where(kept, torch.logsumexp(flat, dim=-1), zeros).reshape(targets.shape)
+    max_logit = torch.where(kept, flat.max(dim=-1).values, zeros).reshape(targets.shape)
     n_kept = int(kept.sum())
 
     def reduce(values):
@@ -72,7 +83,8 @@ def reference_from_logits(
         loss = F.cross_entropy(flat, flat_targets, reduction="mean", **options) + reduce(z)
     else:
         loss = reduce(ce + z) if reduction == "none" or n_kept else ce_sum * 0.0
-    return LossParts(loss, reduce(nll), reduce(z), reduce(correct), predicted.reshape(targets.shape))
+    parts = (reduce(correct), predicted.reshape(targets.shape), None, reduce(entropy), reduce(unlikely), lse, max_logit)
+    return LossParts(loss, reduce(nll), reduce(z), *parts)
 
 
 def reference_loss(hidden, weight, targets, bias=None, **options):
@@ -97,10 +109,18 @@ class Result(NamedTuple):
     grad_weight: torch.Tensor
     grad_bias: torch.Tensor | None  # None without a bias
     predicted: torch.Tensor | None = None  # compared exactly, by the tests that ask (near-ties turn in float32)
+    entropy: torch.Tensor | None = None  # these four None for a peer (see LossParts)
+    unlikely: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    max_logit: torch.Tensor | None = None
 
 
-VALUES = ("loss", "nll", "z_loss", "accuracy")  # judged by the loss tolerance; the gradients by theirs
+# judged by the loss tolerance; the gradients by theirs
+VALUES = ("loss", "nll", "z_loss", "accuracy", "entropy", "unlikely", "lse", "max_logit")
 GRADS = ("grad_hidden", "grad_weight", "grad_bias")
+# what a peer may not give (LossParts), and what bf16 rounding turns either way near a threshold
+OPTIONAL = ("accuracy", "entropy", "unlikely", "lse", "max_logit")
+THRESHOLDS = ("accuracy", "unlikely")
 
 
 def evaluate(loss_fn, hidden, weight, targets, upstream=None, autocast=False, bias=None):
@@ -127,6 +147,10 @@ def evaluate(loss_fn, hidden, weight, targets, upstream=None, autocast=False, bi
         weight.grad,
         None if bias is None else bias.grad,
         parts.predicted,
+        parts.entropy,
+        parts.unlikely,
+        parts.lse,
+        parts.max_logit,
     )
 
 
@@ -148,6 +172,8 @@ def skip_unless_possible(name, options=()):
     for option in set(options) & set(getattr(loss, "unsupported", ())):
         if options[option] != OFF[option]:
             pytest.skip(f"{name} has no equivalent of {option}")
+    if issubclass(loss, PeerLoss) and options.get("temperature", 1) != 1 and options.get("softcap") is not None:
+        pytest.skip(f"{name} refuses a temperature with a soft-cap (see losslab.losses.peer)")
 
 
 def make_inputs(shape, d, vocab, *, seed=0, logit_std=3.0, ignore_index=None, dtype=torch.float32):
@@ -202,7 +228,7 @@ def assert_results_within(got, expected, loss_tol, grad_tol):
     for field in VALUES + GRADS:
         atol, rtol = loss_tol if field in VALUES else grad_tol
         got_value, expected_value = getattr(got, field), getattr(expected, field)
-        if (got_value is None and expected_value is None) or (field == "accuracy" and got_value is None):
+        if (got_value is None and expected_value is None) or (field in OPTIONAL and got_value is None):
             continue
         assert got_value.shape == expected_value.shape, f"{field}: shape {tuple(got_value.shape)}"
         assert_within(got_value, expected_value, atol, rtol, field)
@@ -217,8 +243,12 @@ def assert_bf16_within(got, expected, torch_bf16, loss_slack, grad_slack):
     for field in VALUES + GRADS:
         slack = loss_slack if field in VALUES else grad_slack
         got_value, expected_value = getattr(got, field), getattr(expected, field)
-        # bf16 logits turn near-ties of the argmax either way: accuracy is judged on its own
-        if field == "accuracy" or (got_value is None and expected_value is None):
+        # bf16 logits turn near-ties of the argmax and the 1e-6 threshold either way: judged on their own
+        if (
+            field in THRESHOLDS
+            or (got_value is None and expected_value is None)
+            or (field in OPTIONAL and got_value is None)
+        ):
             continue
         assert got_value.shape == expected_value.shape, field
         error = norm_error(got_value, expected_value)

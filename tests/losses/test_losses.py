@@ -8,7 +8,7 @@ from functools import partial
 import pytest
 import torch
 
-from losslab.losses import build_loss
+from losslab.losses import PeerLoss, build_loss
 from losslab.losses.tolerances import BF16_SLACK, TOLERANCES, bf16_loss_slack
 
 from .reference import (
@@ -65,6 +65,13 @@ CASES = {  # id: (options, whether every third target is ignore_index)
     "class_weights-label_smoothing": (dict(class_weights=WEIGHTED, label_smoothing=0.1), True),
     "all-bias-class_weights-mean": (dict(ALL_OPTIONS, bias=WITH_BIAS, class_weights=WEIGHTED), True),
     "all-bias-class_weights-none": (dict(ALL_OPTIONS, bias=WITH_BIAS, class_weights=WEIGHTED, reduction="none"), True),
+    # the softmax of the logits divided by a temperature: alone, with the options a peer honours, with every option
+    "temperature": (dict(temperature=0.7), True),
+    "temperature-bias-class_weights-sum": (
+        dict(temperature=2.5, bias=WITH_BIAS, class_weights=WEIGHTED, label_smoothing=0.1, reduction="sum"),
+        True,
+    ),
+    "all-temperature-none": (dict(ALL_OPTIONS, temperature=0.5, reduction="none"), True),
 }
 
 
@@ -111,6 +118,9 @@ def test_matches_reference(name, shape_id, case_id, dtype):
     if reduction == "none":
         assert got.loss.shape == targets.shape
         assert torch.all(got.loss[ignored] == 0) and torch.all(got.z_loss[ignored] == 0)
+    # every entry that computes the logits gives the entropy and the rows' numbers; a peer's kernel does not
+    diagnostics = (got.entropy, got.unlikely, got.lse, got.max_logit)
+    assert all((value is None) == isinstance(loss_fn, PeerLoss) for value in diagnostics)
     if not autocast:
         tolerances = TOLERANCES[dtype]
         assert_results_within(got, expected, tolerances["loss"], tolerances["grad"])

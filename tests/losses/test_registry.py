@@ -1,15 +1,12 @@
 """The registry: the lab's implementations and the peers, built by name, with clear errors for bad names and options."""
 
-from pathlib import Path
-
 import pytest
 import yaml
+from helpers import README_LOSS_TABLES, REPO, names_in, readme_table
 
 from losslab.losses import LOSSES, TokenLoss, build_loss
 
 from .reference import IMPLEMENTATIONS
-
-REPO = Path(__file__).resolve().parents[2]
 
 OPTIONS = dict(
     ignore_index=-1,
@@ -28,23 +25,43 @@ INVALID = {  # id: (option, value, text the message must hold)
     "z_loss=-1": ("z_loss", -1.0, "-1"),
     "softcap=0": ("softcap", 0.0, "softcap"),
     "softcap=-30": ("softcap", -30.0, "-30"),
+    "temperature=0": ("temperature", 0.0, "> 0"),
+    "temperature=-1": ("temperature", -1.0, "-1"),
+    "temperature=inf": ("temperature", float("inf"), "finite"),
+    "temperature=nan": ("temperature", float("nan"), "nan"),
+    "temperature='hot'": ("temperature", "hot", "'hot'"),
 }
 
 
-def test_registry_holds_the_labs_own_and_the_peers():
-    assert set(LOSSES) == {"naive", "logsumexp", "cross_entropy", "fused", "tiled", "torch_lce", "liger", "cce"}
+def test_the_registry_and_conf_loss_hold_the_same_entries():
+    """A conf/loss/<name>.yaml for every registry entry, and no other: ``loss=<name>`` is what a user types."""
+    configs = sorted(path.stem for path in (REPO / "conf" / "loss").glob("*.yaml"))
+    assert configs == sorted(LOSSES)
     assert len(set(LOSSES.values())) == len(LOSSES), "each name has its own implementation"
 
 
 @pytest.mark.parametrize("entry", sorted(LOSSES))  # not "name": it runs for the peers that cannot run here too
 def test_every_entry_has_what_the_readme_says_adding_one_takes(entry):
-    """README, "Add a loss": a class that sets its name, a line in LOSSES (this test's
-    parameters), conf/loss/<entry>.yaml, a row in the README's table; and the grid runs over it."""
+    """README, "Add a loss": a class that sets its name, a line in LOSSES (this test's parameters),
+    conf/loss/<entry>.yaml built from the shared options; and the grid runs over it (the README's
+    tables: the test below)."""
     assert LOSSES[entry].name == entry
     config = yaml.safe_load((REPO / "conf" / "loss" / f"{entry}.yaml").read_text())
     assert config["name"] == entry and config["defaults"][0] == "/base/loss@_here_"
-    assert f"\n| `{entry}` |" in (REPO / "README.md").read_text(), "no row in the README's table"
     assert entry in IMPLEMENTATIONS  # the float64 reference grid
+
+
+@pytest.mark.parametrize("table", README_LOSS_TABLES)
+def test_the_readmes_loss_tables_list_every_registered_loss(table):
+    header_start, names_are = README_LOSS_TABLES[table]
+    cells = readme_table(header_start)
+    names = cells[0][1:] if names_are == "columns" else [row[0] for row in cells[1:]]
+    listed = [name for cell in names for name in names_in(cell)]
+    missing, unknown = set(LOSSES) - set(listed), set(listed) - set(LOSSES)
+    assert not missing and not unknown, (
+        f"the README's table {header_start!r}: registered but not listed {sorted(missing)}, "
+        f"listed but not registered {sorted(unknown)}"
+    )
 
 
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
@@ -112,3 +129,10 @@ def test_boundary_values_are_valid(name):
         **({} if "softcap" in unsupported else {"softcap": 1e-3}),
         **chunking,
     )
+
+
+@pytest.mark.parametrize("entry", ["liger", "cce"])  # not "name": refused before it needs its package or GPU
+def test_a_peer_that_soft_caps_refuses_a_temperature_with_a_soft_cap(entry):
+    """It would cap the logits divided by the temperature (its input is), not divide the capped ones."""
+    with pytest.raises(ValueError, match=rf"loss '{entry}' cannot honour temperature=0.5 with softcap=30.0"):
+        build_loss(entry, softcap=30.0, temperature=0.5)

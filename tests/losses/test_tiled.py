@@ -273,7 +273,7 @@ def test_bf16_in_the_interpreter_is_refused():
 
 
 def test_a_training_run_with_tiled_ends_where_fused_does(tmp_path, cache_dir):
-    from test_train import make_config
+    from helpers import make_config
 
     from losslab.train import train
 

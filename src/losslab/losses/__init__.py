@@ -7,8 +7,9 @@
 (``vocab_parallel=VocabParallel.from_vocab(V, group)``, see :mod:`losslab.losses.vocab_parallel`).
 
 To add an implementation (README, "Add a loss"): one file with a :class:`TokenLoss` subclass that
-sets its ``name``, one line in ``LOSSES`` below, ``conf/loss/<name>.yaml`` and a row in the README's
-table; ``tests/losses/test_registry.py`` checks all four, and the reference grid runs over ``LOSSES``.
+sets its ``name``, its class imported and added to ``LOSSES`` below, ``conf/loss/<name>.yaml`` and
+its name in the README's loss tables; ``tests/losses/test_registry.py`` checks all four, the
+reference grid runs over ``LOSSES``, and ``tests/losses/test_add_a_loss.py`` adds one so.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ Every implementation is called the same way, ``loss_fn(hidden, weight, targets, 
 - ``bias``    ``(V,)`` or ``None``: the LM head's bias, if it has one;
 
 and takes the same options with the same meaning as :func:`torch.nn.functional.cross_entropy`
-(``class_weights`` is its ``weight``), plus PaLM's z-loss and Gemma-2's logit soft-capping.
+(``class_weights`` is its ``weight``), plus PaLM's z-loss, Gemma-2's logit soft-capping and a
+sampling temperature.
 Those that can also take the LM head sharded by vocabulary rows over a process group
 (``vocab_parallel``, see :mod:`losslab.losses.vocab_parallel`).
 """
@@ -23,13 +24,16 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from losslab.losses.entropy import entropy, exp_weighted_sums
 from losslab.losses.row_max import max_and_argmax
 from losslab.losses.smoothing import part_weights, weighted_row_sums
-from losslab.losses.vocab_parallel import Layout, VocabParallel, whole
+from losslab.losses.vocab_parallel import Layout, VocabParallel, WholeRows, whole
 from losslab.targets import IGNORE_INDEX, real_targets
 
 REDUCTIONS = ("mean", "sum", "none")
 NOT_PREDICTED = -1  # the predicted token of an ignored position
+UNLIKELY_PROBABILITY = 1e-6  # LossParts.unlikely: a target the model gives less than this
+UNLIKELY_NLL = -math.log(UNLIKELY_PROBABILITY)
 
 
 class LossParts(NamedTuple):
@@ -45,7 +49,20 @@ class LossParts(NamedTuple):
     - ``predicted``: the argmax per position, of the targets' shape, ``-1`` where ignored
       (``accuracy`` and ``predicted`` are ``None`` for a peer that does not give its predictions);
     - ``inexact_grads``: how many counted targets get a gradient that the implementation computes
-      inexactly (see ``naive``), ``None`` for those whose gradients are always right.
+      inexactly (see ``naive``), ``None`` for those whose gradients are always right;
+    - ``entropy``: the predictive entropy ``-sum_j p_j log p_j`` of each position's softmax (in nats),
+      reduced as ``nll`` is;
+    - ``unlikely``: 1 where the target's probability is below :data:`UNLIKELY_PROBABILITY` (its NLL above
+      ``log(1e6)``), reduced as ``accuracy`` is (``"mean"``: the fraction of the counted targets);
+    - ``lse`` and ``max_logit``: each position's log-sum-exp and largest logit, of the targets' shape
+      whatever the reduction (the training step takes their mean and maximum), 0 where ignored;
+    - ``token_nll``: each target's negative log-likelihood, of the targets' shape, 0 where ignored,
+      whatever the reduction: the per-token values the loss reduced (a step's spike capture saves
+      them, :mod:`losslab.spikes`); ``None`` for a peer, which sums inside its own code.
+
+    The logits of ``entropy``, ``unlikely``, ``lse`` and ``max_logit`` are those the softmax takes (soft-capped, divided by the temperature).
+    They are ``None`` when the loss was not asked for them (``diagnose``, see :class:`TokenLoss`), as
+    ``accuracy`` and ``predicted`` are (``predict``), and for a peer whose kernel does not give them.
 
     All but ``loss`` are detached: they are for logging. The full logits are never needed for them.
     """
@@ -56,6 +73,11 @@ class LossParts(NamedTuple):
     accuracy: Tensor | None
     predicted: Tensor | None
     inexact_grads: Tensor | None = None
+    entropy: Tensor | None = None
+    unlikely: Tensor | None = None
+    lse: Tensor | None = None
+    max_logit: Tensor | None = None
+    token_nll: Tensor | None = None
 
 
 def loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -74,8 +96,10 @@ def matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
 
 
 # What the fused losses' autograd Functions return besides the loss, for LossParts: flat, per
-# position (0 where ignored), detached.
-PER_TOKEN = ("ce", "nll", "z_loss", "correct", "predicted")
+# position (0 where ignored), detached; the argmax's two and the diagnostics' three only when asked for.
+PER_TOKEN = ("ce", "nll", "z_loss", "correct", "predicted", "entropy", "lse", "max_logit")
+PREDICTED = ("correct", "predicted")
+DIAGNOSTICS = ("entropy", "lse", "max_logit")
 
 
 class TokenLoss(nn.Module):
@@ -93,6 +117,9 @@ class TokenLoss(nn.Module):
         z_loss: weight ``z`` of PaLM's auxiliary loss ``z * logsumexp(logits)**2`` per token,
             added to the loss with the same reduction.
         softcap: when set to ``c``, logits become ``c * tanh(logits / c)`` before anything else.
+        temperature: ``T``: the softmax takes the logits divided by it, after the soft-cap (as a model
+            that caps its logits is sampled from: ``softmax(softcap(x) / T)``); the z-loss, the entropy
+            and every other part are of those logits. 1 leaves them as they are.
         class_weights: ``(V,)`` non-negative weights, ``weight`` in
             :func:`torch.nn.functional.cross_entropy`: a token's cross-entropy (label smoothing
             included) counts ``class_weights[target]`` times, and ``"mean"`` divides by the summed
@@ -101,6 +128,11 @@ class TokenLoss(nn.Module):
         check_targets: raise ``ValueError`` for target ids outside ``[0, V)`` (other than
             ``ignore_index``). It costs a device sync; turn it off for speed once data is trusted.
         return_parts: return :class:`LossParts` instead of ``loss``.
+
+    Two attributes, True when built, ask for the parts that cost passes over the logits: ``predict``
+    for the accuracy and the predicted tokens, ``diagnose`` for the entropy, the unlikely targets, the
+    log-sum-exp and the largest logit. The training step turns them off on the steps it does not log
+    (and ``diagnose`` on those its diagnostics interval skips).
         vocab_parallel: a :class:`~losslab.losses.vocab_parallel.VocabParallel`: ``weight`` and
             ``bias`` are this rank's rows of the LM head, the rest as without it (targets keep their
             global ids, class weights are the full ``(V,)`` vector) and so are the results. Only
@@ -133,6 +165,7 @@ class TokenLoss(nn.Module):
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         softcap: float | None = None,
+        temperature: float = 1.0,
         class_weights: Tensor | Sequence[float] | None = None,
         check_targets: bool = True,
         return_parts: bool = False,
@@ -156,6 +189,8 @@ class TokenLoss(nn.Module):
             raise ValueError(f"z_loss={z_loss} must be a finite number >= 0")
         if softcap is not None and not 0 < softcap < math.inf:
             raise ValueError(f"softcap={softcap} must be a finite number > 0, or None to turn it off")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+            raise ValueError(f"temperature={temperature!r} must be a finite number > 0 (1: the logits as they are)")
         if class_weights is not None:
             class_weights = torch.as_tensor(class_weights)
             if class_weights.dim() != 1 or not class_weights.is_floating_point():
@@ -167,12 +202,13 @@ class TokenLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.softcap = softcap
+        self.temperature = float(temperature)
         self.check_targets = check_targets
         self.return_parts = return_parts
         self.vocab_parallel = vocab_parallel
-        # LossParts' accuracy and predicted tokens; the training step turns them off on the steps it
-        # does not log, where they would cost the logits-based losses a pass over the full logits.
+        # LossParts' accuracy and predicted tokens, and its diagnostics (see above)
         self.predict = True
+        self.diagnose = True
         # a buffer: it moves with the module to the device (and is not a parameter)
         self.register_buffer("class_weights", class_weights, persistent=False)
 
@@ -181,7 +217,8 @@ class TokenLoss(nn.Module):
         sharded = "" if self.vocab_parallel is None else f", vocab_parallel={self.vocab_parallel}"
         return (
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}{weighted}{sharded}"
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
+            f"temperature={self.temperature}{weighted}{sharded}"
         )
 
     def validate(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None) -> int:
@@ -233,10 +270,11 @@ class TokenLoss(nn.Module):
                 f"the tokenizer and the model's vocab_size match."
             )
 
-    def apply_softcap(self, logits: Tensor) -> Tensor:
-        if self.softcap is None:
-            return logits
-        return self.softcap * torch.tanh(logits / self.softcap)
+    def softmax_logits(self, logits: Tensor) -> Tensor:
+        """The logits the softmax takes: soft-capped, then divided by the temperature."""
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits if self.temperature == 1 else logits / self.temperature
 
     def smoothed(self, nll: Tensor, log_probs: Tensor | None, targets: Tensor) -> Tensor:
         """PyTorch's cross-entropy per token from the NLL and the full log-probabilities (needed
@@ -269,11 +307,16 @@ class TokenLoss(nn.Module):
     ) -> Tensor | LossParts:
         """Reduce the flat per-token values (0 where ignored) to what the loss returns.
 
-        ``per_token`` holds ``ce`` (the weighted, smoothed cross-entropy), ``nll``, ``z_loss``,
-        ``correct`` (1.0 where the argmax is the target) and ``predicted`` (those two only when
-        predicted); ``weights`` is :meth:`target_weights`, which only the mean of ``ce`` divides by.
+        ``per_token`` holds ``ce`` (the weighted, smoothed cross-entropy), ``nll``, ``z_loss``, and
+        when predicted ``correct`` (1.0 where the argmax is the target), ``predicted``, ``entropy``,
+        ``lse`` and ``max_logit``; ``weights`` is :meth:`target_weights`, which only the mean of ``ce``
+        divides by. ``unlikely`` comes from ``nll``.
         """
         predicted = per_token.pop("predicted", None)
+        token_nll = per_token["nll"].detach().reshape(shape)
+        rows = {name: per_token.pop(name).reshape(shape) for name in ("lse", "max_logit") if name in per_token}
+        if "entropy" in per_token:
+            per_token["unlikely"] = ((per_token["nll"] > UNLIKELY_NLL) & valid).to(per_token["nll"].dtype)
         if self.reduction == "none":
             reduced = {name: values.reshape(shape) for name, values in per_token.items()}
         elif self.reduction == "sum":
@@ -286,19 +329,34 @@ class TokenLoss(nn.Module):
         loss = reduced["ce"] + reduced["z_loss"]
         if not self.return_parts:
             return loss
-        accuracy = reduced["correct"].detach() if "correct" in reduced else None
         predicted = None if predicted is None else predicted.reshape(shape)
-        return LossParts(loss, reduced["nll"].detach(), reduced["z_loss"].detach(), accuracy, predicted, inexact)
+        optional = {
+            name: reduced[name].detach() if name in reduced else None for name in ("correct", "entropy", "unlikely")
+        }
+        return LossParts(
+            loss,
+            reduced["nll"].detach(),
+            reduced["z_loss"].detach(),
+            optional["correct"],
+            predicted,
+            inexact,
+            optional["entropy"],
+            optional["unlikely"],
+            rows.get("lse"),
+            rows.get("max_logit"),
+            token_nll,
+        )
 
     def finish_per_token(
-        self, targets: Tensor, loss: Tensor, per_token: Sequence[Tensor], predicted: bool = True
+        self, targets: Tensor, loss: Tensor, per_token: Sequence[Tensor], predicted: bool, diagnosed: bool
     ) -> LossParts:
         """:class:`LossParts` of a loss reduced whole (``loss``) and its flat per-token values in
-        :data:`PER_TOKEN`'s order, as the fused losses' autograd Functions return them; without
-        accuracy and predicted tokens when they were not ``predicted``."""
+        :data:`PER_TOKEN`'s order, as the fused losses' autograd Functions return them; without those
+        of :data:`PREDICTED` when they were not ``predicted``, of :data:`DIAGNOSTICS` when not ``diagnosed``."""
         values = dict(zip(PER_TOKEN, per_token, strict=True))
-        if not predicted:
-            del values["correct"], values["predicted"]
+        for names, given in ((PREDICTED, predicted), (DIAGNOSTICS, diagnosed)):
+            for name in names if not given else ():
+                del values[name]
         flat_targets = targets.reshape(-1)
         valid = real_targets(flat_targets, self.ignore_index)
         weights = self.target_weights(flat_targets.masked_fill(~valid, 0), valid, values["ce"].dtype)
@@ -331,49 +389,66 @@ class LogitsLoss(TokenLoss):
 
     def loss_of_logits(self, logits: Tensor, targets: Tensor, layout: Layout) -> Tensor | LossParts:
         logits = logits.reshape(-1, logits.shape[-1])
-        logits = self.apply_softcap(logits)
+        logits = self.softmax_logits(logits)
         flat_targets = targets.reshape(-1).long()
         valid = real_targets(flat_targets, self.ignore_index)
         safe_targets = flat_targets.masked_fill(~valid, 0)
-        predict = self.return_parts and self.predict  # one more pass over the full logits
+        # more passes over the full logits
+        predict, diagnose = self.return_parts and self.predict, self.return_parts and self.diagnose
         if self.vocab_parallel is None:
             ce, nll = self.token_loss(logits, safe_targets)
             lse = torch.logsumexp(logits, dim=-1) if self.z_loss > 0 else None
-            with torch.no_grad():
-                predicted = max_and_argmax(logits)[1] if predict else None
+            rows = self.row_numbers(logits.detach(), lse, diagnose) if predict or diagnose else None
         else:
-            ce, nll, lse, predicted = self.vocab_parallel_token_loss(logits, safe_targets, layout, predict)
+            ce, nll, rows = self.vocab_parallel_token_loss(logits, safe_targets, layout, predict, diagnose)
+            lse = rows.lse
         z_loss = self.z_loss * lse.square() if self.z_loss > 0 else torch.zeros_like(ce)
         per_token = {
             "ce": ce.masked_fill(~valid, 0.0),
             "nll": nll.detach().masked_fill(~valid, 0.0),
             "z_loss": z_loss.masked_fill(~valid, 0.0),
         }
-        if predicted is not None:
-            per_token["correct"] = ((predicted == flat_targets) & valid).to(ce.dtype)
-            per_token["predicted"] = predicted.masked_fill(~valid, NOT_PREDICTED)
+        if predict:
+            per_token["correct"] = ((rows.argmax == flat_targets) & valid).to(ce.dtype)
+            per_token["predicted"] = rows.argmax.masked_fill(~valid, NOT_PREDICTED)
+        if diagnose:
+            for name, values in (("entropy", rows.entropy), ("lse", rows.lse), ("max_logit", rows.max)):
+                per_token[name] = values.detach().masked_fill(~valid, 0.0)
         weights = self.target_weights(safe_targets, valid, ce.dtype)
         return self.finish(
             targets.shape, valid, weights, per_token, self.inexact_gradients(logits, safe_targets, valid)
         )
 
+    @staticmethod
+    def row_numbers(logits: Tensor, lse: Tensor | None, diagnose: bool) -> WholeRows:
+        """Each row's largest logit and its lowest id, and with ``diagnose`` its log-sum-exp (``lse``, if
+        taken already) and entropy (:mod:`losslab.losses.entropy`), of the softmax's ``logits (N, V)``."""
+        with torch.no_grad():
+            row_max, argmax = max_and_argmax(logits)  # the first maximum, as torch.argmax
+            if not diagnose:
+                return WholeRows(row_max, lse, None, None, argmax)
+            lse = torch.logsumexp(logits, dim=-1) if lse is None else lse.detach()
+            row_entropy = entropy(lse - row_max, exp_weighted_sums(logits, row_max))
+        return WholeRows(row_max, lse, None, None, argmax, row_entropy)
+
     def vocab_parallel_token_loss(
-        self, logits: Tensor, targets: Tensor, layout: Layout, predict: bool
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``(loss, nll, logsumexp, argmax)`` per token of this rank's columns of the logits, over
-        the whole vocabulary: the log-softmax distributed over the group (one all-gather, see
-        :mod:`losslab.losses.vocab_parallel`), then :meth:`smoothed`'s cross-entropy from the
-        ranks' sums ``sum_j w_j (x_j - max)`` (:mod:`losslab.losses.smoothing`)."""
+        self, logits: Tensor, targets: Tensor, layout: Layout, predict: bool, diagnose: bool
+    ) -> tuple[Tensor, Tensor, WholeRows]:
+        """``(loss, nll)`` per token of this rank's columns of the logits, over the whole vocabulary,
+        and the whole rows' numbers (:func:`~losslab.losses.vocab_parallel.whole`): the log-softmax
+        distributed over the group (one all-gather, see :mod:`losslab.losses.vocab_parallel`), then
+        :meth:`smoothed`'s cross-entropy from the ranks' sums ``sum_j w_j (x_j - max)``
+        (:mod:`losslab.losses.smoothing`)."""
         parallel, eps, w = self.vocab_parallel, self.label_smoothing, self.class_weights
         local_weights = None if w is None else w[parallel.start : parallel.stop].to(logits.dtype)
-        stats = parallel.row_stats(logits, targets, local_weights, eps > 0, predict)
+        stats = parallel.row_stats(logits, targets, local_weights, eps > 0, predict, diagnose)
         rank_weights = part_weights(layout.bounds, w, logits.dtype, logits.device) if eps > 0 else None
-        rows = whole(parallel.gather(stats), predict, rank_weights)
+        rows = whole(parallel.gather(stats), predict, rank_weights, diagnose)
         nll = rows.lse - rows.target
         ce = nll if w is None else w[targets].to(nll.dtype) * nll
         if eps > 0:
             ce = (1 - eps) * ce + (eps / layout.vocab_size) * rows.smooth
-        return ce, nll, rows.lse, rows.argmax
+        return ce, nll, rows
 
     def token_loss(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """``(loss, nll)`` per token: the cross-entropy as :meth:`TokenLoss.smoothed` defines it

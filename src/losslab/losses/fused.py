@@ -6,7 +6,9 @@ gradient is needed, the gradient of the logits, which goes straight into the gra
 ``hidden``, ``weight`` and ``bias`` (the latter two accumulated in float32). Peak memory is one
 chunk's logits instead of all of them, and the time is that of the three matmuls any
 implementation needs. The argmax that token accuracy needs comes with the row maximum that the
-log-sum-exp takes anyway.
+log-sum-exp takes anyway, and so do the row's log-sum-exp and largest logit of ``LossParts``; its
+entropy takes one more sum beside the log-sum-exp's, ``sum_j exp(x_j - max) * (x_j - max)``
+(:mod:`losslab.losses.entropy`), a pass over each chunk's logits on the calls that ask for it.
 
 For ``reduction="mean"`` or ``"sum"`` the gradients are computed during the forward pass (the
 upstream gradient is a scalar that only rescales them); for ``"none"`` the per-token upstream
@@ -14,9 +16,10 @@ gradient is only known in backward, which then recomputes each chunk's logits (o
 
 With ``vocab_parallel`` (an LM head sharded by vocabulary rows, :mod:`losslab.losses.vocab_parallel`)
 each rank computes its columns of a chunk's logits, ``chunk_size x (stop - start)``, and the ranks
-exchange 3 to 5 floats per row of the chunk in one all-gather (the row maximum, the sum of exp
-below it, the target's logit, and with label smoothing or predictions the logits' sum below the
-maximum and the argmax), from which every rank has the whole rows' log-sum-exp, loss and argmax; the chunk's
+exchange 3 to 6 floats per row of the chunk in one all-gather (the row maximum, the sum of exp
+below it, the target's logit, with label smoothing the logits' sum below the maximum, and with
+diagnostics the entropy's sum, with predictions the argmax), from which every rank has the whole rows' log-sum-exp,
+loss, entropy and argmax; the chunk's
 gradient is then local, and the hidden states' is summed over the ranks once, in backward.
 """
 
@@ -29,6 +32,7 @@ import torch
 from torch import Tensor
 
 from losslab.losses.base import NOT_PREDICTED, PER_TOKEN, TokenLoss, loss_dtype, matmul_dtype
+from losslab.losses.entropy import entropy, exp_weighted_sums
 from losslab.losses.row_max import max_and_argmax
 from losslab.losses.smoothing import part_weights, smoothing_sum, weighted_row_sums
 from losslab.losses.vocab_parallel import VocabParallel, whole
@@ -75,7 +79,9 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
         # under vocab_parallel, checked to have chunks of as many rows on every rank: as many all-gathers
         layout = self.vocab_layout(weight.shape[0], targets, self.chunk_size or 0)
         self.validate_targets(targets, hidden.shape[:-1], layout.vocab_size)
-        # Free without vocab_parallel (the row maximum gives it); with it, a column of the all-gather.
+        # The entropy costs a pass over the logits; the argmax is free without vocab_parallel (the row
+        # maximum gives it), and with it a column of the all-gather.
+        diagnose = self.return_parts and self.diagnose
         predict = parallel is None or (self.return_parts and self.predict)
         options = FusedOptions(
             ignore_index=self.ignore_index,
@@ -83,6 +89,7 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             softcap=self.softcap,
+            temperature=self.temperature,
             chunk_size=self.chunk_size or default_chunk_size(layout.widest),
             compute_dtype=matmul_dtype(hidden, weight),
             grad_enabled=torch.is_grad_enabled(),
@@ -90,9 +97,10 @@ class FusedLinearCrossEntropyLoss(TokenLoss):
             vocab_bounds=layout.bounds,
             vocab_parallel=parallel,
             predict=predict,
+            diagnose=diagnose,
         )
         loss, *per_token = _FusedLinearCrossEntropy.apply(hidden, weight, targets, bias, self.class_weights, options)
-        return self.finish_per_token(targets, loss, per_token, predict) if self.return_parts else loss
+        return self.finish_per_token(targets, loss, per_token, predict, diagnose) if self.return_parts else loss
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,7 @@ class FusedOptions:
     label_smoothing: float
     z_loss: float
     softcap: float | None
+    temperature: float
     chunk_size: int
     compute_dtype: torch.dtype  # of the matmuls: the inputs' own, or autocast's
     # Where the loss was called: a Function's forward always runs without grad mode, and its
@@ -113,6 +122,7 @@ class FusedOptions:
     vocab_bounds: tuple[int, ...]  # the ranks' first ids, then V: (0, V) without vocab_parallel
     vocab_parallel: VocabParallel | None
     predict: bool  # find the argmax (predicted stays NOT_PREDICTED otherwise)
+    diagnose: bool  # the entropy (0 otherwise)
 
 
 class ChunkLoss(NamedTuple):
@@ -121,7 +131,9 @@ class ChunkLoss(NamedTuple):
     ce: Tensor  # the cross-entropy: class weights and label smoothing included
     nll: Tensor
     z_loss: Tensor
-    lse: Tensor  # logsumexp of the (soft-capped) logits
+    lse: Tensor  # logsumexp of the softmax's logits (soft-capped, divided by the temperature)
+    max_logit: Tensor  # the largest of those
+    entropy: Tensor | None  # of the softmax, when diagnosed
     predicted: Tensor | None  # the argmax, when predicted
     exp_shifted: Tensor  # exp(logits - row max), in the logits' buffer
     norm: Tensor  # what it is divided by to give the softmax: its row sums (exp(lse - row max))
@@ -158,7 +170,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             ce_scale, z_scale = (
                 chunks.mean_scales() if options.reduction == "mean" else (h.new_ones((), dtype=chunks.acc_dtype),) * 2
             )
-            values = {name: h.new_empty(t.numel(), dtype=chunks.acc_dtype) for name in ("ce", "nll", "z_loss", "lse")}
+            values = {
+                name: h.new_zeros(t.numel(), dtype=chunks.acc_dtype)
+                for name in ("ce", "nll", "z_loss", "lse", "max_logit", "entropy")
+            }
             predicted = torch.full_like(t, NOT_PREDICTED)
             grads = chunks.new_grads(
                 *(grads_now and needed for needed in (needs_grad_hidden, needs_grad_weight, needs_grad_bias))
@@ -167,7 +182,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 logits, dcap = chunks.logits(rows)
                 chunk = chunks.loss(logits, rows)
                 for name, buffer in values.items():
-                    buffer[rows] = getattr(chunk, name)
+                    if getattr(chunk, name) is not None:
+                        buffer[rows] = getattr(chunk, name)
                 if chunk.predicted is not None:
                     predicted[rows] = chunk.predicted
                 if grads_now:
@@ -180,8 +196,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             else:
                 loss = values["ce"].sum() * ce_scale + values["z_loss"].sum() * z_scale
             values["correct"] = (predicted == t).to(chunks.acc_dtype)
-            per_token = [_scatter(values[name], kept, flat_targets.shape, all_kept) for name in PER_TOKEN[:-1]]
-            per_token.append(torch.full_like(flat_targets, NOT_PREDICTED).index_copy_(0, kept, predicted))
+            values["predicted"] = predicted
+            per_token = [
+                _scatter(values[name], kept, flat_targets.shape, all_kept, NOT_PREDICTED if name == "predicted" else 0)
+                for name in PER_TOKEN
+            ]
 
         ctx.mark_non_differentiable(*per_token)
         ctx.defer_grads = defer_grads
@@ -238,10 +257,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, grad_b, None, None
 
 
-def _scatter(values: Tensor, kept: Tensor, shape: torch.Size, all_kept: bool) -> Tensor:
+def _scatter(values: Tensor, kept: Tensor, shape: torch.Size, all_kept: bool, fill: int = 0) -> Tensor:
+    """The counted rows' ``values`` back at their positions (``kept``) among all, ``fill`` at the others."""
     if all_kept:
         return values.reshape(shape)
-    return values.new_zeros(shape.numel()).index_copy_(0, kept, values).reshape(shape)
+    return values.new_full((shape.numel(),), fill).index_copy_(0, kept, values).reshape(shape)
 
 
 class _Chunks:
@@ -299,7 +319,8 @@ class _Chunks:
         return grad_h, grad_w, grad_b
 
     def logits(self, rows: slice) -> tuple[Tensor, Tensor | None]:
-        """The chunk's (soft-capped) logits in the accumulation dtype, and the cap's derivative."""
+        """The chunk's logits as the softmax takes them (soft-capped, divided by the temperature) in the
+        accumulation dtype, and the cap's derivative."""
         h = self.h[rows]
         logits = self.buffer[: h.shape[0]]
         if h.dtype != self.acc_dtype:
@@ -308,12 +329,15 @@ class _Chunks:
             torch.mm(h, self.w.T, out=logits)
         else:
             torch.addmm(self.bias, h, self.w.T, out=logits)
-        cap = self.options.softcap
-        if cap is None:
-            return logits, None
-        logits.div_(cap).tanh_()
-        dcap = 1 - logits.square()
-        return logits.mul_(cap), dcap
+        cap, temperature = self.options.softcap, self.options.temperature
+        dcap = None
+        if cap is not None:
+            logits.div_(cap).tanh_()
+            dcap = 1 - logits.square()
+            logits.mul_(cap)
+        if temperature != 1:
+            logits.div_(temperature)
+        return logits, dcap
 
     def loss(self, logits: Tensor, rows: slice) -> ChunkLoss:
         """Per-token cross-entropy (class weights and label smoothing), plain NLL, z-loss,
@@ -328,27 +352,32 @@ class _Chunks:
         if self.held is not None:
             target_logit = torch.where(self.held[rows], target_logit, 0.0)
         row_max, predicted = max_and_argmax(logits)
+        weighted = exp_weighted_sums(logits, row_max) if self.options.diagnose else None  # the entropy's
         shifted = logits.sub_(row_max[:, None])
         # sum_j w_j (x_j - max) <= 0, before the buffer turns into exp (see losslab.losses.smoothing)
         below_max = weighted_row_sums(shifted, self.column_weights) if eps > 0 else None
         norm = shifted.exp_().sum(dim=1)
-        smooth = None  # sum_j w_j (-log p_j)
+        smooth = row_entropy = None  # sum_j w_j (-log p_j); the entropy
         if self.parallel is None:
             log_norm = norm.log()
             lse = row_max + log_norm
             if eps > 0:
                 smooth = smoothing_sum(log_norm, below_max, self.part_weights[0])
+            if weighted is not None:
+                row_entropy = entropy(log_norm, weighted)
+            whole_max = row_max
         else:
             predict = self.options.predict
-            stats = self.parallel.pack(row_max, norm, target_logit, below_max, predicted if predict else None)
+            stats = self.parallel.pack(row_max, norm, target_logit, below_max, weighted, predicted if predict else None)
             rank_weights = self.part_weights if eps > 0 else None
-            lse, target_logit, smooth, predicted = whole(self.parallel.gather(stats), predict, rank_weights)[1:]
+            gathered = whole(self.parallel.gather(stats), predict, rank_weights, self.options.diagnose)
+            whole_max, lse, target_logit, smooth, predicted, row_entropy = gathered
             norm = (lse - row_max).exp()  # shifted / norm: the softmax over the whole vocabulary
         nll = lse - target_logit
         ce = self.target_weights(rows) * nll
         if eps > 0:
             ce = (1 - eps) * ce + (eps / self.options.vocab_size) * smooth
-        return ChunkLoss(ce, nll, z * lse.square(), lse, predicted, shifted, norm)
+        return ChunkLoss(ce, nll, z * lse.square(), lse, whole_max, row_entropy, predicted, shifted, norm)
 
     def grad_logits_(
         self,
@@ -360,8 +389,8 @@ class _Chunks:
         z_scale: Tensor,
         dcap: Tensor | None,
     ) -> Tensor:
-        """d(ce_scale * cross-entropy + z_scale * z-loss)/d(logits before the cap), per row, in place
-        of ``shifted = softmax * norm``.
+        """d(ce_scale * cross-entropy + z_scale * z-loss)/d(logits before the cap and the temperature),
+        per row, in place of ``shifted = softmax * norm``.
 
         With ``p`` the softmax, ``w`` the class weights (1 without) and ``t`` the target, the
         cross-entropy's gradient is ``(1 - eps) * w[t] * (p - onehot(t)) + (eps / V) * (sum(w) * p - w)``
@@ -384,6 +413,8 @@ class _Chunks:
                 grad.addr_(ce_scale, self.column_weights, alpha=-eps / vocab)
         if dcap is not None:
             grad.mul_(dcap)
+        if self.options.temperature != 1:
+            grad.div_(self.options.temperature)
         return grad
 
     def accumulate(

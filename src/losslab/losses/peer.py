@@ -6,7 +6,13 @@ naming the option and the peer; so is a missing package (with the command that i
 device it needs. Its reductions are losslab's: ``mean`` is 0 when every target is ignored.
 :class:`~losslab.losses.base.LossParts` come from the peer's own outputs where it has them (the
 z-loss, the predicted tokens); the plain negative log-likelihood, when label smoothing or class
-weights make the objective differ from it, takes a second, gradient-free call of the peer.
+weights make the objective differ from it, takes a second, gradient-free call of the peer. The entropy,
+the log-sum-exp and the largest logit, which no peer's kernel returns, are ``None`` (and the training
+logs no logit diagnostics with a peer).
+
+The temperature is honoured exactly by the inputs: ``(hidden / T) @ weight.T + bias / T`` are the logits
+divided by ``T``. A peer that soft-caps would then cap the divided logits, not divide the capped ones, so
+a temperature with a soft-cap is refused.
 """
 
 from __future__ import annotations
@@ -60,6 +66,12 @@ class PeerLoss(TokenLoss):
                     f"loss {self.name!r} cannot honour {option}={value!r}: the peer has no such option; "
                     f"leave it at {OFF[option]!r} or use another loss"
                 )
+        if self.temperature != 1 and self.softcap is not None:
+            raise ValueError(
+                f"loss {self.name!r} cannot honour temperature={self.temperature} with softcap={self.softcap}: it "
+                "caps the logits it computes, and dividing its input would cap the divided logits; use a losslab "
+                "entry (fused, tiled, cross_entropy) or leave one of them off"
+            )
         reason = self.unavailable_reason()
         if reason:
             raise RuntimeError(f"loss {self.name!r} cannot run here: {reason}")
@@ -82,6 +94,9 @@ class PeerLoss(TokenLoss):
         self.validate(hidden, weight, targets, bias)
         # int64 targets: torch's chunked path and the Triton kernels take no other
         flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
+        if self.temperature != 1:  # the logits divided by it (see the module)
+            flat_hidden = flat_hidden / self.temperature
+            bias = None if bias is None else bias / self.temperature
         valid = real_targets(flat_targets, self.ignore_index)
         per_token = self.reduction == "none"
         # Summed by the peer, divided here: its own mean is NaN when every target is ignored.

@@ -5,8 +5,9 @@ each tile of logits, a block of rows by a tile of the vocabulary, on chip (the k
 :mod:`losslab.losses.tiled_kernels`):
 
 - forward: per block of rows, a loop over the vocabulary tiles gives each row's log-sum-exp, its largest
-  logit's token (accuracy and predicted tokens), its target's logit and, with label smoothing, the
-  class-weighted sum of its logits less the largest (:mod:`losslab.losses.smoothing`). From these, here in
+  logit and its token (accuracy and predicted tokens), its target's logit, with label smoothing the
+  class-weighted sum of its logits less the largest (:mod:`losslab.losses.smoothing`), and when asked the
+  sum that gives its entropy (:mod:`losslab.losses.entropy`). From these, here in
   torch, come the cross-entropy (class weights and label smoothing), the plain NLL and the z-loss, exactly as
   ``fused`` computes them from its chunks;
 - backward: each tile is computed again and turned into the gradient of its logits,
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from losslab.losses.base import NOT_PREDICTED, TokenLoss, loss_dtype, matmul_dtype
+from losslab.losses.base import NOT_PREDICTED, PER_TOKEN, TokenLoss, loss_dtype, matmul_dtype
 from losslab.losses.fused import _scatter
 from losslab.targets import real_targets
 
@@ -117,15 +118,19 @@ class TiledLinearCrossEntropyLoss(TokenLoss):
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             softcap=self.softcap,
+            temperature=self.temperature,
             filter_eps=self.filter_eps,
             deterministic=torch.are_deterministic_algorithms_enabled()
             if self.deterministic is None
             else self.deterministic,
             compute_dtype=compute_dtype,
             grad_enabled=torch.is_grad_enabled(),
+            diagnose=self.return_parts and self.diagnose,
         )
         loss, *per_token = _TiledLinearCrossEntropy.apply(hidden, weight, targets, bias, self.class_weights, options)
-        return self.finish_per_token(targets, loss, per_token) if self.return_parts else loss
+        if not self.return_parts:
+            return loss
+        return self.finish_per_token(targets, loss, per_token, predicted=True, diagnosed=options.diagnose)
 
 
 def check_runs_here(device: torch.device, compute_dtype: torch.dtype) -> None:
@@ -154,11 +159,13 @@ class TiledOptions:
     label_smoothing: float
     z_loss: float
     softcap: float | None
+    temperature: float
     filter_eps: float | None
     deterministic: bool  # resolved: the backward's kernels
     compute_dtype: torch.dtype  # of the dots: the inputs' own, or autocast's
     # Where the loss was called: a Function's forward always runs without grad mode.
     grad_enabled: bool
+    diagnose: bool  # the entropy (0 otherwise)
 
 
 class _TiledLinearCrossEntropy(torch.autograd.Function):
@@ -188,15 +195,17 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
             targets=t,
             class_weights=None if class_weights is None else class_weights.to(acc_dtype),
             softcap=options.softcap,
+            temperature=options.temperature,
             dot_dtype=options.compute_dtype,
             acc_dtype=acc_dtype,
         )
         eps = options.label_smoothing
         if t.numel():
-            stats = row_statistics(problem, smoothing=eps > 0)
+            stats = row_statistics(problem, smoothing=eps > 0, entropy=options.diagnose)
         else:
             empty = t.new_empty(0, dtype=acc_dtype)
-            stats = RowStatistics(empty, empty, empty, t)
+            stats = RowStatistics(empty, empty, empty, t, empty, empty)
+        row_entropy = torch.zeros_like(stats.lse) if stats.entropy is None else stats.entropy
 
         nll = stats.lse - stats.target_logit
         ce = nll if class_weights is None else problem.class_weights[t] * nll
@@ -209,14 +218,15 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
             ce_scale, z_scale = reduction_scales(options.reduction, problem)
             loss = ce.sum() * ce_scale + z_loss.sum() * z_scale
         correct = (stats.predicted == t).to(acc_dtype)
-        per_token = [_scatter(values, kept, flat_targets.shape, all_kept) for values in (ce, nll, z_loss, correct)]
-        per_token.append(
-            torch.full_like(flat_targets, NOT_PREDICTED, dtype=torch.long).index_copy_(0, kept, stats.predicted)
-        )
+        values = (ce, nll, z_loss, correct, stats.predicted, row_entropy, stats.lse, stats.max_logit)
+        per_token = [
+            _scatter(values, kept, flat_targets.shape, all_kept, NOT_PREDICTED if name == "predicted" else 0)
+            for name, values in zip(PER_TOKEN, values, strict=True)
+        ]
 
         ctx.mark_non_differentiable(*per_token)
         ctx.options = options
-        ctx.meta = problem[6:]  # softcap and the dtypes
+        ctx.meta = problem[6:]  # softcap, temperature and the dtypes
         ctx.shapes_and_dtypes = (hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if options.grad_enabled and any(ctx.needs_input_grad[:4]):
             ctx.save_for_backward(*problem[:6], stats.lse)

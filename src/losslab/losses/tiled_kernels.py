@@ -23,8 +23,9 @@ Everything is accumulated in ``ACC`` (float32; float64 for float64 inputs); the 
 ``DOT``, the compute dtype (bf16 under autocast: ``hidden`` and ``weight`` are cast tile by tile, so no bf16
 copy of the weight is made).
 
-A per-row scale of the logits (a temperature) would go into :func:`_logits`, before the soft-cap, and a
-per-row quantity such as the entropy would be one more accumulator of :func:`_forward_kernel`.
+The temperature divides the logits in :func:`_logits`, after the soft-cap (and the gradient in
+:func:`_grad_logits`); the entropy is one more accumulator of :func:`_forward_kernel`, moved as the row
+maximum moves (:mod:`losslab.losses.entropy`).
 
 Under Triton's interpreter (``TRITON_INTERPRET=1``, for testing on a CPU) the kernels run on float32 and
 float64 tensors; what it cannot run shaped them in two places: ``tanh`` is written with ``exp`` (no
@@ -43,6 +44,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
+from losslab.losses.entropy import entropy as entropy_of
+from losslab.losses.entropy import merged_exp_weighted
 from losslab.losses.smoothing import merged_below_max, part_weights, smoothing_sum
 
 TRITON_DTYPES = {
@@ -98,7 +101,7 @@ def _logits(
     cols,
     col_mask,
     bias_ptr,
-    softcap_ptr,
+    scales_ptr,
     dim,
     stride_hidden,
     stride_weight,
@@ -111,7 +114,8 @@ def _logits(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """A ``(BLOCK_N, BLOCK_V)`` tile of ``softcap(hidden @ weight.T + bias)``, in ``ACC``, on chip."""
+    """A ``(BLOCK_N, BLOCK_V)`` tile of ``softcap(hidden @ weight.T + bias) / temperature``, in ``ACC``, on chip;
+    ``scales_ptr`` holds the soft-cap and the temperature."""
     logits = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
     for start in range(0, dim, BLOCK_D):
         ks = start + tl.arange(0, BLOCK_D)
@@ -130,9 +134,9 @@ def _logits(
     if HAS_BIAS:  # in the compute dtype, as F.linear adds it under autocast
         logits += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(DOT).to(ACC)[None, :]
     if SOFTCAP:
-        softcap = tl.load(softcap_ptr)
+        softcap = tl.load(scales_ptr)
         logits = softcap * _tanh(logits / softcap)
-    return logits
+    return logits / tl.load(scales_ptr + 1)  # exact for a temperature of 1
 
 
 @triton.jit
@@ -141,7 +145,7 @@ def _forward_kernel(
     rows_ptr,
     weight_ptr,
     bias_ptr,
-    softcap_ptr,
+    scales_ptr,
     class_weights_ptr,
     targets_ptr,
     log_norm_ptr,
@@ -149,6 +153,7 @@ def _forward_kernel(
     argmax_ptr,
     target_logit_ptr,
     below_max_ptr,
+    weighted_ptr,
     n_rows,
     vocab,
     dim,
@@ -160,6 +165,7 @@ def _forward_kernel(
     SOFTCAP: tl.constexpr,
     SMOOTHING: tl.constexpr,
     WEIGHTED: tl.constexpr,
+    ENTROPY: tl.constexpr,
     DOT: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -168,8 +174,9 @@ def _forward_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Per row, over the vocabulary tiles of split ``program_id(1)``: the largest logit ``m`` and its token,
-    ``log(sum exp(logits - m))`` (the log-sum-exp less ``m``), the target's logit, and with label smoothing
-    ``sum w * (logits - m)``, ``w`` the class weights (1 without)."""
+    ``log(sum exp(logits - m))`` (the log-sum-exp less ``m``), the target's logit, with label smoothing
+    ``sum w * (logits - m)``, ``w`` the class weights (1 without), and with ENTROPY
+    ``sum exp(logits - m) * (logits - m)`` (:mod:`losslab.losses.entropy`)."""
     index, row_mask, hidden_rows, targets = _rows(tl.program_id(0), n_rows, rows_ptr, targets_ptr, HAS_ROWS, BLOCK_N)
     row_max = tl.full((BLOCK_N,), float("-inf"), dtype=ACC)
     sum_exp = tl.zeros((BLOCK_N,), dtype=ACC)  # of exp(logits - row_max)
@@ -180,6 +187,7 @@ def _forward_kernel(
     below_max = tl.zeros((BLOCK_N,), dtype=ACC)
     below_max_error = tl.zeros((BLOCK_N,), dtype=ACC)
     seen_weights = tl.zeros((1,), dtype=ACC)
+    weighted = tl.zeros((BLOCK_N,), dtype=ACC)  # sum exp(logits - row_max) * (logits - row_max) <= 0
     first = tl.program_id(1) * tiles_per_split
     for tile in range(first, tl.minimum(first + tiles_per_split, tl.cdiv(vocab, BLOCK_V))):
         cols, col_mask = _columns(tile, vocab, BLOCK_V)
@@ -191,7 +199,7 @@ def _forward_kernel(
             cols,
             col_mask,
             bias_ptr,
-            softcap_ptr,
+            scales_ptr,
             dim,
             stride_hidden,
             stride_weight,
@@ -209,6 +217,11 @@ def _forward_kernel(
         # argmax breaks ties towards the lowest index, and an earlier tile keeps the row on a tie: the lowest id
         argmax = tl.where(tile_max > row_max, tl.argmax(logits, axis=1) + tile * BLOCK_V, argmax)
         new_max = tl.maximum(row_max, tile_max)
+        if ENTROPY:  # moved to the new maximum as sum_exp is (nothing to move before the first tile), and this tile's
+            delta = tl.where(sum_exp > 0, row_max - new_max, 0.0)  # not -inf * 0
+            moved = tl.exp(delta) * (weighted + delta * sum_exp)
+            shifted = tl.where(col_mask[None, :], logits - new_max[:, None], 0.0)
+            weighted = moved + tl.sum(tl.exp(shifted) * shifted, axis=1)
         sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
         if SMOOTHING:  # terms <= 0 only: the sum so far moved to the new maximum, and this tile's
             if WEIGHTED:
@@ -231,6 +244,8 @@ def _forward_kernel(
     tl.store(target_logit_ptr + out, target_logit, mask=row_mask)
     if SMOOTHING:
         tl.store(below_max_ptr + out, below_max, mask=row_mask)
+    if ENTROPY:
+        tl.store(weighted_ptr + out, weighted, mask=row_mask)
 
 
 @triton.jit
@@ -244,18 +259,18 @@ def _grad_logits(
     index,
     n_rows,
     class_weights_ptr,
-    softcap_ptr,
+    scales_ptr,
     filter_eps,
     SOFTCAP: tl.constexpr,
     SMOOTHING: tl.constexpr,
     WEIGHTED: tl.constexpr,
     FILTER: tl.constexpr,
 ):
-    """The gradient of a tile of logits (before the soft-cap), and whether the tile matters (see FILTER).
+    """The gradient of a tile of logits (before the soft-cap and the temperature), and whether the tile matters (see FILTER).
 
     Per row, ``coef_ptr`` holds the log-sum-exp and three coefficients (rows of a ``(4, n_rows)`` tensor):
     ``grad = softmax_coef * softmax - target_coef * onehot(target) - smoothing_coef * class_weights``,
-    times ``1 - (logits / softcap)**2`` with a soft-cap. With FILTER, a tile matters when a softmax value in
+    times ``1 - (logits * temperature / softcap)**2`` with a soft-cap, over the temperature. With FILTER, a tile matters when a softmax value in
     it reaches ``filter_eps`` or it holds a target of its rows.
     """
     lse = tl.load(coef_ptr + index, mask=row_mask, other=0.0)
@@ -271,10 +286,11 @@ def _grad_logits(
             grad -= smoothing_coef[:, None] * tl.load(class_weights_ptr + cols, mask=col_mask, other=0.0)[None, :]
         else:
             grad -= smoothing_coef[:, None]
+    temperature = tl.load(scales_ptr + 1)
     if SOFTCAP:
-        capped = logits / tl.load(softcap_ptr)  # tanh of the logit before the cap
+        capped = logits * temperature / tl.load(scales_ptr)  # tanh of the logit before the cap
         grad *= 1.0 - capped * capped
-    grad = tl.where(valid, grad, 0.0)
+    grad = tl.where(valid, grad / temperature, 0.0)
     if FILTER:
         matters = tl.max(tl.where(valid, tl.where(is_target, 1.0, probs), 0.0)) >= filter_eps
     else:
@@ -288,7 +304,7 @@ def _backward_atomic_kernel(
     rows_ptr,
     weight_ptr,
     bias_ptr,
-    softcap_ptr,
+    scales_ptr,
     class_weights_ptr,
     targets_ptr,
     coef_ptr,
@@ -332,7 +348,7 @@ def _backward_atomic_kernel(
         cols,
         col_mask,
         bias_ptr,
-        softcap_ptr,
+        scales_ptr,
         dim,
         stride_hidden,
         stride_weight,
@@ -355,7 +371,7 @@ def _backward_atomic_kernel(
         index,
         n_rows,
         class_weights_ptr,
-        softcap_ptr,
+        scales_ptr,
         filter_eps,
         SOFTCAP,
         SMOOTHING,
@@ -401,7 +417,7 @@ def _grad_hidden_kernel(
     rows_ptr,
     weight_ptr,
     bias_ptr,
-    softcap_ptr,
+    scales_ptr,
     class_weights_ptr,
     targets_ptr,
     coef_ptr,
@@ -438,7 +454,7 @@ def _grad_hidden_kernel(
             cols,
             col_mask,
             bias_ptr,
-            softcap_ptr,
+            scales_ptr,
             dim,
             stride_hidden,
             stride_weight,
@@ -461,7 +477,7 @@ def _grad_hidden_kernel(
             index,
             n_rows,
             class_weights_ptr,
-            softcap_ptr,
+            scales_ptr,
             filter_eps,
             SOFTCAP,
             SMOOTHING,
@@ -493,7 +509,7 @@ def _grad_weight_kernel(
     rows_ptr,
     weight_ptr,
     bias_ptr,
-    softcap_ptr,
+    scales_ptr,
     class_weights_ptr,
     targets_ptr,
     coef_ptr,
@@ -534,7 +550,7 @@ def _grad_weight_kernel(
             cols,
             col_mask,
             bias_ptr,
-            softcap_ptr,
+            scales_ptr,
             dim,
             stride_hidden,
             stride_weight,
@@ -557,7 +573,7 @@ def _grad_weight_kernel(
             index,
             n_rows,
             class_weights_ptr,
-            softcap_ptr,
+            scales_ptr,
             filter_eps,
             SOFTCAP,
             SMOOTHING,
@@ -601,6 +617,7 @@ class Problem(NamedTuple):
     softcap: float | None
     dot_dtype: torch.dtype  # of the dots' inputs: the compute dtype
     acc_dtype: torch.dtype  # float32, or float64
+    temperature: float = 1.0
 
     @property
     def n_rows(self) -> int:
@@ -677,14 +694,15 @@ def precision(dot_dtype: torch.dtype) -> str:
 
 def common_arguments(problem: Problem) -> tuple[list, dict]:
     """The kernels' shared leading arguments and constexprs, and the launch options."""
-    softcap = torch.tensor(1.0 if problem.softcap is None else problem.softcap, dtype=problem.acc_dtype)
+    scales = [1.0 if problem.softcap is None else problem.softcap, problem.temperature]
+    scales = torch.tensor(scales, dtype=problem.acc_dtype)  # a tensor: a float64 run needs them exact
     block = blocks(problem)
     pointers = [
         problem.hidden,
         problem.rows,
         problem.weight,
         problem.bias,
-        softcap.to(problem.hidden.device),
+        scales.to(problem.hidden.device),
         problem.class_weights,
         problem.targets,
     ]
@@ -717,20 +735,22 @@ def sizes(problem: Problem) -> list[int]:
 class RowStatistics(NamedTuple):
     """What the forward pass gives per counted row, in the accumulation dtype (``predicted``: int64)."""
 
-    lse: Tensor  # log-sum-exp of the (soft-capped) logits
+    lse: Tensor  # log-sum-exp of the softmax's logits (soft-capped, divided by the temperature)
     target_logit: Tensor
     smooth: Tensor | None  # sum_j w_j * (-log p_j), w the class weights (1 without), with smoothing
     predicted: Tensor  # the argmax, the lowest id on ties
+    max_logit: Tensor
+    entropy: Tensor | None  # of the softmax, with entropy
 
 
-def row_statistics(problem: Problem, smoothing: bool) -> RowStatistics:
+def row_statistics(problem: Problem, smoothing: bool, entropy: bool) -> RowStatistics:
     """Run the forward kernel; each part of the vocabulary gives its own values, merged here."""
     pointers, constexprs = common_arguments(problem)
     block = blocks(problem)
     splits, per_split = vocab_splits(problem, block)
     device = problem.hidden.device
-    parts = torch.empty((4, splits, problem.n_rows), dtype=problem.acc_dtype, device=device)
-    log_norm, part_max, target_logit, below_max = parts
+    parts = torch.empty((5, splits, problem.n_rows), dtype=problem.acc_dtype, device=device)
+    log_norm, part_max, target_logit, below_max, weighted = parts
     argmax = torch.empty((splits, problem.n_rows), dtype=torch.int64, device=device)
     grid = (triton.cdiv(problem.n_rows, block.rows), splits)
     _forward_kernel[grid](
@@ -740,22 +760,28 @@ def row_statistics(problem: Problem, smoothing: bool) -> RowStatistics:
         argmax,
         target_logit,
         below_max,
+        weighted,
         *sizes(problem),
         per_split,
         SMOOTHING=smoothing,
+        ENTROPY=entropy,
         **constexprs,
     )
     # The first part holding the largest logit: the lowest id (torch.max gives the first maximum).
     row_max, best = part_max.max(dim=0)
     lse = torch.logsumexp(part_max + log_norm, dim=0)
-    smooth = None
+    whole_log_norm = torch.logsumexp(part_max - row_max + log_norm, dim=0)
+    smooth = row_entropy = None
     if smoothing:  # from the parts' sums relative to their own maxima: see losslab.losses.smoothing
         vocab = problem.weight.shape[0]
         bounds = [min(split * per_split * block.vocab, vocab) for split in range(splits)] + [vocab]
         weights = part_weights(bounds, problem.class_weights, problem.acc_dtype, device)
-        whole_log_norm = torch.logsumexp(part_max - row_max + log_norm, dim=0)
         smooth = smoothing_sum(whole_log_norm, merged_below_max(part_max, below_max, weights, row_max), weights.sum())
-    return RowStatistics(lse, target_logit.sum(dim=0), smooth, argmax.gather(0, best[None]).squeeze(0))
+    if entropy:  # likewise: see losslab.losses.entropy
+        merged = merged_exp_weighted(part_max, log_norm.exp(), weighted, row_max)
+        row_entropy = entropy_of(whole_log_norm, merged)
+    predicted = argmax.gather(0, best[None]).squeeze(0)
+    return RowStatistics(lse, target_logit.sum(dim=0), smooth, predicted, row_max, row_entropy)
 
 
 def gradients(

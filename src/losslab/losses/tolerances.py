@@ -25,7 +25,10 @@ BF16_SLACK = {"loss": 1e-5, "grad": 3e-3}  # times ||reference||, on top of PyTo
 # Where a peer rounds differently from PyTorch under bf16 autocast, by option: its loss slack instead.
 # cce soft-caps the bf16 logits before its float32 cross-entropy, rounding them twice: its loss error
 # exceeds PyTorch's own by up to 2.3e-4 of ||reference|| on the grid's cases (measured).
-PEER_BF16_LOSS_SLACK = {("cce", "softcap"): 3e-4}
+# torch_lce's unchunked path (label smoothing) rounds bf16 logits of the inputs divided by the temperature
+# (see losslab.losses.peer), PyTorch the logits before dividing them: one rounding each, of other values;
+# up to 1.1e-4 of ||reference|| apart on the grid's cases (measured).
+PEER_BF16_LOSS_SLACK = {("cce", "softcap"): 3e-4, ("torch_lce", "temperature"): 2e-4}
 
 
 def bf16_loss_slack(name: str, options: dict) -> float:

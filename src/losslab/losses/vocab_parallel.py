@@ -10,7 +10,7 @@ summed over the group, or, with ``reduce_hidden_grad=False``, its own part of th
 caller that reduces it itself.
 
 Each rank reduces its own columns of a row of logits to a few numbers (:data:`MAX`, :data:`SUMEXP`,
-:data:`TARGET`, :data:`SMOOTH`, :data:`ARGMAX`: :meth:`VocabParallel.row_stats`), the ranks
+:data:`TARGET`, then :data:`SMOOTH`, :data:`WEIGHTED` and :data:`ARGMAX` where asked: :meth:`VocabParallel.row_stats`), the ranks
 exchange them, and every rank combines them into the whole row's (:meth:`VocabParallel.whole`), as
 the log-sum-exp of log-sum-exps. What crosses the group, never a vocabulary-wide tensor:
 
@@ -24,7 +24,9 @@ the log-sum-exp of log-sum-exps. What crosses the group, never a vocabulary-wide
   and with label smoothing the sum of its logits less that maximum (weighted by the class weights:
   see :mod:`losslab.losses.smoothing`; each rank's summed class weights, which combining these
   needs, every rank computes from the full class weights and the ranges the layout check gathered),
-  and when predictions are asked its argmax: ``k`` = 3 to 5, so ``k x ranks`` floats per row arrive;
+  with ``LossParts``' diagnostics ``sum exp(logit - maximum) * (logit - maximum)`` (the entropy's,
+  :mod:`losslab.losses.entropy`), and when predictions are asked its argmax (both on the steps
+  training logs): ``k`` = 3 to 6, so ``k x ranks`` floats per row arrive;
 - in backward: one ``all_reduce`` of the hidden states' gradient ``(N, d)``, unless
   ``reduce_hidden_grad=False``.
 
@@ -45,11 +47,14 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from losslab.losses.entropy import entropy, exp_weighted_sums, merged_exp_weighted
 from losslab.losses.row_max import max_and_argmax
 from losslab.losses.smoothing import merged_below_max, smoothing_sum, weighted_row_sums
 
-# The columns of what a rank gives per row (row_stats): k of them, the last two only when asked.
-MAX, SUMEXP, TARGET, SMOOTH, ARGMAX = range(5)
+# The columns of what a rank gives per row (row_stats): k of them, the last three only when asked
+# (SMOOTH with label smoothing, then WEIGHTED with the diagnostics, ARGMAX, the last, with predictions).
+MAX, SUMEXP, TARGET, SMOOTH = range(4)
+ARGMAX = -1
 
 
 class Layout(NamedTuple):
@@ -136,20 +141,28 @@ class VocabParallel:
         return local.masked_fill(~held, 0), held
 
     def row_stats(
-        self, logits: Tensor, targets: Tensor, smooth_weights: Tensor | None, smoothing: bool, predict: bool
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        smooth_weights: Tensor | None,
+        smoothing: bool,
+        predict: bool,
+        diagnose: bool = False,
     ) -> Tensor:
         """What this rank gives of each row of its ``logits (rows, stop - start)``: ``(rows, k)``.
 
         ``smooth_weights`` are this rank's class weights (``None``: all 1), summed against the
-        logits less their maximum with ``smoothing``. Differentiable in ``logits`` (the maximum and
-        argmax aside).
+        logits less their maximum with ``smoothing``. Differentiable in ``logits`` (the maximum, the
+        entropy's sum and the argmax aside).
         """
         with torch.no_grad():
             row_max, argmax = max_and_argmax(logits)
+            weighted = exp_weighted_sums(logits, row_max) if diagnose else None
         shifted = logits - row_max[:, None]
         smooth = weighted_row_sums(shifted, smooth_weights) if smoothing else None
         sumexp = shifted.exp().sum(dim=1)
-        return self.pack(row_max, sumexp, self.target_logits(logits, targets), smooth, argmax if predict else None)
+        target = self.target_logits(logits, targets)
+        return self.pack(row_max, sumexp, target, smooth, weighted, argmax if predict else None)
 
     def target_logits(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Each row's logit of its target, 0 where another rank holds the target."""
@@ -157,13 +170,22 @@ class VocabParallel:
         return torch.where(held, logits.gather(1, index[:, None]).squeeze(1), 0.0)
 
     def pack(
-        self, row_max: Tensor, sumexp: Tensor, target: Tensor, smooth: Tensor | None, argmax: Tensor | None
+        self,
+        row_max: Tensor,
+        sumexp: Tensor,
+        target: Tensor,
+        smooth: Tensor | None,
+        weighted: Tensor | None,
+        argmax: Tensor | None,
     ) -> Tensor:
         """A rank's numbers of each row as the ``(rows, k)`` it gives: :data:`MAX`, :data:`SUMEXP`,
-        :data:`TARGET`, then :data:`SMOOTH` and :data:`ARGMAX` (a local column index) if given."""
+        :data:`TARGET`, then :data:`SMOOTH`, and :data:`WEIGHTED` and :data:`ARGMAX` (a local column
+        index), those given."""
         columns = [row_max, sumexp, target]
         if smooth is not None:
             columns.append(smooth)
+        if weighted is not None:
+            columns.append(weighted)
         if argmax is not None:
             columns.append((argmax + self.start).to(row_max.dtype))  # exact: ids < 2**24
         return torch.stack(columns, dim=1)
@@ -193,15 +215,17 @@ class WholeRows(NamedTuple):
     target: Tensor  # the target's logit
     smooth: Tensor | None  # sum_j w_j * (-log p_j), w the class weights (1 without), with label smoothing
     argmax: Tensor | None  # the lowest id of the largest logit, when predicted
+    entropy: Tensor | None = None  # of the softmax, when diagnosed
 
 
-def whole(gathered: Tensor, predict: bool, rank_weights: Tensor | None = None) -> WholeRows:
+def whole(gathered: Tensor, predict: bool, rank_weights: Tensor | None = None, diagnose: bool = False) -> WholeRows:
     """The whole rows' numbers from every rank's (:meth:`VocabParallel.gather`): the log-sum-exp of
     the ranks' ``max + log(sumexp)``, taken from the largest maximum; the target's logit; with label
     smoothing (``rank_weights``: each rank's summed class weights, its number of rows without, see
     :func:`~losslab.losses.smoothing.part_weights`) the weighted sum of the negative
-    log-probabilities, from the ranks' sums relative to their own maxima; and the argmax of the
-    first rank whose maximum is the largest (the ranks' ranges ascend)."""
+    log-probabilities, from the ranks' sums relative to their own maxima; with ``diagnose`` the
+    entropy (:mod:`losslab.losses.entropy`); and with ``predict`` the argmax of the first rank whose
+    maximum is the largest (the ranks' ranges ascend)."""
     rank_max = gathered[..., MAX].detach()
     row_max = rank_max.amax(dim=0)
     log_norm = (gathered[..., SUMEXP] * (rank_max - row_max).exp()).sum(dim=0).log()
@@ -209,11 +233,15 @@ def whole(gathered: Tensor, predict: bool, rank_weights: Tensor | None = None) -
     if rank_weights is not None:
         below_max = merged_below_max(rank_max, gathered[..., SMOOTH], rank_weights, row_max)
         smooth = smoothing_sum(log_norm, below_max, rank_weights.sum())
-    argmax = None
+    argmax = row_entropy = None
     if predict:
         first = (gathered[..., MAX] == row_max).to(torch.uint8).argmax(dim=0)  # the first rank that holds it
-        argmax = gathered[..., -1].detach().gather(0, first[None]).squeeze(0).long()
-    return WholeRows(row_max, row_max + log_norm, gathered[..., TARGET].sum(dim=0), smooth, argmax)
+        argmax = gathered[..., ARGMAX].detach().gather(0, first[None]).squeeze(0).long()
+    if diagnose:
+        with torch.no_grad():
+            weighted = gathered[..., ARGMAX - 1 if predict else ARGMAX]  # before the argmax, if given
+            row_entropy = entropy(log_norm, merged_exp_weighted(rank_max, gathered[..., SUMEXP], weighted, row_max))
+    return WholeRows(row_max, row_max + log_norm, gathered[..., TARGET].sum(dim=0), smooth, argmax, row_entropy)
 
 
 def shard_range(vocab_size: int, rank: int, ranks: int) -> tuple[int, int]:

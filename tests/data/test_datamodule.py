@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
+from helpers import make_datamodule
 
 from losslab.data import DataConfig, GPTDataModule, load_documents, token_cache
 from losslab.data.batching import DocumentRows
@@ -14,13 +15,6 @@ from losslab.data.documents import paragraphs, split_documents
 from losslab.data.token_cache import encode_documents, read_token_split, token_dtype, token_files
 from losslab.files import DataError
 from losslab.targets import count_targets
-
-
-def make_datamodule(tmp_path, **options) -> GPTDataModule:
-    defaults = dict(tokenizer="bpe", vocab_size=512, context_length=32, batch_size=4, cache_dir=tmp_path / "cache")
-    dm = GPTDataModule(DataConfig(**{**defaults, **options}))
-    dm.setup("fit")
-    return dm
 
 
 def write(path, text: str):

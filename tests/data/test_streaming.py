@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO
 
 from losslab.data import DataConfig, GPTDataModule, corpora, token_cache
 from losslab.data.corpora import open_corpus, text_pieces
@@ -18,7 +19,6 @@ from losslab.data.documents import ParagraphCutter, cut_line, stream_paragraphs,
 from losslab.data.token_cache import write_token_splits
 from losslab.tokenizers import build_tokenizer, text_digest
 
-ROOT = Path(__file__).resolve().parents[1]
 # What the corpus was cut into before it streamed: these functions, given the whole text.
 BLANK_LINES = re.compile(r"\n\s*\n")
 
@@ -62,7 +62,7 @@ def token_file_bytes(documents: list[str], enc) -> tuple[bytes, bytes]:
 
 def make_corpus(path: Path, mib: float, seed: int = 0) -> Path:
     subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "make_corpus.py"), str(path), "--mib", str(mib), "--seed", str(seed)],
+        [sys.executable, str(REPO / "scripts" / "make_corpus.py"), str(path), "--mib", str(mib), "--seed", str(seed)],
         check=True,
         capture_output=True,
     )
