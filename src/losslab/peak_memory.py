@@ -18,6 +18,9 @@ assumed (no bias, label smoothing, z-loss or soft-cap), except the chunking opti
 :func:`predict_loss` takes from a built loss. ``liger``, ``cce``'s Triton kernel and ``tiled``
 run on CUDA only: their predictions say what they allocate there (``tiled``'s were checked by the
 same count of torch's allocations under Triton's interpreter on a CPU).
+
+Over 350 lines on purpose: one prediction per registry entry, each a short itemised list; they
+share the buffer arithmetic at the top, and a reader compares entries best side by side.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ Under Triton's interpreter (``TRITON_INTERPRET=1``, for testing on a CPU) the ke
 float64 tensors; what it cannot run shaped them in two places: ``tanh`` is written with ``exp`` (no
 libdevice), and the soft-cap, which must be exact in float64, comes as a tensor rather than a Python float
 (which a kernel receives as float32).
+
+Over 350 lines on purpose: Triton kernels and their launchers share block sizes and pointer layouts
+that must agree to the letter; one file keeps each kernel beside the launcher that sizes its grid.
 """
 
 from __future__ import annotations
