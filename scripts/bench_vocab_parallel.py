@@ -109,7 +109,7 @@ def worker(rank: int, ranks: int, row: str, size: tuple[int, int, int], repeats:
     peak = peak_memory_mib(step, torch.device("cpu"))
     dist.barrier()
     timing = time_calls(step, torch.device("cpu"), warmup=0, repeats=repeats, grad_to_none=leaves)
-    figures = {"head_mib": head_mib, "peak_mib": peak, "time_s": timing.median_s, "loss": float(step())}
+    figures = {"head_mib": head_mib, "peak_mib": peak, "time_s": timing.median_s, "loss": float(step().detach())}
     (out / f"rank{rank}.json").write_text(json.dumps(figures))
     dist.destroy_process_group()
 
