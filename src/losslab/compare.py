@@ -51,7 +51,8 @@ from losslab.run_status import Status
 SUMMARIES = {"last": lambda points: points[-1], "median": statistics.median, "max": max}
 LINE_STYLES = ["-", "--", ":", "-."]
 # The figure's panels: their curves and titles (perplexity on a log scale).
-PLOTS = {"train/loss": "train loss", "val/loss": "validation loss", "val/ppl": "validation perplexity"}
+# the panels of the PNG, one per metric the table marks ``plotted``: tag -> title
+PLOTS = {metric.tag: metric.label for metric in METRICS.values() if metric.plotted}
 
 
 def compared(asked: Collection[str] = ()) -> list[Metric]:
@@ -231,9 +232,9 @@ def cell(key: str, value: float | bool | str | None) -> str:
 
 
 def plot_curves(runs: dict[str, Run], path: str | Path, dpi: int = 100) -> None:
-    """Train loss, validation loss and validation perplexity against the step, one line per run, in
-    the table's order; the runs that did not finish faint, their points marked (a run that stopped
-    early may have one), with their status in the legend."""
+    """The metrics marked ``plotted`` (train loss, validation loss and perplexity) against the step,
+    one line per run, in the table's order; the runs that did not finish faint, their points marked
+    (a run that stopped early may have one), with their status in the legend."""
     common, names = row_names(runs)
     figure = Figure(figsize=(4.2 * len(PLOTS), 4.0), layout="constrained")
     if common:

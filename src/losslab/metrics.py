@@ -29,7 +29,8 @@ class Metric:
     table sums its curve up in a column headed ``label`` (its ``last`` value, the ``median`` or the
     ``max``; None: no column), and ``asked`` keeps that column out unless the metric's section is asked
     for; ``report`` puts its final, best and first values in the end-of-run report, ``summary`` its
-    final value in the line a run ends with, ``prog_bar`` its value on the progress bar."""
+    final value in the line a run ends with, ``prog_bar`` its value on the progress bar, ``plotted`` its
+    curve in a panel of compare's PNG (titled ``label``)."""
 
     tag: str
     label: str
@@ -42,6 +43,7 @@ class Metric:
     report: bool = False
     summary: bool = False
     prog_bar: bool = False
+    plotted: bool = False
 
     def show(self, value: float) -> str:
         """``value`` as every place shows it, NaN as a bare ``nan`` (not ``nan%``)."""
@@ -56,7 +58,7 @@ METRICS = {
         Metric("step", "step", "{:.0f}", None),
         Metric("lr", "learning rate", "{:.3g}", None),
         # the model's own negative log-likelihood of the targets, per target token
-        Metric("train/loss", "train loss", "{:.4f}", "lower", chart=LOSS_CHART, prog_bar=True),
+        Metric("train/loss", "train loss", "{:.4f}", "lower", chart=LOSS_CHART, prog_bar=True, plotted=True),
         Metric("train/ppl", "train ppl", "{:,.2f}", "lower"),
         # the loss trained on, when label smoothing or z-loss make it differ from train/loss
         Metric("train/objective", "train objective", "{:.4f}", "lower"),
@@ -93,6 +95,7 @@ METRICS = {
             report=True,
             summary=True,
             prog_bar=True,
+            plotted=True,
         ),
         Metric(
             "val/ppl",
@@ -103,6 +106,7 @@ METRICS = {
             compare="last",
             report=True,
             summary=True,
+            plotted=True,
         ),
         Metric(
             "val/bpb",  # bits per byte: compares runs with different tokenizers
