@@ -49,7 +49,7 @@ from losslab.run_folder import (
     record_subdir,
     remove_leftovers,
 )
-from losslab.run_status import Status, read_status
+from losslab.run_status import NonFiniteStepError, Status, read_status
 from losslab.sweeps import run_name
 from losslab.tokenizers import tokenizer_to_data
 
@@ -332,7 +332,7 @@ def run(cfg: DictConfig) -> float:
     route_library_logs()
     try:
         outcome = train(cfg)
-    except (ConfigError, CheckpointError, DataError) as error:
+    except (ConfigError, CheckpointError, DataError, NonFiniteStepError) as error:
         sys.exit(f"error: {error}")  # one line, not a traceback: the fix is in the message
     except Terminated as error:
         log.info(str(error))
