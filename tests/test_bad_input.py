@@ -19,6 +19,7 @@ from helpers import CONF, make_config, make_datamodule, train_py
 from losslab.train import train
 
 
+@pytest.mark.whole_registry
 def test_a_misspelt_group_choice_gets_did_you_mean_in_one_line(tmp_path):
     run = train_py(tmp_path, "loss=fusd")
     assert run.returncode != 0

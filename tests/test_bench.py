@@ -71,6 +71,7 @@ def test_cpu_peak_memory_is_the_calls_own_allocation():
     assert kept.sum() == kept.numel()
 
 
+@pytest.mark.whole_registry
 def test_every_row_is_a_registered_loss_that_can_run_here_a_variant_of_one_or_the_floor():
     runnable = [name for name in LOSSES if name not in unavailable()]
     variants = [f"{name}_{variant}" for name in runnable for variant in LOSSES[name].bench_variants(vocab_size=1)]

@@ -114,6 +114,7 @@ def test_generation_from_a_checkpoint(tmp_path, cache_dir):
     )
 
 
+@pytest.mark.whole_registry
 def test_unknown_loss_and_too_long_context_are_clear_errors(tmp_path, cache_dir):
     with pytest.raises(ValueError, match=re.escape(f"loss.name=nope: no such loss: choose one of {', '.join(LOSSES)}")):
         train(make_config(tmp_path, cache_dir, ["loss.name=nope"]))

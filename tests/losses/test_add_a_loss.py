@@ -1,8 +1,9 @@
 """Adding a loss exactly as the README says ("Add a loss") passes the tests with no other edit: its
 four steps, taken for a new entry in a copy of the project, then the tests that entry joins, run
-there: those of the losses, the registry, the config check and training whose names hold the new
-entry's (the float64 grid, a few training steps...), and the registry's checks of conf/loss and
-of the README's loss tables. About 13 s of CPU, most of it collecting the tests.
+there: every test whose name holds the new entry's (the float64 grid, the config check, a few
+training steps...), and every test marked ``whole_registry``, which reads the whole list of losses (the
+registry's checks of conf/loss and of the README's loss tables, the errors that list the losses,
+the memory predictions, the benchmark's rows). Most of its time goes to collecting the suite there.
 """
 
 import os
@@ -33,9 +34,11 @@ class LogSoftmaxLoss(LogitsLoss):
         return self.smoothed(nll, log_probs, targets), nll
 '''
 CONFIG = f"defaults:\n  - /base/loss@_here_\n  - _self_\n\nname: {NAME}\n"
-# What runs in the copy (not this file, whose test's name holds none of these words).
-TESTS = ["tests/losses", "tests/test_config_checks.py", "tests/test_train.py"]
-SELECTED = f"{NAME} or conf_loss or loss_tables or entries_that_take_it"  # the last: vocab_parallel
+# What runs in the copy (not this test, whose name holds neither); -k matches a test's marks too.
+SELECTED = f"{NAME} or whole_registry"
+# Test files that must have run a test there: of the new entry's name, or of the whole list.
+JOINED = ("test_losses", "test_registry", "test_config_checks", "test_train")
+LISTING = ("test_registry", "test_config_checks", "test_train", "test_bad_input", "test_peak_memory", "test_bench")
 
 
 def replace_once(text: str, old: str, new: str, where: str) -> str:
@@ -100,7 +103,7 @@ def test_a_loss_added_as_the_readme_says_passes_the_tests_it_joins(tmp_path):
     add_a_loss(project)
     report = tmp_path / "report.xml"
     command = [
-        *(sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", "-q", *TESTS, "-k", SELECTED),
+        *(sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", "-q", "tests", "-k", SELECTED),
         *(f"--basetemp={tmp_path / 'basetemp'}", f"--junit-xml={report}"),
     ]
     # The copy's package first; TRITON_INTERPRET as a plain run finds it (tests/losses sets it for its tests).
@@ -110,6 +113,8 @@ def test_a_loss_added_as_the_readme_says_passes_the_tests_it_joins(tmp_path):
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     cases = ET.parse(report).getroot().iter("testcase")
     ran = [f"{case.get('classname')}.{case.get('name')}" for case in cases if not list(case)]  # passed
-    for module in ("test_losses", "test_registry", "test_config_checks", "test_train"):
+    for module in JOINED:
         assert [case for case in ran if module in case and NAME in case], f"no test of {NAME} ran in {module}"
+    for module in LISTING:
+        assert [case for case in ran if module in case and NAME not in case], f"no whole_registry test ran in {module}"
     assert any("test_the_readmes_loss_tables" in case for case in ran)

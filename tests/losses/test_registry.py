@@ -33,6 +33,7 @@ INVALID = {  # id: (option, value, text the message must hold)
 }
 
 
+@pytest.mark.whole_registry
 def test_the_registry_and_conf_loss_hold_the_same_entries():
     """A conf/loss/<name>.yaml for every registry entry, and no other: ``loss=<name>`` is what a user types."""
     configs = sorted(path.stem for path in (REPO / "conf" / "loss").glob("*.yaml"))
@@ -51,6 +52,7 @@ def test_every_entry_has_what_the_readme_says_adding_one_takes(entry):
     assert entry in IMPLEMENTATIONS  # the float64 reference grid
 
 
+@pytest.mark.whole_registry
 @pytest.mark.parametrize("table", README_LOSS_TABLES)
 def test_the_readmes_loss_tables_list_every_registered_loss(table):
     header_start, names_are = README_LOSS_TABLES[table]

@@ -81,6 +81,7 @@ def test_each_check_ran_on_every_rank_of_every_group(ranks, check):
     assert not failed, "\n".join(f"{key}: {message}" for key, message in failed.items())
 
 
+@pytest.mark.whole_registry
 def test_the_entries_that_take_it():
     assert set(vocab_parallel_losses()) == set(SHARDED)
     for name in set(LOSSES) - set(SHARDED):
