@@ -9,7 +9,7 @@ import pytest
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from losslab.compare import main, markdown_table
+from losslab.compare import curves_figure, main, markdown_table
 from losslab.metrics import METRICS, Metric
 from losslab.run_logs import load_runs
 
@@ -293,6 +293,26 @@ def test_the_metrics_table_makes_the_columns_and_a_metric_kept_for_when_asked_sh
     assert list(row)[-3:] == ["val top-5", "wall time (s)", "non-finite"] and row["val top-5"] == "25.0%"
     [row] = rows_of(markdown_table(runs, asked={"diag"}))
     assert list(row)[-4:-2] == ["val top-5", "max logit"] and row["max logit"] == "31.0"
+
+
+def test_the_figures_panels_are_the_metrics_the_table_marks_plotted_each_on_its_own_scale(tmp_path, monkeypatch):
+    """A new plotted metric is one entry of the metrics table: a panel of its own, titled by its label,
+    after the others; perplexity keeps its log scale wherever its panel is."""
+    monkeypatch.setitem(METRICS, "val/top5", Metric("val/top5", "val top-5", "{:.1%}", "higher", plotted=True))
+    run = write_run(tmp_path / "loss=fused", [3.0, 2.0], status("finished"))
+    with SummaryWriter(str(run)) as writer:
+        for step, value in [(0, 0.1), (10, 0.25)]:
+            writer.add_scalar("val/top5", value, step)
+
+    axes = curves_figure(load_runs([run])).axes
+
+    assert [(ax.get_title(), ax.get_yscale()) for ax in axes] == [
+        ("train loss", "linear"),
+        ("val loss", "linear"),
+        ("val ppl", "log"),
+        ("val top-5", "linear"),
+    ]
+    assert list(axes[-1].lines[0].get_ydata()) == pytest.approx([0.1, 0.25])
 
 
 def test_the_logit_diagnostics_show_when_their_section_is_asked_for(tmp_path, capsys):

@@ -50,9 +50,6 @@ from losslab.run_status import Status
 # How compare's table sums a metric's curve up (see losslab.metrics.Metric.compare).
 SUMMARIES = {"last": lambda points: points[-1], "median": statistics.median, "max": max}
 LINE_STYLES = ["-", "--", ":", "-."]
-# The figure's panels: their curves and titles (perplexity on a log scale).
-# the panels of the PNG, one per metric the table marks ``plotted``: tag -> title
-PLOTS = {metric.tag: metric.label for metric in METRICS.values() if metric.plotted}
 
 
 def compared(asked: Collection[str] = ()) -> list[Metric]:
@@ -232,21 +229,28 @@ def cell(key: str, value: float | bool | str | None) -> str:
 
 
 def plot_curves(runs: dict[str, Run], path: str | Path, dpi: int = 100) -> None:
-    """The metrics marked ``plotted`` (train loss, validation loss and perplexity) against the step,
+    """Writes :func:`curves_figure` of ``runs`` to ``path``."""
+    curves_figure(runs).savefig(path, dpi=dpi)
+
+
+def curves_figure(runs: dict[str, Run]) -> Figure:
+    """A panel per metric that the metrics table marks ``plotted`` (train loss, validation loss and
+    perplexity), titled by its label, on a log scale where it says so: the metric against the step,
     one line per run, in the table's order; the runs that did not finish faint, their points marked
     (a run that stopped early may have one), with their status in the legend."""
     common, names = row_names(runs)
-    figure = Figure(figsize=(4.2 * len(PLOTS), 4.0), layout="constrained")
+    plotted = [metric for metric in METRICS.values() if metric.plotted]
+    figure = Figure(figsize=(4.2 * len(plotted), 4.0), layout="constrained")
     if common:
         figure.suptitle(textwrap.fill(common.replace(",", " "), 150), fontsize="small")
-    axes = figure.subplots(1, len(PLOTS))
-    for ax, (tag, title) in zip(axes, PLOTS.items()):
+    axes = figure.subplots(1, len(plotted), squeeze=False)[0]
+    for ax, metric in zip(axes, plotted):
         # Line styles as well as colours: runs that train the same model draw the same curve.
         for name, style in zip(ranked(runs), itertools.cycle(LINE_STYLES)):
             run = runs[name]
             unfinished = run.status.status not in (Status.FINISHED, Status.UNKNOWN)
             label = f"{names[name]} ({run.status.status.value})" if unfinished else names[name]
-            events = run.curves.get(tag, [])
+            events = run.curves.get(metric.tag, [])
             steps, points = [e.step for e in events], [e.value for e in events]
             ax.plot(
                 steps,
@@ -258,12 +262,11 @@ def plot_curves(runs: dict[str, Run], path: str | Path, dpi: int = 100) -> None:
                 marker="o" if unfinished else None,
                 markersize=3,
             )
-        ax.set(title=title, xlabel="step")
+        ax.set(title=metric.label, xlabel="step", yscale="log" if metric.log_scale else "linear")
         ax.grid(alpha=0.3)
-    axes[-1].set_yscale("log")
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), fontsize="small")
-    figure.savefig(path, dpi=dpi)
+    return figure
 
 
 def default_out(patterns: list[str], runs: dict[str, Run]) -> Path:

@@ -30,7 +30,7 @@ class Metric:
     ``max``; None: no column), and ``asked`` keeps that column out unless the metric's section is asked
     for; ``report`` puts its final, best and first values in the end-of-run report, ``summary`` its
     final value in the line a run ends with, ``prog_bar`` its value on the progress bar, ``plotted`` its
-    curve in a panel of compare's PNG (titled ``label``)."""
+    curve in a panel of compare's PNG (titled ``label``; on a log scale with ``log_scale``)."""
 
     tag: str
     label: str
@@ -44,6 +44,7 @@ class Metric:
     summary: bool = False
     prog_bar: bool = False
     plotted: bool = False
+    log_scale: bool = False
 
     def show(self, value: float) -> str:
         """``value`` as every place shows it, NaN as a bare ``nan`` (not ``nan%``)."""
@@ -107,6 +108,7 @@ METRICS = {
             report=True,
             summary=True,
             plotted=True,
+            log_scale=True,
         ),
         Metric(
             "val/bpb",  # bits per byte: compares runs with different tokenizers
