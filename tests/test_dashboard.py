@@ -19,6 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from losslab import callbacks
 from losslab.dashboard import layout
 from losslab.metrics import COMPARISON, LOGITS, METRICS, Metric
+from losslab.run_status import Status
 from losslab.train import RunOutcome, route_library_logs, summary, train
 
 
@@ -104,7 +105,7 @@ def test_a_diverged_run_says_so_with_its_best_finite_loss_and_no_sample(tmp_path
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").touch()
     metrics = {"val/loss": math.nan, "val/ppl": math.nan, "val/bpb": math.nan}
-    said = summary(RunOutcome("diverged", 20, 20, metrics, tmp_path), "the last val/loss is nan").splitlines()
+    said = summary(RunOutcome(Status.DIVERGED, 20, 20, metrics, tmp_path), "the last val/loss is nan").splitlines()
     assert said[0] == "Diverged: at step 20/20 val/loss nan, val/ppl nan, val/bpb nan; the last val/loss is nan."
     assert said[2].split() == ["val/loss", "nan", "4.0000", "5.0000"]  # final, best, first
     assert said[3].split() == ["val/acc", "nan", "25.00%", "20.00%"]  # nan, not nan%
@@ -121,9 +122,21 @@ def test_a_finished_run_recommends_the_checkpoint_of_the_best_it_reports(tmp_pat
     (tmp_path / "checkpoints").mkdir()
     for name in ["best-step6.ckpt", "best-step9.ckpt", "last.ckpt"]:
         (tmp_path / "checkpoints" / name).touch()
-    said = summary(RunOutcome("finished", 9, 9, {"val/loss": 2.5}, tmp_path), "")
+    said = summary(RunOutcome(Status.FINISHED, 9, 9, {"val/loss": 2.5}, tmp_path), "")
     assert "Best val/loss at step 9;" in said
     assert f"Sample: python scripts/generate.py {tmp_path / 'checkpoints' / 'best-step9.ckpt'}" in said
+
+
+def test_a_run_ends_with_the_words_of_its_status_and_a_status_without_its_own_reads_as_compare_describes_it(tmp_path):
+    """How each status reads at the end of a run is run_status's (ENDINGS): a new status needs nothing
+    here, and is never called interrupted nor told to resume unless it is."""
+    values, message = {"val/loss": 2.5}, "step 3: the loss is nan"
+    said = summary(RunOutcome(Status.STOPPED, 3, 20, values, tmp_path), message).splitlines()
+    assert said[0] == "Stopped at step 3/20 (val/loss 2.5000): step 3: the loss is nan"
+    said = summary(RunOutcome(Status.INTERRUPTED, 3, 20, values, tmp_path), message).splitlines()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert said[0] == f"Interrupted at step 3/20 (val/loss 2.5000); {last} holds it. Resume it with:"
+    assert said[1] == f"  python train.py <the same overrides> ckpt_path={last}"
 
 
 def test_the_progress_bar_is_rich_in_a_terminal_and_log_lines_elsewhere(monkeypatch):

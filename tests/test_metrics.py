@@ -10,6 +10,7 @@ from helpers import make_config, scalars
 
 from losslab.compare import summarize
 from losslab.run_logs import load_runs
+from losslab.run_status import Status
 from losslab.train import objective, train
 
 # The user's report: naive with a huge learning rate and no clipping diverges at once.
@@ -33,7 +34,7 @@ def test_a_diverged_run_logs_nan_keeps_no_best_and_says_it_diverged(tmp_path, ca
     nan_steps = [i for i, loss in enumerate(curves["train/loss"]) if math.isnan(loss)]
     assert nan_steps and all(math.isnan(curves["train/acc"][i]) for i in nan_steps)
     assert math.isnan(outcome.metrics["val/loss"])  # the Optuna objective: NaN fails the trial
-    assert outcome.status == "diverged"
+    assert outcome.status is Status.DIVERGED
     checkpoints = sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir())
     assert checkpoints == ["last.ckpt"]  # no best-step<N>.ckpt of a NaN validation
     status = json.loads((tmp_path / "run" / "status.json").read_text())
@@ -52,7 +53,7 @@ def test_a_run_that_ends_above_its_untrained_loss_diverged_with_every_loss_finit
     run = tmp_path / "run"
     losses = scalars(run)["val/loss"]
     assert all(map(math.isfinite, losses)) and losses[-1] > 1000 * losses[0]
-    assert outcome.status == "diverged" and math.isnan(objective(outcome))
+    assert outcome.status is Status.DIVERGED and math.isnan(objective(outcome))
     assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "diverged"
@@ -69,7 +70,7 @@ def test_a_run_that_ends_above_its_untrained_loss_diverged_with_every_loss_finit
         f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
     ]
     resumed = train(make_config(tmp_path, cache_dir, further))
-    assert resumed.status == "diverged" and resumed.step == 8
+    assert resumed.status is Status.DIVERGED and resumed.step == 8
     assert f"the untrained model's {losses[0]:.4f}" in json.loads((run / "status.json").read_text())["message"]
     assert not list((run / "checkpoints").glob("best-*"))
 

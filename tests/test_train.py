@@ -15,6 +15,7 @@ from losslab.checkpoint_files import load_model
 from losslab.generate import generate
 from losslab.losses import LOSSES
 from losslab.model import GPT
+from losslab.run_status import Status
 from losslab.train import build_module, train
 
 
@@ -168,6 +169,6 @@ def test_weight_decay_from_the_optimizer_config_reaches_matrices_only(tmp_path, 
 def test_compiled_blocks_train_with_the_fused_loss_and_keep_their_names(tmp_path, cache_dir):
     """model.compile=true compiles the transformer blocks; fused's autograd.Function stays outside."""
     outcome = train(make_config(tmp_path, cache_dir, ["model.compile=true", "loss=fused", "trainer.max_steps=2"]))
-    assert outcome.status == "finished"
+    assert outcome.status is Status.FINISHED
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert "model.blocks.0.attn.qkv.weight" in state  # no _orig_mod: checkpoints and export read it

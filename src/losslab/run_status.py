@@ -1,9 +1,12 @@
-"""How a run ended, for people and for tools: the statuses a run records in ``status.json``.
+"""How a run ended, for people and for tools: the statuses a run records in ``status.json``, what
+each means, and how each reads in compare's table and in the line a run ends with.
 
 :class:`losslab.callbacks.RunStatus` writes the file as the run goes (``running``, then how it
 ended); ``scripts/compare_runs.py``, the end-of-run report and a resume that has nothing to train
-read it. The file holds plain strings, so that the runs of every version read alike. No Lightning
-here: compare_runs.py reads statuses without importing it.
+read it. The file holds plain strings, so that the runs of every version read alike. A new status is
+a member of :class:`Status` (with its meaning), its words below where the defaults do not fit, and
+the line of ``RunStatus`` that records it. No Lightning here: compare_runs.py reads statuses without
+importing it.
 """
 
 from __future__ import annotations
@@ -57,6 +60,14 @@ DESCRIPTIONS = {
     Status.RUNNING: "running or killed (step {step}/{max_steps})",
     Status.UNKNOWN: "unknown",
 }
+# The line a run ends with (losslab.train.summary), by status: {where} is "step <step>/<max_steps>",
+# {values} the summary's metrics, {message} why, {last} its last.ckpt, {resume} the command that
+# resumes it. The others read "<as compare describes it> (<values>): <message>".
+ENDINGS = {
+    Status.FINISHED: "Finished at {where}: {values}.",
+    Status.DIVERGED: "Diverged: at {where} {values}; {message}.",
+    Status.INTERRUPTED: "Interrupted at {where} ({values}); {last} holds it. Resume it with:\n  {resume}",
+}
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,15 @@ class RunRecord:
         """How the run ended, in a few words: ``finished``, ``crashed at step 3/500``..."""
         template = DESCRIPTIONS.get(self.status, "{status} at step {step}/{max_steps}")
         return template.format(status=self.status.value, step=self.step, max_steps=self.max_steps)
+
+    def ending(self, values: str, last: Path, resume: str) -> str:
+        """The line a run that ended so says first (see :data:`ENDINGS`): ``values`` are its metrics
+        as the summary gives them, ``last`` its last checkpoint, ``resume`` the command that resumes it."""
+        described = self.describe()
+        default = f"{described[:1].upper()}{described[1:]} ({{values}}): {{message}}"
+        return ENDINGS.get(self.status, default).format(
+            where=f"step {self.step}/{self.max_steps}", values=values, message=self.message, last=last, resume=resume
+        )
 
     def write(self, folder: Path) -> None:
         """Replace ``folder/status.json`` with this record, whole (a reader never sees half of it)."""

@@ -49,7 +49,7 @@ from losslab.run_folder import (
     record_subdir,
     remove_leftovers,
 )
-from losslab.run_status import NonFiniteStepError, Status, read_status
+from losslab.run_status import NonFiniteStepError, RunRecord, Status, read_status
 from losslab.sweeps import run_name
 from losslab.tokenizers import tokenizer_to_data
 
@@ -96,9 +96,6 @@ class RunOutcome:
     metrics: dict[str, float]
     folder: Path
     terminated: bool = False  # stopped by SIGTERM
-
-    def __post_init__(self) -> None:
-        self.status = Status(self.status)  # as status.json spells it, too
 
 
 def build_module(cfg: DictConfig) -> tuple[GPTDataModule, GPTLightningModule]:
@@ -268,22 +265,17 @@ def terminated_as_error() -> Iterator[None]:
 
 
 def summary(outcome: RunOutcome, message: str) -> str:
-    """What the run achieved: a line that says how it ended, then its validation metrics (final, best
-    and first), speed, memory and wall time, where its checkpoints are, and the commands that show
+    """What the run achieved: a line that says how it ended (:meth:`losslab.run_status.RunRecord.ending`),
+    then its validation metrics (final, best and first), speed, memory and wall time, where its checkpoints are, and the commands that show
     its curves and sample from it (see :func:`losslab.report.run_report`)."""
     values = ", ".join(
         f"{metric.tag} {metric.show(outcome.metrics[metric.tag])}"
         for metric in METRICS.values()
         if metric.summary and metric.tag in outcome.metrics
     )
-    where = f"step {outcome.step}/{outcome.max_steps}"
-    if outcome.status is Status.FINISHED:
-        ending = f"Finished at {where}: {values}."
-    elif outcome.status is Status.DIVERGED:
-        ending = f"Diverged: at {where} {values}; {message}."
-    else:
-        last = outcome.folder / "checkpoints" / "last.ckpt"
-        ending = f"Interrupted at {where} ({values}); {last} holds it. Resume it with:\n  {resume_command(last)}"
+    last = outcome.folder / "checkpoints" / "last.ckpt"
+    record = RunRecord(outcome.status, outcome.step, outcome.max_steps, message)
+    ending = record.ending(values, last, resume_command(last))
     report = run_report(outcome.folder, finished=outcome.status is Status.FINISHED)
     return "\n".join([ending, *(f"  {line}" for line in report)])
 
