@@ -17,6 +17,7 @@ from helpers import TINY, TRAIN, make_config, scalars, train_py
 
 from losslab.config_checks import ConfigError
 from losslab.run_folder import LEFTOVER_AGE_S, LOCK_FILE, FolderInUse, remove_leftovers
+from losslab.run_status import Status
 from losslab.train import train
 
 
@@ -80,7 +81,7 @@ def test_a_refused_resume_or_one_with_nothing_to_train_changes_nothing(resumed_r
     caplog.set_level(logging.INFO, logger="losslab")
     in_run = [f"paths.output_dir={run}", *FURTHER]
     outcome = train(make_config(root, cache_dir, [*in_run, "ckpt_path=last"]))  # the folder's last.ckpt
-    assert outcome.status == "finished" and outcome.step == 6
+    assert outcome.status is Status.FINISHED and outcome.step == 6
     assert f"Nothing to train: ckpt_path={last} is at step 6, and trainer.max_steps=6" in caplog.text
     with pytest.raises(ConfigError, match=f"{run} holds a run already: resume it"):
         train(make_config(root, cache_dir, in_run))  # a new run in its folder
@@ -112,7 +113,7 @@ def test_a_folder_in_use_is_refused_naming_the_job_and_free_once_it_is_killed(re
     finally:
         holder.kill()  # SIGKILL: no clean-up, the kernel drops the lock
         holder.wait()
-    assert train(make_config(resumed_run, cache_dir, resume)).status == "finished"
+    assert train(make_config(resumed_run, cache_dir, resume)).status is Status.FINISHED
 
 
 def test_sigterm_while_a_run_prepares_leaves_no_folder(tmp_path):
@@ -170,6 +171,7 @@ def test_ctrl_c_saves_the_step_reached_and_prints_how_to_resume(tmp_path):
     (run,) = run_folders(tmp_path)
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "interrupted" and 0 < status["step"] < 100000
+    assert status["message"] == "stopped by Ctrl-C; checkpoints/last.ckpt holds this step"
     last = run / "checkpoints" / "last.ckpt"
     assert f"Interrupted at step {status['step']}/100000" in stdout
     assert f"ckpt_path={last}" in stdout and "trainer.max_steps=100000" in stdout
@@ -229,7 +231,7 @@ def test_resuming_with_another_tokenizer_or_schedule_is_refused(tmp_path, cache_
     ):
         train(make_config(tmp_path / "longer", cache_dir, longer))
     outcome = train(make_config(tmp_path / "longer", cache_dir, [*longer, "schedule.total_steps=2"]))
-    assert outcome.status == "finished" and outcome.step == 4
+    assert outcome.status is Status.FINISHED and outcome.step == 4
 
 
 @pytest.mark.parametrize(

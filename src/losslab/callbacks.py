@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from losslab.divergence import divergence
@@ -152,7 +152,7 @@ class RunStatus(L.Callback):
         val_loss = float(trainer.callback_metrics.get("val/loss", math.nan))
         reason = divergence(val_loss, getattr(pl_module, "initial_val_loss", math.nan))
         if trainer.should_stop and not reached_max_steps(trainer):
-            self.record(trainer, Status.INTERRUPTED, "stopped by Ctrl-C; checkpoints/last.ckpt holds this step")
+            self.record(trainer, Status.INTERRUPTED, f"{stopped_by(trainer)}; checkpoints/last.ckpt holds this step")
         elif reason:
             skipped = int(getattr(pl_module, "skipped_steps", 0))
             if skipped or not math.isfinite(val_loss):
@@ -171,6 +171,17 @@ class RunStatus(L.Callback):
             self.record(trainer, Status.INTERRUPTED, "stopped by a second Ctrl-C, without a checkpoint of this step")
         else:
             self.record(trainer, Status.CRASHED, f"{type(exception).__name__}: {message}")
+
+
+def stopped_by(trainer: L.Trainer) -> str:
+    """What stopped training before ``trainer.max_steps``: Ctrl-C (:class:`GracefulInterrupt`), the
+    time limit (``trainer.max_time``, Lightning's ``Timer``) or another callback."""
+    if any(isinstance(callback, GracefulInterrupt) and callback.requested for callback in trainer.callbacks):
+        return "stopped by Ctrl-C"
+    remaining = [callback.time_remaining() for callback in trainer.callbacks if isinstance(callback, Timer)]
+    if any(seconds is not None and seconds <= 0 for seconds in remaining):
+        return "stopped at its time limit (trainer.max_time)"
+    return "stopped by a callback before trainer.max_steps"
 
 
 class GracefulInterrupt(L.Callback):

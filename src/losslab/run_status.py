@@ -36,7 +36,8 @@ class Status(str, Enum):
     DIVERGED = "diverged"
     # A step's loss or gradient was not finite, with step.nonfinite=stop (NonFiniteStepError).
     STOPPED = "stopped"
-    # Ctrl-C, or SIGTERM as a scheduler sends it to preempt a job: checkpoints/last.ckpt holds the
+    # Ctrl-C, or SIGTERM as a scheduler sends it to preempt a job, or trainer.max_time or a callback
+    # that stopped it before its last step (the message says which): checkpoints/last.ckpt holds the
     # step reached (not after a second Ctrl-C, which stops at once), and the run resumes from it.
     INTERRUPTED = "interrupted"
     # Any other error, named in the message.
