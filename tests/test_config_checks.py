@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_module
 from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from omegaconf import DictConfig, OmegaConf
 
+from losslab import checkpointing
 from losslab.checkpointing import LastCheckpoint
 from losslab.config_checks import FIXED_VOCAB_SIZES, ConfigError, check_config
 from losslab.config_keys import check_overrides
@@ -288,6 +289,21 @@ def test_a_value_is_refused_by_the_component_that_takes_it(override, node, build
     with pytest.raises(ConfigError) as config:
         check_config(compose_config(override))
     assert str(config.value) == f"{node}.{own.value}"
+
+
+def test_a_top_level_key_that_a_component_reads_is_refused_by_the_component_under_the_keys_name(monkeypatch):
+    """keep_checkpoints is the checkpoint callbacks' keep (``${keep_checkpoints}``): their refusal, named as
+    the user sets it; a value they come to take is not refused by a copy of their rule here."""
+    with pytest.raises(ValueError) as own:
+        LastCheckpoint(dirpath=None, every_n_train_steps=1, keep="all")
+    with pytest.raises(ConfigError) as config:
+        check_config(compose_config("keep_checkpoints=all"))
+    assert str(config.value) == f"keep_checkpoints{str(own.value).removeprefix('keep')}"
+    assert str(config.value) == (
+        "keep_checkpoints=all: the checkpoints to keep must be one of both, last, best (e.g. keep_checkpoints=last)"
+    )
+    monkeypatch.setattr(checkpointing, "KEEP", (*checkpointing.KEEP, "all"))
+    check_config(compose_config("keep_checkpoints=all"))
 
 
 @pytest.mark.parametrize("accelerator", ["gpu", "cuda"])

@@ -8,8 +8,9 @@ trained or written (:func:`component_problems`): the model (``GPTConfig``), the 
 (:mod:`losslab.optimization`), the data and its tokenizer (``DataConfig``, which asks
 :func:`losslab.tokenizers.check_tokenizer_settings`), losslab's callbacks (``LastCheckpoint``...)
 and the loss (``build_loss``). What it checks itself is what no single component can know: every
-key against what reads it ("did you mean": :mod:`losslab.config_keys`); the top-level keys, and what
-losslab asks of Lightning's ``Trainer`` and torch's AdamW, which are not its own (:data:`RULES`);
+key against what reads it ("did you mean": :mod:`losslab.config_keys`); the top-level keys that
+train.py reads itself (a component's, ``keep_checkpoints``, is refused by the component, under the
+key's name), and what losslab asks of Lightning's ``Trainer`` and torch's AdamW (:data:`RULES`);
 and the values that must agree across groups (:data:`RELATIONS`: ``data.context_length`` and the
 model's, ``loss.ignore_index`` and the vocabulary, the loss and tensor parallelism...).
 
@@ -21,6 +22,7 @@ override)``): nothing here changes. A new component of losslab's, with a node of
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,6 @@ from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, OmegaConf
 
-from losslab.checkpointing import KEEP
 from losslab.config_keys import UNSET, is_target, target_options, unknown_keys, value_at
 from losslab.data import DataConfig
 from losslab.losses import LOSSES, build_loss
@@ -49,6 +50,7 @@ PRECISIONS = tuple(value for kind in get_args(_PRECISION_INPUT) for value in get
 ACCELERATORS = ("auto", "cpu", "gpu", *sorted(AcceleratorRegistry.available_accelerators() - {"cpu"}))
 MAX_SEED = np.iinfo(np.uint32).max  # numpy's, which Lightning's seed_everything seeds too
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+TOP_LEVEL_KEY = re.compile(r"\$\{(\w+)\}")  # a node's value that is a top-level key's: ${keep_checkpoints}
 
 
 class ConfigError(ValueError):
@@ -102,12 +104,15 @@ def built(cfg: DictConfig, path: str, build: Callable[..., Any], **given: Any) -
 
     It gets the node's values that it takes, besides those ``given``; a value left to the user
     (``???``) is left out, for the component to ask for, and one that only a run can resolve (the
-    run's folder) is None. Keys that it does not take are :func:`unknown_keys`' to report.
+    run's folder) is None. Keys that it does not take are :func:`unknown_keys`' to report. A top-level
+    key's value (``keep: ${keep_checkpoints}``) is refused under that key: ``keep_checkpoints=all: ...``.
     """
     node = OmegaConf.select(cfg, path)
     if not isinstance(node, DictConfig):
         return None
     takes = target_options(build)
+    written = OmegaConf.to_container(node, resolve=False)
+    top_level = {key: match[1] for key, value in written.items() if (match := TOP_LEVEL_KEY.fullmatch(str(value)))}
     options, missing = {}, set()
     for key in node:
         if takes is not None and key not in takes or key in given or key.startswith("_"):
@@ -120,19 +125,20 @@ def built(cfg: DictConfig, path: str, build: Callable[..., Any], **given: Any) -
     try:
         build(**options, **{key: value for key, value in given.items() if value is not UNSET})
     except (ValueError, TypeError) as error:
-        return in_config_terms(path, str(error), takes or [], missing)
+        return in_config_terms(path, str(error), takes or [], missing, top_level)
     return None
 
 
-def in_config_terms(path: str, message: str, options: list[str], missing: set[str]) -> str:
-    """A component's refusal, ``name=value: ...``, as the config writes it, ``path.name=value: ...``,
-    with ``???`` for a value left to the user; one that names no option of the node, after its path."""
+def in_config_terms(path: str, message: str, options: list[str], missing: set[str], top_level: dict[str, str]) -> str:
+    """A component's refusal, ``name=value: ...``, as the config writes it, ``path.name=value: ...``
+    (or ``key=value: ...`` where ``top_level`` says the value is that top-level key's), with ``???``
+    for a value left to the user; one that names no option of the node, after its path."""
     name, _, rest = message.partition("=")
     if name not in options:
         return f"{path}: {message}"
     if name in missing:
         rest = "???" + rest.removeprefix("null")
-    return f"{path}.{name}={rest}"
+    return f"{top_level.get(name, f'{path}.{name}')}={rest}"
 
 
 # --- top-level keys, and others' components --------------------------------------------------
@@ -162,7 +168,7 @@ def are_betas(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(is_number(b) and 0 <= b < 1 for b in value)
 
 
-# The top-level keys, the loss's name (a registry entry: spelt before the loss is built), and what
+# The top-level keys that train.py reads itself, the loss's name (a registry entry: spelt before the loss is built), and what
 # losslab asks of Lightning's Trainer and torch's AdamW beyond their own checks.
 RULES = (
     Rule(
@@ -178,12 +184,6 @@ RULES = (
         "ckpt_path=logs/runs/<run>/checkpoints/last.ckpt",
     ),
     Rule("branch", lambda v: isinstance(v, bool), "branch must be true or false", "branch=true"),
-    Rule(
-        "keep_checkpoints",
-        lambda v: v in KEEP,
-        f"the checkpoints to keep must be one of {', '.join(KEEP)}",
-        "keep_checkpoints=last",
-    ),
     Rule(
         "optimizer.lr",
         lambda v: is_number(v) and 0 < v <= FLOAT32_MAX,
