@@ -1,4 +1,5 @@
-"""The independent float64 reference for the loss registry, and the helpers its tests share.
+"""The independent float64 reference for the loss registry, and the helpers its tests share (the
+grid of shapes, cases and dtypes too: test_losses.py, test_cuda.py and vocab_parallel_ranks.py run it).
 
 The reference is built on :func:`torch.nn.functional.cross_entropy` only: logits in float64,
 soft-capping, the temperature, cross-entropy with ``ignore_index`` and ``label_smoothing``, PaLM's
@@ -262,3 +263,72 @@ def loss_of_logits(name, logits, targets, **options):
     if isinstance(loss_fn, LogitsLoss):
         return loss_fn.from_logits(logits, targets)
     return loss_fn(logits, torch.eye(logits.shape[-1], dtype=logits.dtype), targets)
+
+
+# --- the grid of test_losses.py (also run on CUDA, test_cuda.py, and sharded, vocab_parallel_ranks.py) ---
+
+DTYPES = ("float32", "float64", "bf16-autocast")
+
+SHAPES = {  # id: (leading shape of hidden and targets, d, V)
+    "4x47-d31-V123": ((4, 47), 31, 123),
+    "1d-37-d16-V97": ((37,), 16, 97),
+    "2x5-d16-V50257": ((2, 5), 16, 50257),
+}
+
+WITH_BIAS, WEIGHTED = object(), object()
+CASES = {  # id: (options, whether every third target is ignore_index)
+    "mean": ({}, False),
+    "sum": (dict(reduction="sum"), False),
+    "none": (dict(reduction="none"), False),
+    "ignored-mean": ({}, True),
+    "ignored-sum": (dict(reduction="sum"), True),
+    "ignored-none": (dict(reduction="none"), True),
+    "ignore_index=7": (dict(ignore_index=7), True),
+    "ignore_index=-1-none": (dict(ignore_index=-1, reduction="none"), True),
+    "label_smoothing": (dict(label_smoothing=0.1), True),
+    "label_smoothing-none": (dict(label_smoothing=0.1, reduction="none"), True),
+    "z_loss": (dict(z_loss=0.01), False),
+    "z_loss-ignored-sum": (dict(z_loss=0.01, reduction="sum"), True),
+    "z_loss-none": (dict(z_loss=0.01, reduction="none"), True),
+    "softcap": (dict(softcap=5.0), False),
+    "softcap-none": (dict(softcap=5.0, reduction="none"), True),
+    "all-mean": (ALL_OPTIONS, True),
+    "all-ignore_index=7-none": (dict(ALL_OPTIONS, ignore_index=7, reduction="none"), True),
+    # An LM head with a bias, and class weights (torch's `weight`): WITH_BIAS and WEIGHTED are
+    # replaced by the tensors in case_inputs.
+    "bias": (dict(bias=WITH_BIAS), False),
+    "bias-none": (dict(bias=WITH_BIAS, reduction="none"), True),
+    "class_weights-mean": (dict(class_weights=WEIGHTED), True),
+    "class_weights-sum": (dict(class_weights=WEIGHTED, reduction="sum"), True),
+    "class_weights-none": (dict(class_weights=WEIGHTED, reduction="none"), True),
+    "class_weights-label_smoothing": (dict(class_weights=WEIGHTED, label_smoothing=0.1), True),
+    "all-bias-class_weights-mean": (dict(ALL_OPTIONS, bias=WITH_BIAS, class_weights=WEIGHTED), True),
+    "all-bias-class_weights-none": (dict(ALL_OPTIONS, bias=WITH_BIAS, class_weights=WEIGHTED, reduction="none"), True),
+    # the softmax of the logits divided by a temperature: alone, with the options a peer honours, with every option
+    "temperature": (dict(temperature=0.7), True),
+    "temperature-bias-class_weights-sum": (
+        dict(temperature=2.5, bias=WITH_BIAS, class_weights=WEIGHTED, label_smoothing=0.1, reduction="sum"),
+        True,
+    ),
+    "all-temperature-none": (dict(ALL_OPTIONS, temperature=0.5, reduction="none"), True),
+}
+
+
+def case_inputs(shape_id, case_id, dtype=torch.float32):
+    """The case's options (class weights as a tensor), inputs, and the LM head's bias or None;
+    ``shape_id`` names one of SHAPES, or is such a shape itself."""
+    shape, d, vocab = SHAPES[shape_id] if isinstance(shape_id, str) else shape_id
+    options, ignored = dict(CASES[case_id][0]), CASES[case_id][1]
+    ignore_index = options.get("ignore_index", -100) if ignored else None
+    hidden, weight, targets = make_inputs(shape, d, vocab, ignore_index=ignore_index, dtype=dtype)
+    generator = torch.Generator().manual_seed(2)
+    bias = torch.randn(vocab, generator=generator, dtype=torch.float64).to(dtype) if options.pop("bias", None) else None
+    if options.get("class_weights") is WEIGHTED:  # from 0 (a class that never counts) to 2
+        class_weights = 2 * torch.rand(vocab, generator=generator, dtype=torch.float64)
+        class_weights[::7] = 0.0
+        options["class_weights"] = class_weights.to(dtype)
+    return options, hidden, weight, targets, bias
+
+
+# Liger-Kernel's own float32 cross-entropy test: |error| <= 1e-8 + 1e-6 * |reference|, per token.
+LIGER_FLOAT32 = (1e-8, 1e-6)

@@ -10,19 +10,20 @@ import torch
 
 from losslab.bench import make_inputs, peak_memory_mib
 from losslab.losses import build_loss
+from losslab.losses.tolerances import BF16_SLACK, TOLERANCES
 
 from .reference import (
     IMPLEMENTATIONS,
     assert_bf16_within,
     assert_results_within,
     build,
+    case_inputs,
     evaluate,
     random_upstream,
     reference_loss,
     skip_unless_possible,
     torch_bf16_loss,
 )
-from .test_losses import BF16_SLACK, TOLERANCES, case_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CASES = ("mean", "ignored-none", "all-mean", "all-bias-class_weights-mean", "all-bias-class_weights-none")

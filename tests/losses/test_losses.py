@@ -13,13 +13,18 @@ from losslab.losses.tolerances import BF16_SLACK, TOLERANCES, bf16_loss_slack
 
 from .reference import (
     ALL_OPTIONS,
+    CASES,
+    DTYPES,
     IMPLEMENTATIONS,
+    LIGER_FLOAT32,
     LOGITS_IMPLEMENTATIONS,
     REDUCTIONS,
+    SHAPES,
     assert_bf16_within,
     assert_results_within,
     assert_within,
     build,
+    case_inputs,
     count_matmul_flops,
     evaluate,
     make_inputs,
@@ -27,68 +32,6 @@ from .reference import (
     reference_loss,
     torch_bf16_loss,
 )
-
-DTYPES = ("float32", "float64", "bf16-autocast")
-
-SHAPES = {  # id: (leading shape of hidden and targets, d, V)
-    "4x47-d31-V123": ((4, 47), 31, 123),
-    "1d-37-d16-V97": ((37,), 16, 97),
-    "2x5-d16-V50257": ((2, 5), 16, 50257),
-}
-
-WITH_BIAS, WEIGHTED = object(), object()
-CASES = {  # id: (options, whether every third target is ignore_index)
-    "mean": ({}, False),
-    "sum": (dict(reduction="sum"), False),
-    "none": (dict(reduction="none"), False),
-    "ignored-mean": ({}, True),
-    "ignored-sum": (dict(reduction="sum"), True),
-    "ignored-none": (dict(reduction="none"), True),
-    "ignore_index=7": (dict(ignore_index=7), True),
-    "ignore_index=-1-none": (dict(ignore_index=-1, reduction="none"), True),
-    "label_smoothing": (dict(label_smoothing=0.1), True),
-    "label_smoothing-none": (dict(label_smoothing=0.1, reduction="none"), True),
-    "z_loss": (dict(z_loss=0.01), False),
-    "z_loss-ignored-sum": (dict(z_loss=0.01, reduction="sum"), True),
-    "z_loss-none": (dict(z_loss=0.01, reduction="none"), True),
-    "softcap": (dict(softcap=5.0), False),
-    "softcap-none": (dict(softcap=5.0, reduction="none"), True),
-    "all-mean": (ALL_OPTIONS, True),
-    "all-ignore_index=7-none": (dict(ALL_OPTIONS, ignore_index=7, reduction="none"), True),
-    # An LM head with a bias, and class weights (torch's `weight`): WITH_BIAS and WEIGHTED are
-    # replaced by the tensors in case_inputs.
-    "bias": (dict(bias=WITH_BIAS), False),
-    "bias-none": (dict(bias=WITH_BIAS, reduction="none"), True),
-    "class_weights-mean": (dict(class_weights=WEIGHTED), True),
-    "class_weights-sum": (dict(class_weights=WEIGHTED, reduction="sum"), True),
-    "class_weights-none": (dict(class_weights=WEIGHTED, reduction="none"), True),
-    "class_weights-label_smoothing": (dict(class_weights=WEIGHTED, label_smoothing=0.1), True),
-    "all-bias-class_weights-mean": (dict(ALL_OPTIONS, bias=WITH_BIAS, class_weights=WEIGHTED), True),
-    "all-bias-class_weights-none": (dict(ALL_OPTIONS, bias=WITH_BIAS, class_weights=WEIGHTED, reduction="none"), True),
-    # the softmax of the logits divided by a temperature: alone, with the options a peer honours, with every option
-    "temperature": (dict(temperature=0.7), True),
-    "temperature-bias-class_weights-sum": (
-        dict(temperature=2.5, bias=WITH_BIAS, class_weights=WEIGHTED, label_smoothing=0.1, reduction="sum"),
-        True,
-    ),
-    "all-temperature-none": (dict(ALL_OPTIONS, temperature=0.5, reduction="none"), True),
-}
-
-
-def case_inputs(shape_id, case_id, dtype=torch.float32):
-    """The case's options (class weights as a tensor), inputs, and the LM head's bias or None;
-    ``shape_id`` names one of SHAPES, or is such a shape itself."""
-    shape, d, vocab = SHAPES[shape_id] if isinstance(shape_id, str) else shape_id
-    options, ignored = dict(CASES[case_id][0]), CASES[case_id][1]
-    ignore_index = options.get("ignore_index", -100) if ignored else None
-    hidden, weight, targets = make_inputs(shape, d, vocab, ignore_index=ignore_index, dtype=dtype)
-    generator = torch.Generator().manual_seed(2)
-    bias = torch.randn(vocab, generator=generator, dtype=torch.float64).to(dtype) if options.pop("bias", None) else None
-    if options.get("class_weights") is WEIGHTED:  # from 0 (a class that never counts) to 2
-        class_weights = 2 * torch.rand(vocab, generator=generator, dtype=torch.float64)
-        class_weights[::7] = 0.0
-        options["class_weights"] = class_weights.to(dtype)
-    return options, hidden, weight, targets, bias
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -134,8 +77,6 @@ def test_matches_reference(name, shape_id, case_id, dtype):
         assert turned <= max(1, 0.05 * counted)
 
 
-# Liger-Kernel's own float32 cross-entropy test: |error| <= 1e-8 + 1e-6 * |reference|, per token.
-LIGER_FLOAT32 = (1e-8, 1e-6)
 # Logits that share a large offset (as a trained model's may: an LM head's bias, say), added by the bias.
 LOGIT_OFFSETS = {"centred": 0.0, "offset-30": -30.0}
 

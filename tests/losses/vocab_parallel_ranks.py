@@ -30,16 +30,20 @@ from losslab.losses import (  # noqa: E402
     build_loss,
     vocab_parallel_losses,  # noqa: E402
 )
+from losslab.losses.tolerances import BF16_SLACK, TOLERANCES  # noqa: E402
 from tests.losses.reference import (  # noqa: E402
+    CASES,
+    DTYPES,
+    LIGER_FLOAT32,
     Result,
     assert_bf16_within,
     assert_results_within,
+    case_inputs,
     evaluate,
     random_upstream,
     reference_loss,
     torch_bf16_loss,
 )
-from tests.losses.test_losses import BF16_SLACK, CASES, DTYPES, LIGER_FLOAT32, TOLERANCES, case_inputs  # noqa: E402
 
 WORLD_SIZES = (2, 3, 4)
 SHAPE, DIM, VOCAB = (3, 11), 16, 507  # V = 507: 254 + 253 rows over 2, 169 x 3 over 3, 127 x 3 + 126 over 4
