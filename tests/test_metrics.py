@@ -8,7 +8,9 @@ import math
 import pytest
 from helpers import make_config, scalars
 
+from losslab.checkpointing import BestCheckpoint
 from losslab.compare import summarize
+from losslab.metrics import BEST_BY, METRICS
 from losslab.run_logs import load_runs
 from losslab.run_status import Status
 from losslab.train import objective, train
@@ -21,6 +23,14 @@ DIVERGING = [
     "trainer.max_steps=20",
     "trainer.val_check_interval=10",
 ]
+
+
+def test_runs_are_judged_by_one_metric_of_the_table_where_lower_is_better():
+    """The best checkpoint keeps its minimum, and divergence, compare's ranking and Optuna's objective
+    take lower as better too."""
+    assert METRICS[BEST_BY].better == "lower"
+    best = BestCheckpoint(dirpath=None)
+    assert (best.monitor, best.mode) == (BEST_BY, "min")
 
 
 def test_a_diverged_run_logs_nan_keeps_no_best_and_says_it_diverged(tmp_path, cache_dir, caplog):

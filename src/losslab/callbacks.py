@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from losslab.divergence import divergence
 from losslab.memory import peak_rss_mib, reset_peak_rss
-from losslab.metrics import METRICS, log_metrics
+from losslab.metrics import BEST_BY, METRICS, log_metrics
 from losslab.run_status import NonFiniteStepError, RunRecord, Status, reached_max_steps
 from losslab.targets import count_targets
 
@@ -149,7 +149,7 @@ class RunStatus(L.Callback):
             self.record(trainer, Status.RUNNING)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        val_loss = float(trainer.callback_metrics.get("val/loss", math.nan))
+        val_loss = float(trainer.callback_metrics.get(BEST_BY, math.nan))
         reason = divergence(val_loss, getattr(pl_module, "initial_val_loss", math.nan))
         if trainer.should_stop and not reached_max_steps(trainer):
             self.record(trainer, Status.INTERRUPTED, f"{stopped_by(trainer)}; checkpoints/last.ckpt holds this step")

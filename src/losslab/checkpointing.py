@@ -30,6 +30,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from losslab.checkpoint_files import read_checkpoint
 from losslab.divergence import beats_untrained
 from losslab.files import atomic_replacement
+from losslab.metrics import BEST_BY
 from losslab.run_status import reached_max_steps
 from losslab.settings import is_int_at_least, require
 
@@ -118,7 +119,7 @@ class BestCheckpoint(ModelCheckpoint):
             dirpath=dirpath,
             filename="best-step{step}",
             auto_insert_metric_name=False,
-            monitor="val/loss",
+            monitor=BEST_BY,
             mode="min",
             save_top_k=0 if check_keep(keep) == "last" else 1,
             enable_version_counter=False,  # a step taken again replaces its best-step<N>.ckpt, never -v1

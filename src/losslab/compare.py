@@ -33,7 +33,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from losslab.metrics import METRICS, Metric
+from losslab.metrics import BEST_BY, METRICS, Metric
 from losslab.run_logs import (
     Run,
     best_validation,
@@ -64,8 +64,8 @@ def columns(asked: Collection[str] = ()) -> dict[str, str]:
     shown = {"run": "run", "status": "status"}
     for metric in compared(asked):
         shown[metric.tag] = metric.label
-        if metric.tag == "val/loss":
-            shown["best_val_loss"] = "best val loss"
+        if metric.tag == BEST_BY:
+            shown["best_val_loss"] = f"best {metric.label}"
     return shown | {"wall_time_s": "wall time (s)", "nonfinite": "non-finite"}
 
 
@@ -104,7 +104,7 @@ def ranked(runs: dict[str, Run]) -> list[str]:
 
     def key(name: str) -> tuple[int, float, str]:
         run = runs[name]
-        loss = last(run.curves, "val/loss")
+        loss = last(run.curves, BEST_BY)
         return (
             list(Status).index(run.status.status),
             loss if loss is not None and math.isfinite(loss) else math.inf,
@@ -224,7 +224,7 @@ def cell(key: str, value: float | bool | str | None) -> str:
     if isinstance(value, float):
         if key == "wall_time_s":
             return f"{value:.1f}"
-        return METRICS["val/loss" if key == "best_val_loss" else key].show(value)
+        return METRICS[BEST_BY if key == "best_val_loss" else key].show(value)
     return value
 
 

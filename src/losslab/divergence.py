@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+from losslab.metrics import BEST_BY
+
 
 def beats_untrained(val_loss: float, initial_val_loss: float) -> bool:
     """Whether ``val_loss`` is finite and below the untrained model's, ``initial_val_loss`` (its
@@ -25,10 +27,10 @@ def divergence(val_loss: float, initial_val_loss: float) -> str | None:
     above either would be arbitrary. No run that learned anything ends above its start.
     """
     if not math.isfinite(val_loss):
-        return f"the last val/loss is {val_loss}"
+        return f"the last {BEST_BY} is {val_loss}"
     if not beats_untrained(val_loss, initial_val_loss):
         return (
-            f"val/loss did not end below the untrained model's {initial_val_loss:.4f} (step 0): training made the "
+            f"{BEST_BY} did not end below the untrained model's {initial_val_loss:.4f} (step 0): training made the "
             "model worse; lower optimizer.lr, or clip the gradient (step.gradient_clip_val)"
         )
     return None

@@ -22,6 +22,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from tensorboard.plugins.hparams.summary_v2 import hparams_pb
 
+from losslab.metrics import BEST_BY
+
 
 def chosen_options(cfg: DictConfig, vocab_size: int) -> DictConfig:
     """The part of ``cfg`` (resolved) that tells runs apart, with the tokenizer's real vocabulary size.
@@ -71,7 +73,7 @@ class HParamsTab(L.Callback):
         self.options = options
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        validated = "val/loss" in trainer.callback_metrics
+        validated = BEST_BY in trainer.callback_metrics
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and validated and trainer.is_global_zero:
                 logger.log_hyperparams(self.options)  # without metrics: hparams.yaml only, no summary

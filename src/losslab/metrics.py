@@ -17,6 +17,9 @@ from typing import Any, Literal
 # TensorBoard's custom-scalars section of the charts that compare runs, the first one it shows.
 COMPARISON = "compare runs"
 LOSS_CHART = "loss (train and validation)"
+# The metric a run is judged by, lower being better: its best checkpoint, whether it diverged
+# (losslab.divergence), compare's ranking and best column, the report's fall and Optuna's objective.
+BEST_BY = "val/loss"
 # The logit diagnostics of the steps training logs (README, "Logit diagnostics"); compare shows them
 # when asked (compare_runs.py --show logits).
 LOGITS = "logits"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from losslab.compare import summarize
 from losslab.dashboard import DASHBOARD_URL
-from losslab.metrics import METRICS
+from losslab.metrics import BEST_BY, METRICS
 from losslab.run_logs import Curves, Run, best_validation, load_runs, run_folders
 
 
@@ -60,23 +60,23 @@ def validation_table(curves: Curves) -> list[str]:
 def fall(curves: Curves) -> str:
     """Where the best validation loss was reached, and how far the loss and perplexity fell (or
     rose) from the first validation to the last."""
-    losses = curves.get("val/loss", [])
+    losses = curves.get(BEST_BY, [])
     if len(losses) < 2:
         return ""
     best, first, last = best_validation(curves), losses[0], losses[-1]
     if best is None and first.step == 0:
-        return f"No validation beat the untrained model's val/loss ({first.value:.4f}, step 0): no best checkpoint."
+        return f"No validation beat the untrained model's {BEST_BY} ({first.value:.4f}, step 0): no best checkpoint."
     if best is None:
-        return "No finite val/loss: no best checkpoint."
+        return f"No finite {BEST_BY}: no best checkpoint."
     if not math.isfinite(last.value):
-        return f"Best val/loss at step {best.step}."
+        return f"Best {BEST_BY} at step {best.step}."
     change = first.value - last.value
     fell = (
         f"fell by {change:.4f}, perplexity {math.exp(change):.1f}x lower"
         if change >= 0
         else f"rose by {-change:.4f}, perplexity {math.exp(min(-change, 700)):.3g}x higher"
     )
-    return f"Best val/loss at step {best.step}; from step {first.step} to {last.step} val/loss {fell}."
+    return f"Best {BEST_BY} at step {best.step}; from step {first.step} to {last.step} {BEST_BY} {fell}."
 
 
 def speed(run: Run) -> str:

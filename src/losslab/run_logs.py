@@ -24,6 +24,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
 from losslab.divergence import beats_untrained
+from losslab.metrics import BEST_BY
 from losslab.run_status import RunRecord, read_status
 
 Curves = dict[str, list[ScalarEvent]]  # tag -> its events, in the order they were written
@@ -167,7 +168,7 @@ def best_validation(curves: Curves) -> ScalarEvent | None:
     """The validation of the run's best checkpoint: the lowest finite ``val/loss`` after step 0,
     below step 0's (the untrained model's, when logged: see :mod:`losslab.divergence`); None when no
     validation qualifies. Of equal losses, the first, as the checkpoint keeps it."""
-    events = curves.get("val/loss", [])
+    events = curves.get(BEST_BY, [])
     untrained = events[0].value if events and events[0].step == 0 else math.nan
     trained = [event for event in events if event.step > 0 and beats_untrained(event.value, untrained)]
     return min(trained, key=lambda event: event.value, default=None)

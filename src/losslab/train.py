@@ -35,7 +35,7 @@ from losslab.data import GPTDataModule
 from losslab.files import DataError
 from losslab.hparams import HParamsTab, chosen_options
 from losslab.lightning_module import GPTLightningModule
-from losslab.metrics import METRICS
+from losslab.metrics import BEST_BY, METRICS
 from losslab.model import GPT
 from losslab.optimization import ScheduleConfig, StepConfig
 from losslab.peak_memory import banner_line
@@ -315,7 +315,7 @@ def without_tips(record: logging.LogRecord) -> bool:
 def objective(outcome: RunOutcome) -> float:
     """What a run returns to Hydra's sweepers (Optuna's objective): its final val/loss when it
     finished, else NaN, which fails the trial: a diverged run is nobody's best."""
-    return outcome.metrics.get("val/loss", math.nan) if outcome.status is Status.FINISHED else math.nan
+    return outcome.metrics.get(BEST_BY, math.nan) if outcome.status is Status.FINISHED else math.nan
 
 
 @hydra.main(version_base="1.3", config_path="pkg://losslab.conf", config_name="train")
