@@ -1,7 +1,7 @@
 """The LightningModule: a GPT, a loss from the registry, AdamW and a warm-up + cosine schedule.
 
 One training batch is the list of micro-batches of one optimizer step (gradient accumulation, see
-``GPTDataModule(accumulate=...)``), and the step's gradient is that of the loss summed over every
+``DataConfig(accumulate=...)``), and the step's gradient is that of the loss summed over every
 real target token of the step, on every device, divided by the step's real-token count: padding
 and uneven micro-batches or ranks never change a token's weight. That needs the step's token count
 before the first backward, hence manual optimization.
@@ -29,12 +29,11 @@ from losslab.checkpoint_files import losslab_state, restore_losslab_state
 from losslab.losses import LossParts, TokenLoss
 from losslab.metrics import log_metrics
 from losslab.model import GPT
+from losslab.optimization import NONFINITE_POLICIES, warmup_cosine
 from losslab.run_status import NonFiniteStepError, reached_max_steps
 from losslab.sharding import average_replicated_gradients_, clip_gradients_, gradient_norm, shard_gpt
 from losslab.spikes import StepRecord
 from losslab.targets import count_targets, real_targets
-
-NONFINITE_POLICIES = ("skip", "stop")
 
 
 def correct_count(parts: LossParts) -> Tensor:
@@ -53,15 +52,6 @@ def logit_sums(parts: LossParts, targets: Tensor, ignore_index: int) -> tuple[Te
     return sums, maxima
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at
-    ``total_steps``, where it stays."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 class GPTLightningModule(L.LightningModule):
     """Trains ``model`` with the loss implementation built by ``loss``.
 
@@ -72,7 +62,8 @@ class GPTLightningModule(L.LightningModule):
         optimizer: a factory ``optimizer(param_groups) -> Optimizer`` (a partial of AdamW).
             Its ``weight_decay`` applies to matrices and embeddings; biases and LayerNorm weights
             get none.
-        warmup_steps, total_steps, min_lr_ratio: the learning-rate schedule (see warmup_cosine).
+        warmup_steps, total_steps, min_lr_ratio: the learning-rate schedule (see
+            :func:`losslab.optimization.warmup_cosine`).
         gradient_clip_val: clip the gradient's global norm to this; ``None`` for no clipping.
         nonfinite: what a step whose loss or gradient is not finite does, without ever updating
             the weights: ``"skip"`` it (it still counts as a step, and ``train/skipped_steps``

@@ -1,5 +1,6 @@
 """How the weights move: one optimizer step (``step.*`` in the config) and the learning-rate schedule
-(``schedule.*``), each a frozen dataclass that checks its own values, as ``GPTConfig`` does the model's.
+(``schedule.*``), each a frozen dataclass that checks its own values, as ``GPTConfig`` does the model's;
+and the schedule's multiplier of the learning rate at each step (:func:`warmup_cosine`).
 
 ``train.py`` builds both from the config and hands their values to
 :class:`~losslab.lightning_module.GPTLightningModule` (and ``accumulate`` to the data module);
@@ -9,10 +10,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from losslab.lightning_module import NONFINITE_POLICIES
 from losslab.settings import is_finite, is_int_at_least, is_number, require
+
+NONFINITE_POLICIES = ("skip", "stop")  # what a step whose loss or gradient is not finite does
 
 
 @dataclass(frozen=True)
@@ -89,3 +92,12 @@ class ScheduleConfig:
             "the final learning rate's share of optimizer.lr must be in [0, 1]",
             "schedule.min_lr_ratio=0.1",
         )
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at
+    ``total_steps``, where it stays."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
