@@ -189,6 +189,11 @@ class ShardedDataParallel(ModelParallelStrategy):
             process_group_backend=process_group_backend,
         )
 
+    @property
+    def tensor_parallel_size(self) -> int:
+        """The processes that share the vocabulary (the LM head's rows)."""
+        return self._tensor_parallel_size
+
     def setup_environment(self) -> None:
         # The processes per node and the nodes are known only now (the trainer sets them).
         processes = self.num_processes * self.num_nodes
