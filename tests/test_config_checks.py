@@ -235,7 +235,9 @@ BAD = [
             rf"loss={name} cannot train under tensor parallelism \(trainer.strategy.tensor_parallel_size=2: "
             r"trainer=tp or fsdp_tp\).*: use loss=logsumexp, cross_entropy or fused",
         )
-        for trainer, name in [("tp", "naive"), ("fsdp_tp", "torch_lce"), ("tp", "cce"), ("tp", "liger")]
+        for trainer in ("tp", "fsdp_tp")
+        for name, loss in LOSSES.items()
+        if not loss.takes_vocab_parallel  # every other entry, each under both
     ],
     ("trainer=tp trainer.devices=3", r"trainer.devices=3 x trainer.num_nodes=1 processes do not split into tensor-"),
     ("trainer=tp +loss.vocab_parallel=1", r"loss.vocab_parallel=1: losslab sets this itself: trainer=tp and fsdp_tp"),
