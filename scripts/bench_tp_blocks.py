@@ -1,15 +1,14 @@
-"""Why ``trainer=tp`` replicates the transformer blocks: their step split by tensor parallelism
-against the whole block on every process, at the lab's sizes.
+"""The transformer block under tensor parallelism: its step split by the column/row plan
+(``trainer=tp``'s) against the whole block on every process, at the lab's sizes.
 
 On ``--ranks`` processes over gloo, one transformer block's forward and backward on the batch every
 process of a tensor-parallel group shares, two ways:
 
-- ``replicated``: :class:`losslab.model.Block` whole on every process (what ``trainer=tp`` does);
-- ``tensor-parallel``: the usual column/row plan (``parallelize_module``): q, k and v and the MLP's
-  first layer split by columns (each process a share of the heads), both output projections by
-  rows, each followed by an all-reduce of the (B, T, C) activations, forward and backward: the
-  plan of torchtitan and Megatron. The attention is the block's own, with q, k and v as three
-  layers (the block's fused qkv layer cannot be split by columns as it is).
+- ``replicated``: :class:`losslab.model.Block` whole on every process;
+- ``tensor-parallel``: the same block split as ``trainer=tp`` splits it
+  (:func:`losslab.sharding.split_block`): q, k and v and the MLP's first layer split by columns (each
+  process a share of the heads), both output projections by rows, each followed by an all-reduce of
+  the (B, T, C) activations, forward and backward: the plan of torchtitan and Megatron.
 
 Each process reports the median time of ``--steps`` steps after ``--skip``; the table gives the
 slowest process's, and the block's parameters held per process.
@@ -27,57 +26,24 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from losslab.bench import time_calls
 from losslab.bench_report import markdown_table
-from losslab.model import MLP, Block
+from losslab.model import Block
+from losslab.sharding import split_block
 
 # name: (n_embd, n_head, batch, context): experiment=tiny's, model=small's (data.batch_size 16) and
 # GPT-2 small's width with a CPU-sized batch
 SIZES = {"tiny": (32, 2, 4, 32), "small": (128, 4, 16, 128), "gpt2-width": (768, 12, 4, 256)}
 
 
-class SplitAttention(nn.Module):
-    """Causal self-attention with q, k and v as layers of their own, so that a column split gives
-    each process whole heads; the number of heads is that of the process's columns."""
-
-    def __init__(self, n_embd: int, n_head: int) -> None:
-        super().__init__()
-        self.head_size = n_embd // n_head
-        self.q, self.k, self.v = (nn.Linear(n_embd, n_embd) for _ in range(3))
-        self.proj = nn.Linear(n_embd, n_embd)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, T, _ = x.shape
-        q, k, v = (layer(x) for layer in (self.q, self.k, self.v))  # (B, T, this process's columns)
-        q, k, v = (t.view(B, T, -1, self.head_size).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-class SplitBlock(nn.Module):
-    def __init__(self, n_embd: int, n_head: int) -> None:
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
-        self.attn = SplitAttention(n_embd, n_head)
-        self.mlp = MLP(n_embd, 0.0, True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
 def block(arm: str, n_embd: int, n_head: int, ranks: int) -> nn.Module:
-    if arm == "replicated":
-        return Block(n_embd, n_head, 0.0, True)
-    mesh = init_device_mesh("cpu", (ranks,))
-    plan = {f"attn.{name}": ColwiseParallel() for name in "qkv"}
-    plan |= {"attn.proj": RowwiseParallel(), "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel()}
-    return parallelize_module(SplitBlock(n_embd, n_head), mesh, plan)
+    module = Block(n_embd, n_head, 0.0, True)
+    if arm == "tensor-parallel":
+        split_block(module, init_device_mesh("cpu", (ranks,)))
+    return module
 
 
 def worker(rank: int, ranks: int, steps: int, skip: int, out: Path) -> None:

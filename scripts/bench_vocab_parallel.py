@@ -15,7 +15,8 @@ so that each peak is the row's own):
 Every process reports what it holds of the head (its rows: the input that vocabulary parallelism
 splits), the peak resident memory its step adds to its inputs (hidden states, its rows, targets:
 :func:`losslab.bench.peak_memory_mib`, the first step at full size, after a small priming step:
-the head's gradient, the logits or a chunk of them, the hidden states' gradient) and the time of
+the head's gradient, the logits or a chunk of them, the hidden states' gradient), the peak that
+:mod:`losslab.peak_memory` predicts for it (what a ``trainer=tp`` run's banner states) and the time of
 ``--repeats`` steps (median); the table gives the largest over the processes of each (the step
 ends with its slowest process), and the loss, which is the same in every row of a process count. A CPU's processes share its cores:
 each gets ``cores / ranks`` threads.
@@ -46,6 +47,7 @@ from losslab.bench import peak_memory_mib, time_calls
 from losslab.bench_report import machine, markdown_table
 from losslab.losses import VocabParallel, build_loss
 from losslab.losses.vocab_parallel import shard_range
+from losslab.peak_memory import predict
 
 ROWS = {  # name: label
     "fused-whole": "fused, whole head",
@@ -54,7 +56,16 @@ ROWS = {  # name: label
     "torch-loss-parallel": "torch loss_parallel (unfused)",
 }
 PRIMING = (256, 1024, 64)  # N, V, d of the step run first, so that one-time costs are not counted
-HEADER = ["loss", "V", "processes", "head rows MiB", "step's peak MiB", "step s", "loss"]
+HEADER = ["loss", "V", "processes", "head rows MiB", "step's peak MiB", "predicted MiB", "step s", "loss"]
+
+
+def predicted_mib(row: str, ranks: int, size: tuple[int, int, int]) -> str:
+    """The per-process peak that :mod:`losslab.peak_memory` predicts for ``row`` (what a ``trainer=tp``
+    run's banner states for its loss), or "" for torch's own loss_parallel, which it does not predict."""
+    if row == "torch-loss-parallel":
+        return ""
+    shards = 1 if row == "fused-whole" else ranks
+    return f"{predict(row.split('-')[0], *size, vocab_shards=shards).mib:,.0f}"
 
 
 def inputs(tokens: int, vocab: int, rows: slice, dim: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -143,12 +154,15 @@ def main() -> None:
                     figures = measure(row, ranks, size, args.repeats)
                 except Exception as error:  # a process killed (out of memory?) fails the row, not the run
                     print(f"{ROWS[row]} at V={vocab} on {ranks} processes failed: {error}", file=sys.stderr)
-                    table.append([ROWS[row], vocab, ranks, "", "failed", "failed", ""])
+                    table.append([ROWS[row], vocab, ranks, "", "failed", predicted_mib(row, ranks, size), "failed", ""])
                     continue
                 head, peak, time_s = (max(f[key] for f in figures) for key in ("head_mib", "peak_mib", "time_s"))
                 results.append({"row": row, "vocab": vocab, "ranks": ranks, "per_rank": figures})
                 loss = f"{figures[0]['loss']:.4f}"
-                table.append([ROWS[row], vocab, ranks, f"{head:,.0f}", f"{peak:,.0f}", f"{time_s:.2f}", loss])
+                predicted = predicted_mib(row, ranks, size)
+                table.append(
+                    [ROWS[row], vocab, ranks, f"{head:,.0f}", f"{peak:,.0f}", predicted, f"{time_s:.2f}", loss]
+                )
                 print(markdown_table(HEADER, table[-1:]), flush=True)
     print(f"\nN={args.tokens}, d={args.dim}, float32; per process: the largest of each")
     print(markdown_table(HEADER, table))

@@ -31,7 +31,7 @@ from losslab.data import pad_batch
 from losslab.lightning_module import GPTLightningModule
 from losslab.losses import LOSSES, build_loss
 from losslab.model import GPT, GPTConfig
-from losslab.sharding import ShardedDataParallel
+from losslab.sharding import ShardedDataParallel, qkv_rows
 
 VOCAB = 37
 LR = 0.5
@@ -56,12 +56,13 @@ def tiny_module(
     optimizer: Any = None,
     nonfinite: str = "skip",
     gradient_clip_val: float | None = None,
+    n_head: int = 2,
     **loss_options: Any,
 ) -> GPTLightningModule:
-    """The same tiny GPT every call, trained with plain SGD unless ``optimizer`` says otherwise;
-    ``loss_options`` go to the loss."""
+    """The same tiny GPT every call (of ``n_head`` heads), trained with plain SGD unless ``optimizer``
+    says otherwise; ``loss_options`` go to the loss."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=VOCAB, context_length=16, n_layer=1, n_head=2, n_embd=16))
+    model = GPT(GPTConfig(vocab_size=VOCAB, context_length=16, n_layer=1, n_head=n_head, n_embd=16))
     return GPTLightningModule(
         model=model,
         loss=partial(build_loss, loss, **loss_options),
@@ -89,8 +90,14 @@ def step_batches(lengths: list[list[int]], seed: int = 0) -> tuple[list[dict[str
     return [pad_batch(micro, pad_id=0) for micro in rows], pad_batch([row for micro in rows for row in micro], pad_id=0)
 
 
-def fit(module: GPTLightningModule, steps: list[list[dict[str, Tensor]]], **trainer_options: Any) -> L.Trainer:
-    """Train ``module`` for one pass over ``steps``, each the list of one optimizer step's micro-batches."""
+def fit(
+    module: GPTLightningModule,
+    steps: list[list[dict[str, Tensor]]],
+    ckpt_path: Path | None = None,
+    **trainer_options: Any,
+) -> L.Trainer:
+    """Train ``module`` for one pass over ``steps``, each the list of one optimizer step's micro-batches
+    (resuming from ``ckpt_path``: a checkpoint of that pass's end only restores it)."""
     options = dict(
         accelerator="cpu",
         devices=1,
@@ -103,13 +110,16 @@ def fit(module: GPTLightningModule, steps: list[list[dict[str, Tensor]]], **trai
         enable_model_summary=False,
     )
     trainer = L.Trainer(**{**options, **trainer_options})
-    trainer.fit(module, DataLoader(steps, batch_size=None))
+    trainer.fit(module, DataLoader(steps, batch_size=None), ckpt_path=ckpt_path)
     return trainer
 
 
 def parameters_of(module: GPTLightningModule) -> Tensor:
-    """All the parameters, flat; whole ones where they are sharded (every rank must call it then)."""
-    return torch.cat([whole(p).detach().flatten() for p in module.parameters()])
+    """All the parameters, flat; whole ones where they are sharded (every rank must call it then), in the
+    model's order (the attention's q, k and v rows, which tensor parallelism holds by process, too)."""
+    ranks = 1 if module.device_mesh is None else module.device_mesh["tensor_parallel"].size()
+    parameters = {name: whole(p).detach() for name, p in module.named_parameters()}
+    return torch.cat([p.flatten() for p in qkv_rows(parameters, ranks, split=False).values()])
 
 
 def whole(tensor: Tensor) -> Tensor:
@@ -188,6 +198,8 @@ def sharded_runs(tensor_parallel: bool = False) -> dict[str, tuple[dict[str, Any
     adamw = partial(torch.optim.AdamW, lr=0.01, fused=True)
     runs["adamw_clipped"] = ({"optimizer": adamw, "gradient_clip_val": 0.05}, float64)
     runs["bf16"] = ({"loss": "fused", "z_loss": 1e-3}, {"dtype": torch.float32, "precision": "bf16-mixed"})
+    if tensor_parallel:  # heads for 4 processes to share
+        runs = {name: ({**module_options, "n_head": 4}, numbers) for name, (module_options, numbers) in runs.items()}
     return runs
 
 
@@ -266,7 +278,7 @@ def tensor_parallel_run(out_dir: Path) -> None:
     """On 4 ranks, the steps of sharded_run (TENSOR_PARALLEL_RUNS), under ``tp`` (4 ranks share the
     vocabulary: one data-parallel rank, two items per step) and ``fsdp_tp`` (2 x 2: one item per
     data-parallel rank and step); test_tensor_parallel.py compares them with one device's. Each rank
-    also keeps its shard of the head and of the first block."""
+    also keeps its shard of the head and of each parameter of the first block."""
     items, merged = tensor_parallel_steps()
     strategies = {
         "tp": (partial(ShardedDataParallel, tensor_parallel_size=4), data_parallel_share(merged, 4, 4)),
@@ -290,13 +302,26 @@ def tensor_parallel_run(out_dir: Path) -> None:
                 use_distributed_sampler=False,
             )
             model = module.model
+            if run == "adamw_clipped":  # its checkpoint, read back into a fresh sharded module
+                trainer.save_checkpoint(out_dir / f"{strategy_name}.ckpt")
+                fresh = tiny_module(**module_options).to(numbers["dtype"])
+                options = dict(precision=numbers["precision"], devices=4, use_distributed_sampler=False)
+                again = fit(fresh, steps, ckpt_path=out_dir / f"{strategy_name}.ckpt", strategy=strategy(), **options)
+                reloaded = {
+                    "state_dict": again.strategy.lightning_module_state_dict(),
+                    "optimizer_state": again.strategy.optimizer_state(again.optimizers[0]),
+                }
             results[run, strategy_name] = {
                 "steps": metrics.steps,
                 "parameters": parameters_of(module),
                 "head": local(model.lm_head.weight).detach().clone(),
-                "block": local(model.blocks[0].mlp.fc.weight).detach().clone(),
+                "block": {name: local(param).detach().clone() for name, param in model.blocks[0].named_parameters()},
+                # what a checkpoint holds: whole, on rank 0
                 "optimizer_state": trainer.strategy.optimizer_state(trainer.optimizers[0]),
+                "state_dict": trainer.strategy.lightning_module_state_dict(),
             }
+            if run == "adamw_clipped":
+                results[run, strategy_name]["reloaded"] = reloaded
     torch.save(results, out_dir / f"tensor-parallel-rank{trainer.global_rank}.pt")
 
 

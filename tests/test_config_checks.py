@@ -236,9 +236,18 @@ BAD = [
             rf"loss={name} cannot train under tensor parallelism \(trainer.strategy.tensor_parallel_size=2: "
             r"trainer=tp or fsdp_tp\).*: use loss=logsumexp, cross_entropy or fused",
         )
-        for trainer, name in [("tp", "naive"), ("fsdp_tp", "torch_lce"), ("tp", "cce"), ("tp", "liger")]
+        for trainer in ("tp", "fsdp_tp")
+        for name, loss in LOSSES.items()
+        if not loss.takes_vocab_parallel  # every other entry, each under both
     ],
     ("trainer=tp trainer.devices=3", r"trainer.devices=3 x trainer.num_nodes=1 processes do not split into tensor-"),
+    (
+        "trainer=fsdp_tp model.n_head=2 model.n_embd=32 trainer.strategy.tensor_parallel_size=4",
+        re.escape(
+            "model.n_head=2 heads do not split over trainer.strategy.tensor_parallel_size=4 processes (trainer=tp"
+        )
+        + r".*\(e.g. model.n_head=4\) or fewer processes",
+    ),
     ("trainer=tp +loss.vocab_parallel=1", r"loss.vocab_parallel=1: losslab sets this itself: trainer=tp and fsdp_tp"),
     ("+loss.class_weights=[1.0,2.0]", r"loss.class_weights=\[1.0, 2.0\]: training takes no class weights"),
     ("+model.vocab_size=1000", r"model.vocab_size=1000: losslab sets this itself: the tokenizer sets it"),

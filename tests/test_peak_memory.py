@@ -111,3 +111,17 @@ def test_the_banner_line_states_the_runs_own_sizes_and_precision():
     assert line.startswith("Loss memory (fused, N=128 = 4 x 32 tokens, V=8,192, d=128, bf16): forward+backward ")
     assert f"peak at {expected.mib:.1f} MiB = " in line
     assert "no prediction for precision 16-mixed" in banner_line(loss, 4, 32, 8192, 128, "16-mixed")
+
+
+def test_under_tensor_parallelism_the_banner_states_each_processs_peak():
+    """trainer=tp splits the head's rows: the banner states the peak of the process holding the most of them
+    (checked against each process's measured peak in tests/losses/test_vocab_parallel.py)."""
+    loss = build_loss("fused", reduction="sum", return_parts=True)
+    line = banner_line(loss, 4, 32, 8193, 128, "32-true", tensor_parallel_size=2)
+    expected = predict("fused", 128, 8193, 128, vocab_shards=2)
+    assert "V=8,193, d=128, the head split over 2 processes: at most 4,097 rows each, float32)" in line
+    assert f"predicted to peak on each process at {expected.mib:.1f} MiB = " in line
+    assert expected.peak.buffers == predict("fused", 128, 4097, 128).peak.buffers
+    assert expected.mib < predict("fused", 128, 8193, 128).mib / 1.9
+    with pytest.raises(ValueError, match="no memory prediction for 'naive' over vocab_shards=2 processes"):
+        predict("naive", 128, 8193, 128, vocab_shards=2)

@@ -1,7 +1,7 @@
 """Tensor-parallel training (``trainer=tp``, ``trainer=fsdp_tp``): the LM head split by vocabulary rows
-takes the steps one device takes, each process holds its rows, the replicated blocks stay equal on
-the processes that share a batch, and a run's checkpoints are whole files that resume exactly after
-a kill and serve generate and export.
+and the blocks by the column/row plan take the steps one device takes, each process holds its share,
+the parameters a tensor-parallel group holds in common stay equal on its processes, and a run's
+checkpoints are whole files that resume exactly after a kill and serve generate and export.
 
 The steps: ``python tests/steps.py OUT_DIR tp`` on 4 processes (``fsdp_tp``: 2 data-parallel x 2
 tensor-parallel; ``tp``: all 4 share the vocabulary), against the same steps on one device, where
@@ -71,6 +71,7 @@ def one_device() -> dict[str, dict]:
                 "steps": metrics.steps,
                 "parameters": parameters_of(module),
                 "optimizer_state": trainer.optimizers[0].state_dict(),
+                "state_dict": module.state_dict(),
             }
     return results
 
@@ -105,23 +106,58 @@ def test_bf16_steps_round_about_as_one_devices_do(sharded, one_device):
             assert relative_difference(got, exact) < 2 * one_device_error
 
 
+# the block's parameters that the column/row plan splits over a tensor-parallel group; the rest it replicates
+SPLIT = {"attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "mlp.fc.weight", "mlp.fc.bias", "mlp.proj.weight"}
+
+
 @pytest.mark.parametrize("run_name, strategy", runs_and_strategies())
-def test_each_process_holds_its_rows_of_the_head_and_the_blocks_stay_equal(sharded, run_name, strategy):
+def test_each_process_holds_its_share_and_the_replicas_stay_equal(sharded, run_name, strategy):
     """The head's rows split over the 4 processes (tp: 10, 10, 10, 7 of 37; fsdp_tp: FSDP's half of
-    each tensor-parallel half); the blocks, replicated over a tensor-parallel group, hold the same
-    values on its processes (they compute the same steps from the same batches)."""
+    each tensor-parallel half); each process holds a quarter of the block's split layers (its heads,
+    its share of the MLP: by tensor parallelism, and by FSDP under fsdp_tp); the parameters a
+    tensor-parallel group holds in common (LayerNorms, the row-split layers' biases) hold the same
+    values on its processes, and so the processes compute the same activations."""
     heads = [results[run_name, strategy]["head"] for results in sharded]
     assert sum(head.shape[0] for head in heads) == VOCAB
     assert max(head.shape[0] for head in heads) == -(-VOCAB // RANKS)
+    whole = dict(tiny_module(n_head=4).model.blocks[0].named_parameters())
     for group in TENSOR_PARALLEL_GROUPS[strategy]:
         blocks = [sharded[rank][run_name, strategy]["block"] for rank in group]
-        assert all(torch.equal(block, blocks[0]) for block in blocks)
+        assert set(blocks[0]) >= SPLIT
+        for name, expected in whole.items():
+            pieces = RANKS if name in SPLIT else RANKS // len(group)  # the processes holding different ones
+            assert all(block[name].numel() * pieces == expected.numel() for block in blocks), name
+            assert (name in SPLIT) != all(torch.equal(block[name], blocks[0][name]) for block in blocks), name
 
 
 def test_a_checkpoint_holds_the_optimizer_state_as_one_device_numbers_it(sharded, one_device):
     for strategy in TENSOR_PARALLEL_RUNS["adamw_clipped"]:
         got = sharded[0]["adamw_clipped", strategy]["optimizer_state"]
         assert_same_optimizer_state(got, one_device["adamw_clipped"]["optimizer_state"])
+
+
+def test_a_checkpoint_read_back_under_fsdp_tp_gives_each_process_its_shards(sharded):
+    """The adamw_clipped run's checkpoint, read into a fresh fsdp_tp module (the head of 37 rows split
+    unevenly over 2 x 2: 10, 9, 9, 9), gathers back to the same weights and AdamW moments, to the bit."""
+    results = sharded[0]["adamw_clipped", "fsdp_tp"]
+    reloaded = results["reloaded"]
+    assert reloaded["state_dict"].keys() == results["state_dict"].keys()
+    for name, value in results["state_dict"].items():
+        assert torch.equal(reloaded["state_dict"][name], value), name
+    got, saved = reloaded["optimizer_state"], results["optimizer_state"]
+    assert got["param_groups"] == saved["param_groups"] and got["state"].keys() == saved["state"].keys()
+    for param_id, state in saved["state"].items():
+        assert all(torch.equal(got["state"][param_id][key], value) for key, value in state.items()), param_id
+
+
+@pytest.mark.parametrize("run_name, strategy", [("fused", "tp"), ("adamw_clipped", "fsdp_tp")])
+def test_a_checkpoint_holds_the_weights_as_one_device_has_them(sharded, one_device, run_name, strategy):
+    """Every weight whole and in the model's order (the attention's q, k and v rows, which the split
+    holds by process, too), so that every other strategy, generate.py and export.py read it."""
+    got, expected = sharded[0][run_name, strategy]["state_dict"], one_device[run_name]["state_dict"]
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert relative_difference(got[name], value) < 1e-12 if value.is_floating_point() else got[name] == value, name
 
 
 @pytest.fixture(scope="module")

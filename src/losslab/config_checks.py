@@ -286,8 +286,9 @@ def precision_fits_the_strategy(cfg: DictConfig) -> str | None:
 
 
 def tensor_parallelism_fits(cfg: DictConfig) -> str | None:
-    """Tensor parallelism (trainer=tp, fsdp_tp) splits the processes into groups of its size, and the
-    LM head by vocabulary rows, which only a loss that takes them (vocab_parallel) can train."""
+    """Tensor parallelism (trainer=tp, fsdp_tp) splits the processes into groups of its size, each block's
+    heads over a group, and the LM head by vocabulary rows, which only a loss that takes them
+    (vocab_parallel) can train."""
     strategy = value_at(cfg, "trainer.strategy")
     size = strategy.get("tensor_parallel_size", 1) if isinstance(strategy, dict) else 1
     if not is_int(size) or size <= 1:
@@ -297,6 +298,13 @@ def tensor_parallelism_fits(cfg: DictConfig) -> str | None:
         return (
             f"trainer.devices={devices} x trainer.num_nodes={nodes} processes do not split into tensor-parallel "
             f"groups of trainer.strategy.tensor_parallel_size={size}: give a multiple of {size} processes"
+        )
+    heads = value_at(cfg, "model.n_head")
+    if is_int(heads) and heads > 0 and heads % size:
+        return (
+            f"model.n_head={heads} heads do not split over trainer.strategy.tensor_parallel_size={size} processes "
+            f"(trainer=tp or fsdp_tp gives each process its share of every block's heads): give a multiple of {size} "
+            f"heads (e.g. model.n_head={-(-heads // size) * size}) or fewer processes"
         )
     name = value_at(cfg, "loss.name")
     if name not in LOSSES or LOSSES[name].takes_vocab_parallel:

@@ -68,12 +68,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape  # batch, sequence length, width (n_embd)
-        q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
-        # (B, T, C) -> (B, nh, T, hs): nh heads of hs = C // nh dimensions each
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # each (B, T, C); under tensor parallelism (losslab.sharding) (B, T, C / processes): this process's heads
+        q, k, v = self.qkv(x).chunk(3, dim=2)
+        # (B, T, C) -> (B, nh, T, hs): nh heads of hs = C // n_head dimensions each
+        q, k, v = (t.view(B, T, -1, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # the heads side by side again
         return self.resid_dropout(self.proj(y))
 
 

@@ -216,6 +216,43 @@ def fused(sizes: Sizes, chunk_size: int | None = None) -> list[Moment]:
     return [Moment("a chunk's gradient added into weight's", tuple(buffers))]
 
 
+def fused_vocab_parallel(sizes: Sizes, chunk_size: int | None = None) -> list[Moment]:
+    """``fused`` over this process's rows of the head (``vocab_parallel``, ``sizes.vocab`` its rows): the
+    chunk loop's moment as without it, a chunk of its rows' logits; and in backward the hidden states'
+    gradient with its copy that the group sums (in the matmuls' dtype, cast to float32 after under autocast)."""
+    backward = [
+        sizes.grad_hidden(dtype=sizes.compute),
+        sizes.grad_hidden("its copy, summed over the group (all-reduce)", sizes.compute),
+        sizes.grad_weight("weight's gradient, accumulated in float32"),
+    ]
+    if sizes.autocast:
+        backward.append(sizes.grad_hidden("the summed one in float32, hidden's dtype"))
+    return [
+        *fused(sizes, chunk_size),
+        Moment("the backward's sum of hidden's gradient over the group", tuple(backward)),
+    ]
+
+
+def vocab_parallel_logits(sizes: Sizes) -> list[Moment]:
+    """``cross_entropy`` and ``logsumexp`` over this process's rows (``vocab_parallel``), one path for both
+    (:meth:`~losslab.losses.base.LogitsLoss.vocab_parallel_token_loss`): at the forward's ``exp`` the
+    float32 logits of the rows, those less their row maxima and their exp, which its backward keeps; under
+    autocast also the bf16 logits (the matmul's output, held until the loss returns) and the bf16 inputs."""
+    bf16 = (sizes.logits("bf16 logits, the matmul's output", BF16),) if sizes.autocast else ()
+    return [
+        Moment(
+            "the forward's exp",
+            (
+                *sizes.autocast_copies(),
+                *bf16,
+                sizes.logits("float32 logits of this process's rows"),
+                sizes.logits("the logits less their row maxima"),
+                sizes.logits("their exp, saved for its backward"),
+            ),
+        )
+    ]
+
+
 def tiled(sizes: Sizes, filter_eps: float | None = None, deterministic: bool | None = None) -> list[Moment]:
     """The logits stay on chip: the forward writes a few floats per row (log-sum-exp, maximum,
     target logit, argmax: too small to count) and the backward the float32 gradients, nothing else;
@@ -360,34 +397,52 @@ ENTRIES: dict[str, Callable[..., list[Moment]]] = {
     "cce": cce,
     "floor": floor,
 }
+# What the entries that take vocab_parallel allocate on each process, over its rows of the head.
+VOCAB_PARALLEL_ENTRIES: dict[str, Callable[..., list[Moment]]] = {
+    "fused": fused_vocab_parallel,
+    "cross_entropy": vocab_parallel_logits,
+    "logsumexp": vocab_parallel_logits,
+}
 # The options an entry's prediction takes from a built loss (its chunking).
 CHUNK_OPTIONS = {"fused": ("chunk_size",), "torch_lce": ("batch_chunk_size", "chunking_method")}
 
 
 def predict(
-    name: str, tokens: int, vocab: int, dim: int, dtype: str = "float32", *, device: str = "cpu", **options
+    name: str,
+    tokens: int,
+    vocab: int,
+    dim: int,
+    dtype: str = "float32",
+    *,
+    device: str = "cpu",
+    vocab_shards: int = 1,
+    **options,
 ) -> Prediction:
     """The peak memory of one forward and backward of entry ``name`` (default options but
     ``options``, its chunking) at N=``tokens``, V=``vocab``, d=``dim`` in ``dtype``
-    (``"float32"``, or ``"bf16"``: autocast)."""
-    if name not in ENTRIES:
-        raise ValueError(f"no memory prediction for {name!r}: there is one for {', '.join(ENTRIES)}")
+    (``"float32"``, or ``"bf16"``: autocast). With ``vocab_shards`` > 1 the head is split by
+    vocabulary rows over that many processes (``vocab_parallel``, ``trainer=tp``): the peak of the
+    process that holds the most rows, ``ceil(V / vocab_shards)``."""
+    entries = ENTRIES if vocab_shards == 1 else VOCAB_PARALLEL_ENTRIES
+    if name not in entries:
+        sharded = "" if vocab_shards == 1 else f" over vocab_shards={vocab_shards} processes"
+        raise ValueError(f"no memory prediction for {name!r}{sharded}: there is one for {', '.join(entries)}")
     if dtype not in ("float32", "bf16"):
         raise ValueError(f"dtype={dtype!r}: choose float32 or bf16 (autocast)")
-    unknown = sorted(set(options) - set(inspect.signature(ENTRIES[name]).parameters))
+    unknown = sorted(set(options) - set(inspect.signature(entries[name]).parameters))
     if unknown:
         raise ValueError(f"the memory prediction of {name!r} has no option {', '.join(unknown)}")
-    sizes = Sizes(tokens, vocab, dim, autocast=dtype == "bf16")
+    sizes = Sizes(tokens, -(-vocab // vocab_shards), dim, autocast=dtype == "bf16")
     extra = {"device": device} if name == "cce" else {}
-    return Prediction(name, tuple(ENTRIES[name](sizes, **options, **extra)))
+    return Prediction(name, tuple(entries[name](sizes, **options, **extra)))
 
 
 def predict_loss(
-    loss: torch.nn.Module, tokens: int, vocab: int, dim: int, dtype: str, device: str = "cpu"
+    loss: torch.nn.Module, tokens: int, vocab: int, dim: int, dtype: str, device: str = "cpu", vocab_shards: int = 1
 ) -> Prediction:
     """:func:`predict` for a built registry loss, with its chunking options."""
     options = {option: getattr(loss, option) for option in CHUNK_OPTIONS.get(loss.name, ())}
-    return predict(loss.name, tokens, vocab, dim, dtype, device=device, **options)
+    return predict(loss.name, tokens, vocab, dim, dtype, device=device, vocab_shards=vocab_shards, **options)
 
 
 # Lightning's precision settings that autocast to bf16, and those that compute in float32.
@@ -395,16 +450,28 @@ PRECISIONS = {"bf16-mixed": "bf16", "32-true": "float32", "32": "float32"}
 
 
 def banner_line(
-    loss: torch.nn.Module, batch_size: int, context_length: int, vocab: int, dim: int, precision: str
+    loss: torch.nn.Module,
+    batch_size: int,
+    context_length: int,
+    vocab: int,
+    dim: int,
+    precision: str,
+    tensor_parallel_size: int = 1,
 ) -> str:
     """What a run says at start-up about its loss's memory: the predicted peak of one forward and
-    backward of the loss alone, for a micro-batch of ``batch_size`` x ``context_length`` tokens."""
+    backward of the loss alone, for a micro-batch of ``batch_size`` x ``context_length`` tokens; under
+    tensor parallelism (``tensor_parallel_size`` processes sharing the head's rows) that of each process."""
     tokens = batch_size * context_length
     where = f"{loss.name}, N={tokens:,} = {batch_size} x {context_length} tokens, V={vocab:,}, d={dim}"
+    if tensor_parallel_size > 1:
+        rows = -(-vocab // tensor_parallel_size)
+        where += f", the head split over {tensor_parallel_size} processes: at most {rows:,} rows each"
     dtype = PRECISIONS.get(str(precision))
-    if dtype is None or loss.name not in ENTRIES:
+    entries = ENTRIES if tensor_parallel_size == 1 else VOCAB_PARALLEL_ENTRIES
+    if dtype is None or loss.name not in entries:
         reason = f"precision {precision}" if dtype is None else "this loss"
         return f"Loss memory ({where}): no prediction for {reason}"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    found = predict_loss(loss, tokens, vocab, dim, dtype, device)
-    return f"Loss memory ({where}, {dtype}): forward+backward predicted to peak at {found.summary()}"
+    found = predict_loss(loss, tokens, vocab, dim, dtype, device, tensor_parallel_size)
+    each = "" if tensor_parallel_size == 1 else " on each process"
+    return f"Loss memory ({where}, {dtype}): forward+backward predicted to peak{each} at {found.summary()}"

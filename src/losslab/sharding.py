@@ -3,18 +3,19 @@
 - ``trainer=fsdp``: data-parallel over every process, FSDP2 (:func:`fully_shard_gpt`);
 - ``trainer=tp``: tensor-parallel over 2 processes: the LM head, and the token embedding tied to it,
   sharded by vocabulary rows (:func:`shard_vocabulary`), the loss given each process's rows and
-  their :class:`~losslab.losses.VocabParallel` range;
+  their :class:`~losslab.losses.VocabParallel` range; each transformer block split by the usual
+  column/row plan (:func:`split_block`: each process its share of the heads and of the MLP);
 - ``trainer=fsdp_tp``: both, 2 x 2 processes: FSDP2 over the data-parallel dimension of the mesh,
-  each shard of it holding one tensor-parallel shard of the head.
+  each shard of it holding one tensor-parallel shard of the head and of the blocks.
 
 :class:`ShardedDataParallel` is the Lightning strategy (``ModelParallelStrategy`` with whole-file
 checkpoints that every strategy reads); :func:`shard_gpt` is what the module's ``configure_model``
-calls. The transformer blocks are not split by tensor parallelism: at the sizes this lab trains
-they are replicated over the tensor-parallel processes (README, "Beyond one device", says why).
+calls.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
@@ -32,13 +34,25 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import OptimStateKeyType, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.optim import Optimizer
 
 from losslab.checkpoint_files import read_checkpoint
 from losslab.losses import VocabParallel
-from losslab.model import GPT
+from losslab.model import GPT, Block
+
+# Each transformer block's column/row plan (Megatron's, torchtitan's): the layers that widen the residual
+# stream split by output columns (each process a share of the heads, of the MLP's hidden units), those that
+# narrow it back by input rows, each followed by an all-reduce of the (B, T, C) activations, forward and backward.
+BLOCK_PLAN = {
+    "attn.qkv": ColwiseParallel(),
+    "attn.proj": RowwiseParallel(),
+    "mlp.fc": ColwiseParallel(),
+    "mlp.proj": RowwiseParallel(),
+}
+# The parameters whose rows a split holds in another order than the model's (see heads_by_process).
+QKV = (".attn.qkv.weight", ".attn.qkv.bias")
 
 
 def shard_gpt(model: GPT, mesh: DeviceMesh) -> VocabParallel | None:
@@ -48,6 +62,8 @@ def shard_gpt(model: GPT, mesh: DeviceMesh) -> VocabParallel | None:
     parallel = None
     if mesh["tensor_parallel"].size() > 1:
         parallel = shard_vocabulary(model, mesh["tensor_parallel"])
+        for block in model.blocks:
+            split_block(block, mesh["tensor_parallel"])
     # Under tp alone the data-parallel dimension is 1 and FSDP2 shards nothing, but it makes every
     # parameter a DTensor: torch's fused AdamW and foreach ops refuse lists that mix DTensors (the
     # head) and plain tensors.
@@ -77,6 +93,54 @@ def shard_vocabulary(model: GPT, mesh: DeviceMesh) -> VocabParallel:
     return parallel
 
 
+def split_block(block: Block, mesh: DeviceMesh) -> None:
+    """Split ``block`` over the processes of ``mesh`` by :data:`BLOCK_PLAN`: each holds its heads' rows
+    of q, k and v and their columns of the attention's output projection, and its share of the MLP.
+
+    The block's ``qkv`` layer holds all of q, then k, then v (GPT-2's ``c_attn``), and a split by rows
+    (``Shard(0)``, ``torch.chunk``'s) must give each process its heads' rows of all three: its rows are
+    put in that order first (:func:`heads_by_process`); the checkpoints hold them in the model's
+    (:class:`ShardedDataParallel`, :func:`qkv_rows`).
+    """
+    ranks, heads = mesh.size(), block.attn.n_head
+    if heads % ranks:
+        raise ValueError(
+            f"model.n_head={heads} heads do not split over tensor_parallel_size={ranks} processes: "
+            f"give a multiple of {ranks} heads"
+        )
+    qkv = block.attn.qkv
+    order = heads_by_process(qkv.out_features, ranks)
+    with torch.no_grad():
+        for param in qkv.parameters():
+            param.copy_(param[order])
+    parallelize_module(block, mesh, BLOCK_PLAN)
+
+
+def heads_by_process(rows: int, ranks: int) -> Tensor:
+    """The order of a ``qkv`` layer's ``rows`` (q, then k, then v, each its heads in order) that puts
+    each process's heads' rows of q, k and v together, process after process: split in ``ranks`` equal
+    parts, ``qkv.weight[order]`` gives each process its heads' q, k and v."""
+    return torch.arange(rows).view(3, ranks, rows // (3 * ranks)).transpose(0, 1).reshape(-1)
+
+
+def qkv_rows(tensors: dict[str, Any], ranks: int, split: bool) -> dict[str, Any]:
+    """``tensors`` (whole ones, by parameter name; an optimizer's state of a parameter: its tensors)
+    with the rows of each ``qkv`` parameter in the order that a split over ``ranks`` processes holds
+    them (``split``, :func:`heads_by_process`), or back in the model's order (``not split``)."""
+    if ranks == 1:
+        return tensors
+
+    def reordered(value: Any) -> Any:
+        if isinstance(value, dict):  # an optimizer's state of the parameter: exp_avg, exp_avg_sq, step
+            return {key: reordered(item) for key, item in value.items()}
+        if not isinstance(value, Tensor) or value.dim() == 0:
+            return value
+        order = heads_by_process(value.shape[0], ranks)
+        return value[order if split else order.argsort()]
+
+    return {name: reordered(value) if name.endswith(QKV) else value for name, value in tensors.items()}
+
+
 def fully_shard_gpt(model: GPT, mesh: DeviceMesh) -> None:
     """Shard ``model``'s parameters in place over the processes of ``mesh`` with FSDP2.
 
@@ -93,22 +157,35 @@ def fully_shard_gpt(model: GPT, mesh: DeviceMesh) -> None:
     register_fsdp_forward_method(model, "loss")
 
 
+def split_over(param: nn.Parameter, dimension: str) -> bool:
+    """Whether ``param`` is split over the mesh dimension named ``dimension`` (a DTensor sharded there)."""
+    names = (param.device_mesh.mesh_dim_names or ()) if isinstance(param, DTensor) else ()
+    return dimension in names and splits(param.placements[names.index(dimension)])
+
+
+def splits(placement: Placement) -> bool:
+    """Whether a DTensor's ``placement`` over a mesh dimension gives each of its processes another part:
+    ``Shard``, or FSDP2's ``_StridedShard`` over a dimension that tensor parallelism shards too (which
+    torch 2.13's ``is_shard()`` does not count)."""
+    return not (placement.is_replicate() or placement.is_partial())
+
+
 def average_replicated_gradients_(parameters: list[nn.Parameter], mesh: DeviceMesh) -> None:
     """Average, over each tensor-parallel group, the gradients of the parameters its processes hold
-    in common (all but the head's): they compute them from the same weights and batches, but not to
-    the last bit (measured: the LayerNorms' weight gradients of a group's two processes differ by
-    an ulp from the first step; on GPUs, kernels with atomics differ more), and replicas updated
-    from different gradients drift apart, step after step, until the processes of a group no
-    longer compute the same hidden states for the loss. One all-reduce a step, of this process's
-    shard of those gradients."""
+    in common (those not split over it: the LayerNorms, the position embedding, the biases of the
+    layers split by rows): they compute them from the same weights and batches, but not always to
+    the last bit (measured, with the blocks whole on each process: the LayerNorms' weight gradients
+    of a group's two processes differed by an ulp from the first step; on GPUs, kernels with atomics
+    differ more), and replicas updated from different gradients drift apart, step after step, until
+    the processes of a group no longer compute the same activations. One all-reduce a step, of this
+    process's shard of those gradients."""
     group = mesh["tensor_parallel"]
     if group.size() == 1:
         return
     grads = [
         param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
         for param in parameters
-        if param.grad is not None
-        and "tensor_parallel" not in ((param.device_mesh.mesh_dim_names or ()) if isinstance(param, DTensor) else ())
+        if param.grad is not None and not split_over(param, "tensor_parallel")
     ]
     flat = _flatten_dense_tensors(grads)
     dist.all_reduce(flat, group=group.get_group())
@@ -130,30 +207,38 @@ def by_mesh(parameters: list[nn.Parameter]) -> dict[DeviceMesh | None, list[nn.P
 def gradient_norm(parameters: list[nn.Parameter]) -> Tensor:
     """The global norm of the gradients of ``parameters``, each sharded one (DTensor) counted once whole.
 
-    Every process gets the same value to the last bit, so that clipping scales the blocks that the
+    Every process gets the same value to the last bit, so that clipping scales the parameters that the
     processes of a tensor-parallel group hold in common alike (DTensor's own norm of the head,
     reduced over one mesh dimension after the other, may round differently on each): one all-reduce
-    sums every process's squares, each mesh's divided by the number of processes that hold the same
-    shard (those outside the mesh: the tensor-parallel ones for the blocks).
+    sums every process's squares, each divided by the number of processes that hold the same shard
+    (those of the mesh dimensions it is not split over, and those outside its mesh).
     """
-    groups = by_mesh([p for p in parameters if p.grad is not None])
-    if not groups:
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
         return torch.zeros(())
-    if list(groups) == [None]:  # nothing sharded (DDP, one device): this process's gradients are whole
-        return torch.nn.utils.get_total_norm([p.grad for p in groups[None]])
-    squares, copies, dtype = [], [], next(iter(groups.values()))[0].grad.dtype
-    for mesh, group in groups.items():
-        placements = {p for param in group if mesh is not None for p in param.grad.placements}
-        if any(p.is_replicate() or p.is_partial() for p in placements):
-            raise NotImplementedError(
-                f"a gradient replicated over its mesh ({group[0].grad.placements}) would count twice"
-            )
-        local = [param.grad.to_local() if mesh is not None else param.grad for param in group]
+    if not any(isinstance(grad, DTensor) for grad in grads):  # DDP, one device: this process's are whole
+        return torch.nn.utils.get_total_norm(grads)
+    by_copies: dict[int, list[Tensor]] = {}
+    for grad in grads:
+        shards = 1
+        if isinstance(grad, DTensor):
+            if any(p.is_partial() for p in grad.placements):
+                raise NotImplementedError(f"a gradient still to be reduced ({grad.placements}) has no norm yet")
+            shards = math.prod(grad.device_mesh.size(i) for i, p in enumerate(grad.placements) if splits(p))
+        by_copies.setdefault(dist.get_world_size() // shards, []).append(local_tensor(grad))
+    squares, copies = [], []
+    for count, local in by_copies.items():
         squares.append(torch.nn.utils.get_total_norm(local).double().square())
-        copies.append(dist.get_world_size() // (1 if mesh is None else mesh.size()))
+        copies.append(count)
+    dtype = grads[0].dtype
     squares = torch.stack(squares)
     dist.all_reduce(squares)
     return (squares / squares.new_tensor(copies)).sum().sqrt().to(dtype)
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This process's shard of a sharded tensor (DTensor); any other as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def clip_gradients_(parameters: list[nn.Parameter], max_norm: float, norm: Tensor) -> None:
@@ -189,6 +274,11 @@ class ShardedDataParallel(ModelParallelStrategy):
             process_group_backend=process_group_backend,
         )
 
+    @property
+    def tensor_parallel_size(self) -> int:
+        """The processes that share the vocabulary (the LM head's rows)."""
+        return self._tensor_parallel_size
+
     def setup_environment(self) -> None:
         # The processes per node and the nodes are known only now (the trainer sets them).
         processes = self.num_processes * self.num_nodes
@@ -204,12 +294,18 @@ class ShardedDataParallel(ModelParallelStrategy):
     # order, where a plain optimizer (DDP, one device) numbers them in its groups' order: a
     # checkpoint of one would give the other's Adam moments to the wrong parameters.
 
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The whole weights on rank 0 (empty elsewhere), each attention's q, k and v rows in the model's
+        order (a split holds them by process: :func:`split_block`)."""
+        return qkv_rows(super().lightning_module_state_dict(), self._tensor_parallel_size, split=False)
+
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """The optimizer's full state on rank 0 (empty elsewhere), as ``optimizer.state_dict()`` has it."""
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_optimizer_state_dict(self.model, optimizer, options=full)
         if not self.is_global_zero:
             return state
+        state["state"] = qkv_rows(state["state"], self._tensor_parallel_size, split=False)
         return FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model, optim=optimizer)
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
@@ -218,9 +314,31 @@ class ShardedDataParallel(ModelParallelStrategy):
         if weights_only is False:
             raise ValueError("losslab loads checkpoints with weights_only=True only: they hold no code")
         checkpoint = read_checkpoint(self.broadcast(checkpoint_path), mmap=True)
-        full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.model, checkpoint.pop("state_dict"), options=full)
+        ranks = self._tensor_parallel_size
+        # Every process read the whole file: each takes its shards of it (torch's full_state_dict=True
+        # would scatter them from rank 0, which fails on a head split unevenly over both dimensions of
+        # fsdp_tp's mesh in torch 2.13: V=257 over 2 x 2).
+        weights = qkv_rows(checkpoint.pop("state_dict"), ranks, split=True)
+        set_model_state_dict(self.model, shards_like(weights, get_model_state_dict(self.model)))
+        parameters = dict(self.model.named_parameters())
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
             by_name = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model, optim=optimizer)
-            set_optimizer_state_dict(self.model, optimizer, by_name, options=full)
+            by_name["state"] = {
+                name: shards_like(moments, dict.fromkeys(moments, parameters[name]))
+                for name, moments in qkv_rows(by_name["state"], ranks, split=True).items()
+            }
+            set_optimizer_state_dict(self.model, optimizer, by_name)
         return checkpoint
+
+
+def shards_like(whole: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
+    """``whole``'s tensors as this process's shards of the DTensors of ``like`` under the same names (split
+    here, with no communication: DTensor's ``src_data_rank=None``); its other values as they are."""
+
+    def shard(name: str, value: Any) -> Any:
+        model = like.get(name)
+        if not (isinstance(model, DTensor) and isinstance(value, Tensor) and value.shape == model.shape):
+            return value
+        return distribute_tensor(value.to(model.device), model.device_mesh, model.placements, src_data_rank=None)
+
+    return {name: shard(name, value) for name, value in whole.items()}

@@ -194,6 +194,7 @@ def fit(cfg: DictConfig, folder: Path, purge: dict[str, int]) -> RunOutcome:
                 model.vocab_size,
                 model.n_embd,
                 trainer.precision,
+                getattr(trainer.strategy, "tensor_parallel_size", 1),
             )
         )
 

@@ -46,8 +46,9 @@ def reference_from_logits(
     The logits are soft-capped, then divided by the temperature. The cross-entropy is
     ``F.cross_entropy`` with ``weight=class_weights`` and label smoothing; the z-loss is added
     unweighted and its mean is over the counted targets (as in Liger-Kernel); ``nll`` is the plain
-    cross-entropy; accuracy and the predicted tokens come from the argmax; ``unlikely`` marks the
-    targets of probability below 1e-6; the per-token log-sum-exp and largest logit are 0 where ignored.
+    cross-entropy (and per token, ``token_nll``); accuracy and the predicted tokens come from the argmax;
+    ``unlikely`` marks the targets of probability below 1e-6; the per-token log-sum-exp and largest logit
+    are 0 where ignored.
     """
     flat = logits.reshape(-1, logits.shape[-1])
     if softcap is not None:
@@ -85,7 +86,7 @@ def reference_from_logits(
     else:
         loss = reduce(ce + z) if reduction == "none" or n_kept else ce_sum * 0.0
     parts = (reduce(correct), predicted.reshape(targets.shape), None, reduce(entropy), reduce(unlikely), lse, max_logit)
-    return LossParts(loss, reduce(nll), reduce(z), *parts)
+    return LossParts(loss, reduce(nll), reduce(z), *parts, token_nll=nll.reshape(targets.shape))
 
 
 def reference_loss(hidden, weight, targets, bias=None, **options):
@@ -114,13 +115,14 @@ class Result(NamedTuple):
     unlikely: torch.Tensor | None = None
     lse: torch.Tensor | None = None
     max_logit: torch.Tensor | None = None
+    token_nll: torch.Tensor | None = None  # None for a peer
 
 
 # judged by the loss tolerance; the gradients by theirs
-VALUES = ("loss", "nll", "z_loss", "accuracy", "entropy", "unlikely", "lse", "max_logit")
+VALUES = ("loss", "nll", "z_loss", "accuracy", "entropy", "unlikely", "lse", "max_logit", "token_nll")
 GRADS = ("grad_hidden", "grad_weight", "grad_bias")
 # what a peer may not give (LossParts), and what bf16 rounding turns either way near a threshold
-OPTIONAL = ("accuracy", "entropy", "unlikely", "lse", "max_logit")
+OPTIONAL = ("accuracy", "entropy", "unlikely", "lse", "max_logit", "token_nll")
 THRESHOLDS = ("accuracy", "unlikely")
 
 
@@ -152,6 +154,7 @@ def evaluate(loss_fn, hidden, weight, targets, upstream=None, autocast=False, bi
         parts.unlikely,
         parts.lse,
         parts.max_logit,
+        parts.token_nll,
     )
 
 

@@ -4,19 +4,25 @@ unsharded float64 reference, on 2, 3 and 4 gloo processes with uneven splits of 
 The ranks run in one launch (``vocab_parallel_ranks.py``, about 20 s) and check their results
 themselves; the tests here read what each checked and what failed:
 
-- the single-process grid (test_losses.py's cases and tolerances) for fused, cross_entropy and
-  logsumexp: every LossParts field, the weight's and bias's rows of this rank, the hidden states'
-  gradient summed over the group; in float64 (1e-12) for every case, and in float32 and bf16
-  autocast for cases that hold every option and reduction;
+- the single-process grid (test_losses.py's cases) for fused, cross_entropy and logsumexp: every
+  LossParts field, the weight's and bias's rows of this rank, the hidden states' gradient summed over
+  the group; in float64 to 1e-12 (the gradients too) for every case, and in float32 and bf16 autocast,
+  at that grid's tolerances, for cases that hold every option and reduction;
+- the parts asked for or not (predictions, diagnostics, the loss alone), each to 1e-12;
 - logits that share an offset, with label smoothing and class weights: each token's loss within
   Liger-Kernel's float32 bound (the smoothing term's last digits);
-- the hidden states' gradient left to the caller (``reduce_hidden_grad=False``): the ranks' parts sum to it;
-- ``torch.autograd.gradcheck`` of the hidden states through the group (finite differences);
+- the hidden states' gradient left to the caller (``reduce_hidden_grad=False``), for each reduction:
+  the ranks' parts sum to it;
+- ``torch.autograd.gradcheck`` of the hidden states through the group (finite differences), of a mean
+  and of per-token losses;
 - no vocabulary-wide tensor: a TorchDispatchMode records the shape of every tensor the sharded loss
   creates, forward and backward; none has V entries along a dimension, and fused's largest is one
   chunk of its rows (the unsharded fused, recorded the same way, does create them);
+- each rank's peak memory of the loss step against its prediction (losslab.peak_memory), and fused's
+  against the whole head's;
 - the argmax over the whole vocabulary, ties to the lowest id, across ranks;
-- ranks whose ranges do not tile the vocabulary, or that got other tokens, refused on every rank.
+- ranks whose ranges do not tile the vocabulary, that got other tokens or built the loss with other
+  options, refused on every rank.
 """
 
 import json
@@ -59,8 +65,8 @@ def checks(ranks: list[dict], fragment: str) -> tuple[list[str], dict[str, str]]
 @pytest.mark.parametrize("size", WORLD_SIZES)
 def test_every_case_equals_the_unsharded_loss(ranks, size):
     checked, failed = checks(ranks, f"{size} ranks/")
-    # every rank of the group, every entry: 28 cases in float64, 5 in float32 and bf16, 6 other checks
-    assert len(checked) == size * len(SHARDED) * (28 + 2 * 5 + 6)
+    # every rank of the group, every entry: 28 cases in float64, 7 in float32 and bf16, 8 other checks
+    assert len(checked) == size * len(SHARDED) * (28 + 2 * 7 + 8)
     assert not failed, "\n".join(f"{key}: {message}" for key, message in list(failed.items())[:5])
 
 
@@ -70,7 +76,9 @@ def test_every_case_equals_the_unsharded_loss(ranks, size):
         "offset logits",
         "reduce_hidden_grad=False",
         "gradcheck",
+        "parts asked for",
         "no vocabulary-wide tensor",
+        "peak memory per rank",
         "ties",
         "inconsistent ranks",
     ],

@@ -21,6 +21,7 @@ read in one place; split, an entry's author would read several modules to learn 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 from typing import ClassVar, NamedTuple
 
@@ -214,6 +215,9 @@ class TokenLoss(nn.Module):
         self.diagnose = True
         # a buffer: it moves with the module to the device (and is not a parameter)
         self.register_buffer("class_weights", class_weights, persistent=False)
+        # taken once, here, on the weights as given: see settings_checksum
+        weights = None if class_weights is None else class_weights.detach().cpu().double().numpy()
+        self.class_weights_checksum = None if weights is None else zlib.crc32(weights.tobytes())
 
     def extra_repr(self) -> str:
         weighted = "" if self.class_weights is None else f", class_weights=({self.class_weights.numel()},)"
@@ -238,7 +242,14 @@ class TokenLoss(nn.Module):
         :meth:`~losslab.losses.vocab_parallel.VocabParallel.layout`)."""
         if self.vocab_parallel is None:
             return Layout(rows, rows, (0, rows))
-        return self.vocab_parallel.layout(rows, targets, chunk_size)
+        return self.vocab_parallel.layout(rows, targets, chunk_size, self.settings_checksum())
+
+    def settings_checksum(self) -> int:
+        """A checksum of what must be the same on every rank of a ``vocab_parallel`` group: the loss, its
+        options, its class weights (their sum and their sum weighted by id) and the parts asked for."""
+        settings = (self.name, self.ignore_index, self.reduction, self.label_smoothing, self.z_loss, self.softcap)
+        settings += (self.temperature, self.class_weights_checksum, self.return_parts, self.predict, self.diagnose)
+        return zlib.crc32(repr(settings).encode())
 
     def validate_head(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:

@@ -354,7 +354,8 @@ class _Chunks:
         target_logit = logits.gather(1, self.target_columns[rows, None]).squeeze(1)
         if self.held is not None:
             target_logit = torch.where(self.held[rows], target_logit, 0.0)
-        row_max, predicted = max_and_argmax(logits)
+        # without vocab_parallel the argmax comes with the maximum; with it, it is asked for or not taken
+        row_max, predicted = max_and_argmax(logits) if self.options.predict else (logits.amax(dim=1), None)
         weighted = exp_weighted_sums(logits, row_max) if self.options.diagnose else None  # the entropy's
         shifted = logits.sub_(row_max[:, None])
         # sum_j w_j (x_j - max) <= 0, before the buffer turns into exp (see losslab.losses.smoothing)

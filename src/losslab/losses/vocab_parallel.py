@@ -14,10 +14,12 @@ Each rank reduces its own columns of a row of logits to a few numbers (:data:`MA
 exchange them, and every rank combines them into the whole row's (:meth:`VocabParallel.whole`), as
 the log-sum-exp of log-sum-exps. What crosses the group, never a vocabulary-wide tensor:
 
-- per call: one ``all_gather`` of 6 integers per rank (:meth:`VocabParallel.layout`), which checks
-  that the ranges tile ``[0, V)`` in rank order and that every rank got the same targets (their
+- per call: one ``all_gather`` of 7 integers per rank (:meth:`VocabParallel.layout`), which checks
+  that the ranges tile ``[0, V)`` in rank order, that every rank got the same targets (their
   number, which would otherwise hang the ranks in different collectives, and their sum, which
-  catches a data loader that gives the ranks of a group different batches), and tells each rank V;
+  catches a data loader that gives the ranks of a group different batches) and built the same loss
+  (a checksum of its options: ranks that differ in label smoothing would gather rows of different
+  widths, in z-loss give different losses), and tells each rank V;
 - per chunk of ``r`` rows (``fused``; the logits-based losses: per call, all rows at once): one
   ``all_gather`` in which each rank gives ``k`` floats per row: its maximum logit, the sum of
   ``exp(logit - that maximum)`` over its columns, the target's logit (0 if another rank holds it),
@@ -107,15 +109,15 @@ class VocabParallel:
     def rows(self) -> int:
         return self.stop - self.start
 
-    def layout(self, weight_rows: int, targets: Tensor, chunk_size: int) -> Layout:
+    def layout(self, weight_rows: int, targets: Tensor, chunk_size: int, settings: int = 0) -> Layout:
         """The ranks' ranges, after checking that they tile ``[0, V)`` in rank order, that each weight
-        holds its range's rows, and that every rank got the same targets (their number and sum) and
-        chunk size. Every rank raises the same error."""
-        numbers = [self.start, self.stop, weight_rows, targets.numel(), chunk_size]
+        holds its range's rows, and that every rank got the same targets (their number and sum), chunk
+        size and ``settings`` (a checksum of the loss's options). Every rank raises the same error."""
+        numbers = [self.start, self.stop, weight_rows, targets.numel(), chunk_size, settings]
         mine = torch.cat([torch.tensor(numbers, device=targets.device), targets.sum(dtype=torch.long).view(1)])
         every = mine.new_empty(dist.get_world_size(self.group) * mine.numel())
         dist.all_gather_single(every, mine, group=self.group)
-        starts, stops, rows, tokens, chunks, sums = every.view(-1, mine.numel()).T.tolist()
+        starts, stops, rows, tokens, chunks, options, sums = every.view(-1, mine.numel()).T.tolist()
         ranges = ", ".join(f"[{start}, {stop})" for start, stop in zip(starts, stops))
         if starts[0] != 0 or any(stop != start for stop, start in zip(stops, starts[1:])):
             raise ValueError(f"vocab_parallel: the ranks' ranges {ranges} do not tile [0, V) in rank order")
@@ -131,6 +133,12 @@ class VocabParallel:
             )
         if len(set(chunks)) > 1:
             raise ValueError(f"vocab_parallel: the ranks use chunk sizes {chunks}: give them all the same")
+        if len(set(options)) > 1:
+            raise ValueError(
+                "vocab_parallel: the ranks built the loss with different options (reduction, ignore_index, label "
+                "smoothing, z-loss, soft-cap, temperature, class weights or the parts asked for): build it the "
+                "same on every rank"
+            )
         return Layout(stops[-1], max(rows), (*starts, stops[-1]))
 
     def local_targets(self, targets: Tensor) -> tuple[Tensor, Tensor]:
