@@ -11,7 +11,9 @@ import torch
 import yaml
 from helpers import make_config
 
-from losslab.audit import audit, main
+from losslab.audit import Audit, Measurement, audit, main
+from losslab.audit_checks import Check
+from losslab.audit_report import measured_quantities, plot
 from losslab.losses import LossParts
 from losslab.losses.cross_entropy import CrossEntropyLoss
 from losslab.train import train
@@ -33,17 +35,17 @@ def run_main(capsys, *args: str) -> str:
 
 
 def test_the_registry_is_within_the_tolerance_on_real_activations(checkpoint, capsys):
-    out = run_main(capsys, str(checkpoint), "--entries", *AUDITED, "--dtypes", "fp32", "bf16")
+    out = run_main(capsys, str(checkpoint), "--entries", *AUDITED)  # every dtype
     written = checkpoint.with_name("last.audit.md").read_text()
     assert written in out and checkpoint.with_name("last.audit.png").stat().st_size > 10_000
     rows = [line for line in written.splitlines() if line.startswith("| `")]
     assert [row.split(" | ")[:2] for row in rows] == [
-        [f"| `{name}`", dtype] for dtype in ("fp32", "bf16") for name in AUDITED
+        [f"| `{name}`", dtype] for dtype in ("fp32", "bf16-autocast", "bf16") for name in AUDITED
     ]
     assert all(row.endswith("| yes |") for row in rows), "\n".join(rows)
     assert "LM head with a bias" in written and "128 targets" in written  # 1 batch of 4 rows x 32
     verdicts = [line for line in written.splitlines() if line.startswith("- `")]
-    assert len(verdicts) == 3 and all("within the tolerance in fp32, bf16;" in line for line in verdicts)
+    assert len(verdicts) == 3 and all("within the tolerance in fp32, bf16-autocast, bf16;" in line for line in verdicts)
     assert "other chunk sizes" in verdicts[2] and "a row alone" in verdicts[2]
 
 
@@ -131,3 +133,18 @@ def test_the_data_can_be_given_where_the_settings_are_wrong(checkpoint, tmp_path
     )
     assert "text validation split" in result.description["data"] and not result.measurements[0].failures()
     assert torch.isfinite(torch.tensor(result.measurements[0].time_s))
+
+
+def test_the_chart_draws_what_was_measured_and_says_what_was_not_run(tmp_path):
+    """A head without a bias: no dL/dbias in the legend (its colour would repeat another's); an entry not run
+    is named, not left out."""
+    measured = Check(1e-7, 1e-8, 0.5)
+    checks = {what: measured for what in ("loss", "nll", "grad_hidden", "grad_weight", "true_class")}
+    result = Audit(
+        {"checkpoint": "last.ckpt (step 1)"},
+        ("fp32",),
+        [Measurement("fused", "fp32", checks=checks), Measurement("liger", "fp32", skipped="it needs a CUDA GPU")],
+    )
+    assert list(measured_quantities(result)) == list(checks)
+    plot(result, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").stat().st_size > 10_000
