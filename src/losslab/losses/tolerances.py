@@ -25,10 +25,11 @@ BF16_SLACK = {"loss": 1e-5, "grad": 3e-3}  # times ||reference||, on top of PyTo
 # Where a peer rounds differently from PyTorch under bf16 autocast, by option: its loss slack instead.
 # cce soft-caps the bf16 logits before its float32 cross-entropy, rounding them twice: its loss error
 # exceeds PyTorch's own by up to 2.3e-4 of ||reference|| on the grid's cases (measured).
-# torch_lce's unchunked path (label smoothing) rounds bf16 logits of the inputs divided by the temperature
-# (see losslab.losses.peer), PyTorch the logits before dividing them: one rounding each, of other values;
-# up to 1.1e-4 of ||reference|| apart on the grid's cases (measured).
-PEER_BF16_LOSS_SLACK = {("cce", "softcap"): 3e-4, ("torch_lce", "temperature"): 2e-4}
+# torch_lce's unchunked path (label smoothing) and cce round bf16 logits of the inputs divided by the
+# temperature (see losslab.losses.peer), PyTorch the logits before dividing them: one rounding each, of other
+# values; beyond PyTorch's own error by up to 1.1e-4 (torch_lce) and 2.9e-4 (cce) of ||reference|| on the
+# grid's cases (measured).
+PEER_BF16_LOSS_SLACK = {("cce", "softcap"): 3e-4, ("torch_lce", "temperature"): 2e-4, ("cce", "temperature"): 4e-4}
 OFF = {"softcap": None, "temperature": 1.0}  # the options above, when they change nothing
 
 
