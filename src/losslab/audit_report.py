@@ -153,12 +153,15 @@ def plot(audit: Audit, path: Path) -> None:
                     positions.append(position + index * height - 0.4)
                     drawn.append(max(check.ratio, 1e-4))  # at most 1e-4 (0: bitwise the reference) drawn at 1e-4
             axis.barh(positions, drawn, height=height, label=label, align="edge", color=colours[what])
+            for position, ratio in zip(positions, drawn):
+                if ratio > 1:  # beyond the limit: by how much, which a bar at the line does not show
+                    axis.text(ratio * 1.2, position + height / 2, f"{ratio:.3g}x", va="center", fontsize=7)
         for position, entry in enumerate(entries):
             if entry not in by_entry or by_entry[entry].skipped:
                 axis.text(4e-5, position, "not run (see the table)", va="center", fontsize=8, color="dimgray")
         axis.axvline(1.0, color="red", linewidth=1)
         axis.set_xscale("log")
-        axis.set_xlim(3e-5, max(10.0, *(ratio * 2 for ratio in ratios)))
+        axis.set_xlim(3e-5, max(10.0, *(ratio * 20 for ratio in ratios)))  # room for the labels
         axis.set_ylim(len(entries) - 0.5, -0.5)  # the first entry on top
         axis.set_yticks(range(len(entries)), entries)
         axis.set_title(f"{dtype}: error / allowed (red: the limit; 1e-4: at most)", fontsize=10)
