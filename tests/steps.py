@@ -1,6 +1,6 @@
 """Single optimizer steps of a tiny float64 GPT through a real Lightning Trainer, for the tests of
-the step's token weighting (test_normalisation.py), of its non-finite guard (test_nonfinite.py) and
-of sharded training (test_fsdp.py).
+the step's token weighting (test_normalisation.py, with spike capture under DDP), of its non-finite
+guard (test_nonfinite.py) and of sharded training (test_fsdp.py).
 
 ``python tests/steps.py OUT_DIR`` is the 2-process DDP run of test_normalisation.py,
 ``python tests/steps.py OUT_DIR fsdp`` the 2-process runs of test_fsdp.py and
@@ -32,6 +32,7 @@ from losslab.lightning_module import GPTLightningModule
 from losslab.losses import LOSSES, build_loss
 from losslab.model import GPT, GPTConfig
 from losslab.sharding import ShardedDataParallel, qkv_rows
+from losslab.spikes import SpikeCapture
 
 VOCAB = 37
 LR = 0.5
@@ -146,11 +147,34 @@ def ddp_steps() -> tuple[list[list[dict[str, Tensor]]], dict[str, Tensor]]:
     return [micro_batches[:2], micro_batches[2:]], union
 
 
+class ScaledHidden(L.Callback):
+    """Multiplies the final hidden states of step ``step`` on rank ``rank`` by ``factor``: that rank's loss
+    alone jumps (the other ranks see the jump in the all-reduced loss only)."""
+
+    def __init__(self, step: int, rank: int, factor: float = 1000.0) -> None:
+        self.step, self.rank, self.factor = step, rank, factor
+        self.hook = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: GPTLightningModule, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step + 1 == self.step:
+            self.hook = pl_module.model.ln_f.register_forward_hook(lambda module, args, out: out * self.factor)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+
+
+SPIKE_STEP = 4  # ddp_run's loss spike: the step whose hidden states ScaledHidden scales on rank 1
+
+
 def ddp_run(out_dir: Path) -> None:
-    """On 2 ranks: one step, then one where rank 1 alone gets a NaN gradient."""
+    """On 2 ranks: one step, then one where rank 1 alone gets a NaN gradient; spike capture on in that
+    run, and in a third, of SPIKE_STEP steps, whose last is a loss spike on rank 1 alone."""
     steps, _ = ddp_steps()  # Lightning's DistributedSampler gives steps[r] to rank r
+    ddp = partial(DDPStrategy, process_group_backend="gloo")
     module = tiny_module()
-    trainer = fit(module, steps, devices=2, strategy=DDPStrategy(process_group_backend="gloo"))
+    trainer = fit(module, steps, devices=2, strategy=ddp())
     rank = trainer.global_rank
     torch.save(
         {"parameters": parameters_of(module), "loss": trainer.callback_metrics["train/loss"]},
@@ -158,10 +182,19 @@ def ddp_run(out_dir: Path) -> None:
     )
     module = tiny_module()
     before = parameters_of(module)
-    fit(module, steps, callbacks=[NanGradient(rank=1)], devices=2, strategy=DDPStrategy(process_group_backend="gloo"))
+    capture = SpikeCapture(out_dir / "nan-spikes")
+    fit(module, steps, callbacks=[NanGradient(rank=1), capture], devices=2, strategy=ddp())
     torch.save(
         {"unchanged": torch.equal(parameters_of(module), before), "skipped": int(module.skipped_steps)},
         out_dir / f"nan-rank{rank}.pt",
+    )
+    capture = SpikeCapture(out_dir / "loss-spikes", warmup=2)
+    fit(
+        tiny_module(),
+        steps * SPIKE_STEP,
+        callbacks=[ScaledHidden(SPIKE_STEP, rank=1), capture],
+        devices=2,
+        strategy=ddp(),
     )
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from losslab.bench import Config, make_inputs, measure_rows_in_worker, prediction, setups, unavailable
+from losslab.bench import Config, loss_step, make_inputs, measure_rows_in_worker, prediction, setups, unavailable
 from losslab.losses import LOSSES, build_loss, default_chunk_size
 from losslab.memory import CLEAR_REFS
-from losslab.peak_memory import ENTRIES, MIB, banner_line, predict
+from losslab.peak_memory import ENTRIES, MIB, banner_line, predict, predict_loss
 
 # Small, but with full-size tensors of 4 MiB, well above what the process does besides; d=256 for
 # torch_lce's automatic chunks, of 8 rows here (1 to 2 rows at d=128: a minute a step on 2 cores).
@@ -42,11 +42,27 @@ def test_tiled_allocates_what_is_predicted_for_it(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     config = Config(tokens=128, vocab=2048, dim=64, dtype="float32")
     inputs = make_inputs(config.tokens, config.vocab, config.dim)
-    step = setups()["tiled"](inputs, config.dtype)
-    step.run()
+    peak = allocated_peak(setups()["tiled"](inputs, config.dtype).run, inputs)
+    assert 0.85 < peak / (predict("tiled", *config).mib * MIB) < 1.15
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bf16"])
+def test_torch_lce_unchunked_allocates_what_is_predicted_for_it(dtype):
+    """Unchunked (label smoothing needs it), torch's linear_cross_entropy is F.linear then F.cross_entropy."""
+    config = Config(tokens=128, vocab=2048, dim=64, dtype=dtype)
+    inputs = make_inputs(config.tokens, config.vocab, config.dim)
+    loss = build_loss("torch_lce", chunking_method=None, label_smoothing=0.1)
+    peak = allocated_peak(loss_step("torch_lce", loss, inputs, dtype).run, inputs)
+    assert 0.85 < peak / (predict_loss(loss, *config).mib * MIB) < 1.15
+
+
+def allocated_peak(run, inputs) -> int:
+    """The peak bytes of torch's allocations (its profiler) during the second call of ``run``, the
+    inputs' gradients cleared before it."""
+    run()
     inputs.hidden.grad = inputs.weight.grad = None
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiled:
-        step.run()
+        run()
     events = sorted(
         (event for event in profiled.profiler.kineto_results.events() if event.name() == "[memory]"),
         key=lambda event: event.start_ns(),
@@ -55,7 +71,7 @@ def test_tiled_allocates_what_is_predicted_for_it(monkeypatch):
     for event in events:
         live += event.nbytes()
         peak = max(peak, live)
-    assert 0.85 < peak / (predict("tiled", *config).mib * MIB) < 1.15
+    return peak
 
 
 def test_a_peak_is_the_sum_of_its_named_buffers():

@@ -111,6 +111,9 @@ def test_show_spike_prints_the_worst_position_as_text(spiked_run, capsys):
         f"  1. row {row}, position {position}: loss {float(nll.max()):.4f}, target {target!r} after {context!r}" in out
     )
     assert "  2. row " in out and "  3. row " not in out
+    entropy = float(spike["diagnostics"]["logits/entropy"])  # the step's logit diagnostics, to 6 digits
+    assert f"  diagnostics: logits/lse_mean {float(spike['diagnostics']['logits/lse_mean']):.6g}, " in out
+    assert f"logits/entropy {entropy:.6g}, " in out
 
 
 def test_show_spike_refuses_damaged_and_foreign_files_in_one_line(spiked_run, tmp_path, capsys):

@@ -37,7 +37,7 @@ class Inputs(NamedTuple):
 
 class TorchLoss:
     """PyTorch's own loss: ``F.linear``, then ``F.cross_entropy`` in float32 (float64 for float64
-    logits), with the run's options. On float64 inputs it is the reference; on bf16 ones, or under
+    logits), with the run's options (the logits soft-capped, then divided by the temperature). On float64 inputs it is the reference; on bf16 ones, or under
     bf16 autocast, it gives PyTorch's own error at that precision, which the bf16 verdict allows."""
 
     def __init__(self, options: Mapping[str, Any], reduction: str = "mean") -> None:
@@ -50,6 +50,7 @@ class TorchLoss:
             softcap, ignore_index = self.options["softcap"], self.options["ignore_index"]
             if softcap is not None:
                 logits = softcap * torch.tanh(logits / softcap)
+            logits = logits / self.options["temperature"]
             smoothing = self.options["label_smoothing"]
             ce = F.cross_entropy(
                 logits, targets, ignore_index=ignore_index, label_smoothing=smoothing, reduction="none"

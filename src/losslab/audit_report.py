@@ -120,39 +120,56 @@ def markdown(audit: Audit, device: str) -> str:
     return "\n".join([*lines, "", RULE, ""])
 
 
+def measured_quantities(audit: Audit) -> dict[str, str]:
+    """The quantities (name: label) that some entry was measured on: no ``dL/dbias`` for a head without one."""
+    measured = {what for m in audit.measurements for what in m.checks}
+    return {what: label for what, label in QUANTITIES.items() if what in measured}
+
+
 def plot(audit: Audit, path: Path) -> None:
-    """Per dtype, each entry's errors over what the tolerance allows (log scale: 1 is the limit)."""
+    """Per dtype, each entry's errors over what the tolerance allows (log scale: 1 is the limit); an entry
+    not run at a dtype says so in its row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ran = [m for m in audit.measurements if not m.skipped]
-    entries = list(dict.fromkeys(m.entry for m in ran))
+    quantities = measured_quantities(audit)
+    entries = list(dict.fromkeys(m.entry for m in audit.measurements))
+    ratios = [c.ratio for m in audit.measurements for c in m.checks.values()]
+    colours = dict(zip(quantities, plt.get_cmap("tab10").colors))  # one colour per quantity drawn
     figure, axes = plt.subplots(
-        1, len(audit.dtypes), figsize=(5 * len(audit.dtypes), 1 + 0.9 * len(entries)), squeeze=False
+        1, len(audit.dtypes), figsize=(5 * len(audit.dtypes), 1.5 + 0.9 * len(entries)), squeeze=False
     )
-    height = 0.8 / len(QUANTITIES)
+    height = 0.8 / max(1, len(quantities))
     for axis, dtype in zip(axes[0], audit.dtypes):
-        by_entry = {m.entry: m for m in ran if m.dtype == dtype}
-        for index, (what, label) in enumerate(QUANTITIES.items()):
-            positions, ratios = [], []
+        by_entry = {m.entry: m for m in audit.measurements if m.dtype == dtype}
+        for index, (what, label) in enumerate(quantities.items()):
+            positions, drawn = [], []
             for position, entry in enumerate(entries):
-                check = by_entry[entry].checks.get(what) if entry in by_entry else None
+                measurement = by_entry.get(entry)
+                check = None if measurement is None else measurement.checks.get(what)
                 if check is not None:
                     positions.append(position + index * height - 0.4)
-                    ratios.append(max(check.ratio, 1e-4))  # at most 1e-4 (0: bitwise the reference) drawn at 1e-4
-            axis.barh(positions, ratios, height=height, label=label, align="edge")
+                    drawn.append(max(check.ratio, 1e-4))  # at most 1e-4 (0: bitwise the reference) drawn at 1e-4
+            axis.barh(positions, drawn, height=height, label=label, align="edge", color=colours[what])
+            for position, ratio in zip(positions, drawn):
+                if ratio > 1:  # beyond the limit: by how much, which a bar at the line does not show
+                    axis.text(ratio * 1.2, position + height / 2, f"{ratio:.3g}x", va="center", fontsize=7)
+        for position, entry in enumerate(entries):
+            if entry not in by_entry or by_entry[entry].skipped:
+                axis.text(4e-5, position, "not run (see the table)", va="center", fontsize=8, color="dimgray")
         axis.axvline(1.0, color="red", linewidth=1)
         axis.set_xscale("log")
-        axis.set_xlim(3e-5, max(10.0, *(c.ratio * 2 for m in ran for c in m.checks.values())))
+        axis.set_xlim(3e-5, max(10.0, *(ratio * 20 for ratio in ratios)))  # room for the labels
+        axis.set_ylim(len(entries) - 0.5, -0.5)  # the first entry on top
         axis.set_yticks(range(len(entries)), entries)
-        axis.invert_yaxis()
         axis.set_title(f"{dtype}: error / allowed (red: the limit; 1e-4: at most)", fontsize=10)
         axis.grid(axis="x", alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     figure.suptitle(f"Loss audit: {audit.description['checkpoint']}", fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.06, 1, 1))  # room for the legend below the panels
     with replaced_atomically(path) as file:
         figure.savefig(file, format="png", dpi=110)
     plt.close(figure)

@@ -30,7 +30,13 @@ from losslab.targets import IGNORE_INDEX
 
 SETTINGS_FILES = ("hparams.yaml", ".hydra/config.yaml")
 # The options that every registry entry shares and that change the loss's value: the run's are audited.
-LOSS_OPTIONS = {"ignore_index": IGNORE_INDEX, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": None}
+LOSS_OPTIONS = {
+    "ignore_index": IGNORE_INDEX,
+    "label_smoothing": 0.0,
+    "z_loss": 0.0,
+    "softcap": None,
+    "temperature": 1.0,
+}
 DATA_FIX = "pass --data-path=<the corpus the run trained on> (and --cache-dir=<the token cache it used>)"
 
 

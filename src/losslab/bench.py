@@ -16,7 +16,8 @@ compute dtype: ``logits = hidden @ weight.T``, then ``logits @ weight`` and ``lo
 
 The dtype of a row is ``float32``, or ``bf16``: mixed-precision training, float32 inputs with
 ``torch.autocast(device, dtype=torch.bfloat16)`` around the forward. (torch 2.13's
-``linear_cross_entropy`` ignores autocast: under ``bf16`` its rows compute in float32.)
+``linear_cross_entropy`` ignores autocast on its chunked path, that of its rows: under ``bf16`` they compute in
+float32.)
 
 Method (:func:`measure`): a step at full size first, so that one-time costs (lazy imports, library
 set-up, a compilation for the shape, the BLAS's buffers for its sizes) are not counted; then the

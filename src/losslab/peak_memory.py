@@ -268,7 +268,10 @@ def tiled(sizes: Sizes, filter_eps: float | None = None, deterministic: bool | N
 def torch_lce(sizes: Sizes, batch_chunk_size: int | None = None, chunking_method: str | None = "auto") -> list[Moment]:
     """torch's chunked path (mean or sum) computes the gradients in its forward and keeps them;
     in backward, autograd fills zeros for the gradients of the op's two gradient outputs (a custom
-    op's outputs all get one) while the kept ones are scaled into new tensors. It ignores autocast."""
+    op's outputs all get one) while the kept ones are scaled into new tensors. It ignores autocast.
+    Unchunked (neither option) it is ``F.linear`` then ``F.cross_entropy``: ``cross_entropy``'s peak."""
+    if batch_chunk_size is None and chunking_method is None:
+        return cross_entropy(sizes)
     rows = lce_chunk_rows(sizes, batch_chunk_size, chunking_method)
     kept = (
         sizes.grad_hidden("hidden's gradient, computed in forward"),
@@ -291,8 +294,6 @@ def torch_lce(sizes: Sizes, batch_chunk_size: int | None = None, chunking_method
 
 def lce_chunk_rows(sizes: Sizes, batch_chunk_size: int | None, chunking_method: str | None) -> int:
     """The rows per chunk torch's ``linear_cross_entropy`` picks (its options' own resolution)."""
-    if batch_chunk_size is None and chunking_method is None:
-        return sizes.tokens
     options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=batch_chunk_size, chunking_method=chunking_method)
     return options._adjust(
         num_batches=sizes.tokens, in_features=sizes.dim, num_classes=sizes.vocab, dtype=F32, device=torch.device("cpu")

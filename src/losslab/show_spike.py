@@ -174,7 +174,7 @@ def report(spike: dict[str, Any], tokenizer: tiktoken.Encoding | None, worst: in
         )
     diagnostics = spike.get("diagnostics") or {}
     if diagnostics:
-        lines.append("  diagnostics: " + ", ".join(f"{name} {value.tolist()}" for name, value in diagnostics.items()))
+        lines.append("  diagnostics: " + ", ".join(f"{name} {float(value):.6g}" for name, value in diagnostics.items()))
     if nll is None:
         return [*lines, "  no per-token losses: the run's loss sums inside its own code (a peer)"]
     # NaN and infinity first: they are what made the step

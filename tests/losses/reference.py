@@ -111,7 +111,7 @@ class Result(NamedTuple):
     grad_weight: torch.Tensor
     grad_bias: torch.Tensor | None  # None without a bias
     predicted: torch.Tensor | None = None  # compared exactly, by the tests that ask (near-ties turn in float32)
-    entropy: torch.Tensor | None = None  # these four None for a peer (see LossParts)
+    entropy: torch.Tensor | None = None  # these four None when the loss was not asked for them (diagnose)
     unlikely: torch.Tensor | None = None
     lse: torch.Tensor | None = None
     max_logit: torch.Tensor | None = None
@@ -122,7 +122,7 @@ class Result(NamedTuple):
 VALUES = ("loss", "nll", "z_loss", "accuracy", "entropy", "unlikely", "lse", "max_logit", "token_nll")
 GRADS = ("grad_hidden", "grad_weight", "grad_bias")
 # what a peer may not give (LossParts), and what bf16 rounding turns either way near a threshold
-OPTIONAL = ("accuracy", "entropy", "unlikely", "lse", "max_logit", "token_nll")
+OPTIONAL = ("accuracy", "token_nll")
 THRESHOLDS = ("accuracy", "unlikely")
 
 

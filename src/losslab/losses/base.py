@@ -66,7 +66,8 @@ class LossParts(NamedTuple):
 
     The logits of ``entropy``, ``unlikely``, ``lse`` and ``max_logit`` are those the softmax takes (soft-capped, divided by the temperature).
     They are ``None`` when the loss was not asked for them (``diagnose``, see :class:`TokenLoss`), as
-    ``accuracy`` and ``predicted`` are (``predict``), and for a peer whose kernel does not give them.
+    ``accuracy`` and ``predicted`` are (``predict``); a peer, whose kernel does not give them, takes them
+    from a gradient-free pass of ``fused`` (:mod:`losslab.losses.peer`).
 
     All but ``loss`` are detached: they are for logging. The full logits are never needed for them.
     """

@@ -7,8 +7,9 @@ device it needs. Its reductions are losslab's: ``mean`` is 0 when every target i
 :class:`~losslab.losses.base.LossParts` come from the peer's own outputs where it has them (the
 z-loss, the predicted tokens); the plain negative log-likelihood, when label smoothing or class
 weights make the objective differ from it, takes a second, gradient-free call of the peer. The entropy,
-the log-sum-exp and the largest logit, which no peer's kernel returns, are ``None`` (and the training
-logs no logit diagnostics with a peer).
+the unlikely targets, the log-sum-exp, the largest logit and each target's NLL, which no peer's kernel returns, come from
+losslab's ``fused`` on the same inputs, gradient-free, when they are asked for (``diagnose``): one more
+matmul, a chunk of rows at a time, never the full logits.
 
 The temperature is honoured exactly by the inputs: ``(hidden / T) @ weight.T + bias / T`` are the logits
 divided by ``T``. A peer that soft-caps would then cap the divided logits, not divide the capped ones, so
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from losslab.losses.base import NOT_PREDICTED, LossParts, TokenLoss
+from losslab.losses.fused import FusedLinearCrossEntropyLoss
 from losslab.targets import real_targets
 
 # What each of losslab's options is when it is off: an option with another value must be honoured.
@@ -92,6 +94,7 @@ class PeerLoss(TokenLoss):
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None):
         self.validate(hidden, weight, targets, bias)
+        diagnosed = self.diagnostics(hidden, weight, targets, bias) if self.return_parts and self.diagnose else None
         # int64 targets: torch's chunked path and the Triton kernels take no other
         flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
         if self.temperature != 1:  # the logits divided by it (see the module)
@@ -121,13 +124,38 @@ class PeerLoss(TokenLoss):
             correct = ((predicted == flat_targets) & valid).to(nll.dtype)
             accuracy = self.reduced(correct if per_token else correct.sum(), targets.shape, count)
             predicted = predicted.reshape(targets.shape)
-        return LossParts(
+        parts = LossParts(
             loss,
             self.reduced(nll, targets.shape, count),
             self.reduced(z_loss, targets.shape, count),
             accuracy,
             predicted,
         )
+        if diagnosed is None:
+            return parts
+        return parts._replace(
+            entropy=diagnosed.entropy,
+            unlikely=diagnosed.unlikely,
+            lse=diagnosed.lse,
+            max_logit=diagnosed.max_logit,
+            token_nll=diagnosed.token_nll,
+        )
+
+    def diagnostics(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None) -> LossParts:
+        """:class:`LossParts` of losslab's ``fused`` on the same inputs, gradient-free, for their entropy,
+        unlikely targets, log-sum-exp and largest logit (the options that change the logits: the soft-cap and
+        the temperature; the reduction), which no peer's kernel returns."""
+        fused = FusedLinearCrossEntropyLoss(
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            softcap=self.softcap,
+            temperature=self.temperature,
+            check_targets=False,  # checked by validate
+            return_parts=True,
+        )
+        fused.predict = False
+        with torch.no_grad():
+            return fused(hidden, weight, targets, bias)
 
     def reduced(self, values: Tensor, shape: torch.Size, divisor: Tensor) -> Tensor:
         """A peer's per-token values (``"none"``) reshaped, or its sum divided for ``"mean"``."""

@@ -2,8 +2,10 @@
 
 It chunks over the tokens (``batch_chunk_size`` rows at a time, or chosen by ``chunking_method``)
 and takes a bias and class weights; it has no z-loss and no soft-capping, and computes label
-smoothing only unchunked (its chunked path needs ``label_smoothing=0``). It ignores autocast: under
-bf16 autocast it computes in the inputs' own dtype.
+smoothing only unchunked (its chunked path needs ``label_smoothing=0``). Its chunked path ignores
+autocast: under bf16 autocast it computes in the inputs' own dtype. Unchunked (``chunking_method=None``
+and no ``batch_chunk_size``) it is ``F.linear`` then ``F.cross_entropy``: under bf16 autocast bf16 logits
+(of the inputs divided by the temperature), a float32 loss.
 """
 
 from __future__ import annotations
