@@ -34,7 +34,7 @@ from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, OmegaConf
 
 from losslab.checkpointing import KEEP
-from losslab.config_keys import UNSET, is_target, target_options, unknown_keys, value_at
+from losslab.config_keys import UNSET, is_target, origin, target_options, unknown_keys, value_at
 from losslab.data import DataConfig
 from losslab.losses import LOSSES, build_loss
 from losslab.model import GPTConfig
@@ -120,19 +120,21 @@ def built(cfg: DictConfig, path: str, build: Callable[..., Any], **given: Any) -
     try:
         build(**options, **{key: value for key, value in given.items() if value is not UNSET})
     except (ValueError, TypeError) as error:
-        return in_config_terms(path, str(error), takes or [], missing)
+        return in_config_terms(cfg, path, str(error), takes or [], missing)
     return None
 
 
-def in_config_terms(path: str, message: str, options: list[str], missing: set[str]) -> str:
+def in_config_terms(cfg: DictConfig, path: str, message: str, options: list[str], missing: set[str]) -> str:
     """A component's refusal, ``name=value: ...``, as the config writes it, ``path.name=value: ...``,
-    with ``???`` for a value left to the user; one that names no option of the node, after its path."""
+    with ``???`` for a value left to the user, and named by the key the value comes from
+    (``paths.cache_dir=null``, not ``data.cache_dir``, which takes it); one that names no option of
+    the node, after its path."""
     name, _, rest = message.partition("=")
     if name not in options:
         return f"{path}: {message}"
     if name in missing:
         rest = "???" + rest.removeprefix("null")
-    return f"{path}.{name}={rest}"
+    return f"{origin(cfg, f'{path}.{name}')}={rest}"
 
 
 # --- top-level keys, and others' components --------------------------------------------------
@@ -319,7 +321,10 @@ def loss_builds(cfg: DictConfig) -> str | None:
     try:
         build_loss(**options)
     except (ValueError, TypeError, RuntimeError) as error:  # RuntimeError: a peer that cannot run here
-        return f"loss={options['name']}: {error}"
+        message = str(error)
+        if message.partition("=")[0] in options:  # one option's value: loss.softcap=nan: ...
+            return in_config_terms(cfg, "loss", message, list(options), set())
+        return f"loss={options['name']}: {message}"
     return None
 
 
