@@ -87,6 +87,21 @@ def test_a_refused_resume_or_one_with_nothing_to_train_changes_nothing(resumed_r
     assert files(run) == before
 
 
+def test_ckpt_path_last_starts_a_run_anew_but_never_over_one_that_ended(tmp_path, cache_dir, caplog):
+    """ckpt_path=last in a folder without last.ckpt: a new folder's run starts, saying so; a run that ended
+    (keep_checkpoints=best removed its last.ckpt) is refused in one line, not trained anew over its record."""
+    caplog.set_level(logging.INFO, logger="losslab")
+    job = ["keep_checkpoints=best", "trainer.max_steps=2", "ckpt_path=last"]
+    run = tmp_path / "run"
+    assert train(make_config(tmp_path, cache_dir, job)).status == "finished"
+    assert f"ckpt_path=last: {run} holds no run yet: starting it" in caplog.text
+    before = files(run)
+    assert sorted(name for name in before if name.startswith("checkpoints")) == ["checkpoints/best-step2.ckpt"]
+    with pytest.raises(ConfigError, match=rf"^ckpt_path=last: {run} holds a run that has ended \(finished\) and no "):
+        train(make_config(tmp_path, cache_dir, job))
+    assert files(run) == before
+
+
 # Holds a run folder's lock as a job does while it runs there, and says so.
 LOCK_HOLDER = """
 import fcntl, os, sys, time

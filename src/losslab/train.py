@@ -156,6 +156,8 @@ def train_in(cfg: DictConfig, folder: Path, new: bool) -> RunOutcome:
     again = cfg.ckpt_path == "last" and not last.exists()
     if cfg.ckpt_path == "last":
         cfg.ckpt_path = None if again else str(last)
+    if again:
+        start_again(folder)
     check_config(cfg)
     if cfg.ckpt_path is None and not again and holds_run(folder):
         raise ConfigError(
@@ -165,6 +167,29 @@ def train_in(cfg: DictConfig, folder: Path, new: bool) -> RunOutcome:
     if new and rank_zero_only.rank == 0:
         remove_leftovers(folder.parent, keep=folder)
     return fit(cfg, folder, purge={"purge_step": 0} if again else {})
+
+
+def start_again(folder: Path) -> None:
+    """``ckpt_path=last`` where ``folder`` has no ``checkpoints/last.ckpt``: a run that has not begun, or
+    one stopped before its first save (a requeued job), starts (again), and says so; one that ended
+    (without last.ckpt, which keep_checkpoints=best removes at the end) is refused, never trained anew
+    over its record."""
+    try:
+        record = read_status(folder)
+    except ValueError as error:
+        raise ConfigError(f"ckpt_path=last: {error}") from None
+    if record.status in (Status.FINISHED, Status.DIVERGED, Status.STOPPED):
+        raise ConfigError(
+            f"ckpt_path=last: {folder} holds a run that has ended ({record.describe()}) and no checkpoints/last.ckpt "
+            "to resume (keep_checkpoints=best removes it at the end): to train on, give one of its checkpoints "
+            f"(ckpt_path={folder / 'checkpoints'}/<name>.ckpt); to train anew, give a new folder (hydra.run.dir=...)"
+        )
+    if rank_zero_only.rank != 0:
+        return
+    if holds_run(folder):
+        log.info(f"ckpt_path=last: {folder} has no checkpoints/last.ckpt ({record.describe()}): starting its run again")
+    else:
+        log.info(f"ckpt_path=last: {folder} holds no run yet: starting it")
 
 
 def fit(cfg: DictConfig, folder: Path, purge: dict[str, int]) -> RunOutcome:
