@@ -17,6 +17,7 @@ from helpers import TINY, TRAIN, make_config, scalars, train_py
 
 from losslab.config_checks import ConfigError
 from losslab.run_folder import LEFTOVER_AGE_S, LOCK_FILE, FolderInUse, remove_leftovers
+from losslab.run_status import STATUS_FILE
 from losslab.train import train
 
 
@@ -100,6 +101,18 @@ def test_ckpt_path_last_starts_a_run_anew_but_never_over_one_that_ended(tmp_path
     with pytest.raises(ConfigError, match=rf"^ckpt_path=last: {run} holds a run that has ended \(finished\) and no "):
         train(make_config(tmp_path, cache_dir, job))
     assert files(run) == before
+
+
+def test_a_damaged_status_json_is_named_in_one_line(resumed_run, cache_dir):
+    status = resumed_run / STATUS_FILE
+    kept = status.read_bytes()
+    status.write_text('{"status": "bogus"}')
+    resume = [f"paths.output_dir={resumed_run}", *FURTHER, "ckpt_path=last"]  # nothing to train: reads it
+    try:
+        with pytest.raises(ConfigError, match=rf"^{status} holds no status losslab writes \('bogus'"):
+            train(make_config(resumed_run, cache_dir, resume))
+    finally:
+        status.write_bytes(kept)
 
 
 # Holds a run folder's lock as a job does while it runs there, and says so.

@@ -49,7 +49,7 @@ from losslab.run_folder import (
     record_subdir,
     remove_leftovers,
 )
-from losslab.run_status import NonFiniteStepError, Status, read_status
+from losslab.run_status import NonFiniteStepError, RunRecord, Status, read_status
 from losslab.sweeps import run_name
 from losslab.tokenizers import tokenizer_to_data
 
@@ -174,10 +174,7 @@ def start_again(folder: Path) -> None:
     one stopped before its first save (a requeued job), starts (again), and says so; one that ended
     (without last.ckpt, which keep_checkpoints=best removes at the end) is refused, never trained anew
     over its record."""
-    try:
-        record = read_status(folder)
-    except ValueError as error:
-        raise ConfigError(f"ckpt_path=last: {error}") from None
+    record = recorded_status(folder)
     if record.status in (Status.FINISHED, Status.DIVERGED, Status.STOPPED):
         raise ConfigError(
             f"ckpt_path=last: {folder} holds a run that has ended ({record.describe()}) and no checkpoints/last.ckpt "
@@ -190,6 +187,14 @@ def start_again(folder: Path) -> None:
         log.info(f"ckpt_path=last: {folder} has no checkpoints/last.ckpt ({record.describe()}): starting its run again")
     else:
         log.info(f"ckpt_path=last: {folder} holds no run yet: starting it")
+
+
+def recorded_status(folder: Path) -> RunRecord:
+    """The run's status.json (see :func:`losslab.run_status.read_status`); a damaged one is a one-line error."""
+    try:
+        return read_status(folder)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def fit(cfg: DictConfig, folder: Path, purge: dict[str, int]) -> RunOutcome:
@@ -252,7 +257,7 @@ def fit(cfg: DictConfig, folder: Path, purge: dict[str, int]) -> RunOutcome:
 def nothing_to_train(cfg: DictConfig, folder: Path, step: int) -> RunOutcome:
     """A resume of a run that has taken its ``trainer.max_steps`` already: it says so, with what the
     run achieved, and leaves the run as it is."""
-    status = read_status(folder).status
+    status = recorded_status(folder).status
     if status is Status.UNKNOWN:  # a run older than status.json that reached its last step
         status = Status.FINISHED
     run = logged_run(folder)
