@@ -254,11 +254,22 @@ class LastCheckpoint(ModelCheckpoint):
     def save(self, trainer: L.Trainer) -> None:
         self.pending = False
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        for path in requeue_checkpoints(trainer.default_root_dir):  # older than last.ckpt now
+            trainer.strategy.remove_checkpoint(path)
 
     def stop(self, trainer: L.Trainer) -> None:
         """After SIGTERM, the step saved: Lightning stops the run at the end of the step, unless it ends there."""
         if not (trainer.should_stop or reached_max_steps(trainer)):
             trainer._signal_connector.received_sigterm = True
+
+
+def requeue_checkpoints(folder: _PATH) -> list[Path]:
+    """The checkpoints Lightning saves in a run's folder on SLURM's requeue signal (``hpc_ckpt_<n>.ckpt``,
+    SIGUSR1), taken mid-step from inside its signal handler. A run never resumes from them: the requeued
+    job resumes ``last.ckpt``, which SIGTERM saves at the end of a step, later than any of them; so they
+    are removed once it is saved, and when a job starts in the folder, where Lightning would otherwise
+    resume a run without ``last.ckpt`` from one (its own default under SLURM)."""
+    return sorted(Path(folder).glob("hpc_ckpt_*.ckpt"))
 
 
 class RNGState(L.Callback):

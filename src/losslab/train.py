@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from losslab.callbacks import GracefulInterrupt, RunStatus
 from losslab.checkpoint_files import CheckpointError, check_resumable, load_checkpoint_file
+from losslab.checkpointing import requeue_checkpoints
 from losslab.config_checks import ConfigError, check_config
 from losslab.config_keys import check_overrides
 from losslab.data import GPTDataModule
@@ -208,6 +209,9 @@ def fit(cfg: DictConfig, folder: Path, purge: dict[str, int]) -> RunOutcome:
         # A resumed run continues in its folder: TensorBoard hides the events logged there after
         # the checkpoint's step, which the resumed run logs again.
         purge = {"purge_step": checkpoint["global_step"] + 1}
+    if rank_zero_only.rank == 0:  # before Lightning looks for one to resume from
+        for path in requeue_checkpoints(cfg.trainer.get("default_root_dir") or folder):
+            path.unlink()
     logger = instantiate(cfg.logger, **purge)
     status = RunStatus(folder)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
