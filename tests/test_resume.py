@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from helpers import (
     MAX_STEPS,
     assert_same_run,
+    best_checkpoints,
     checkpoint_step,
     failure,
     kill_after_checkpoint,
@@ -124,6 +126,22 @@ def test_a_job_starting_under_slurm_never_resumes_lightnings_requeue_checkpoint(
     (folder / "hpc_ckpt_1.ckpt").write_bytes(b"saved mid-step")
     outcome = train(make_config(tmp_path, cache_dir, ["trainer.max_steps=2", "ckpt_path=last"]))
     assert outcome.status == "finished" and not list(folder.glob("hpc_ckpt_*.ckpt"))
+
+
+def test_a_run_folder_moved_elsewhere_resumes_with_the_best_checkpoint_it_knew(tmp_path, cache_dir, recwarn):
+    """Lightning forgets the best checkpoint's score when a checkpoint comes from another folder: the moved
+    run would keep a stale best beside a new one, or save a validation worse than it as the best. A
+    branch (a new folder) tracks its own best, and neither says Lightning's "dirpath has changed"."""
+    train(make_config(tmp_path / "before", cache_dir, []))
+    moved = tmp_path / "after" / "run"
+    shutil.move(tmp_path / "before" / "run", moved)
+    further = ["trainer.max_steps=12", "schedule.total_steps=6", f"ckpt_path={moved / 'checkpoints' / 'last.ckpt'}"]
+    train(make_config(tmp_path / "branch", cache_dir, further))
+    train(make_config(tmp_path / "after", cache_dir, further))
+    for folder, first in [(moved, 1), (tmp_path / "branch" / "run", 7)]:
+        losses = {step: loss for step, loss in logged(folder, "val/loss").items() if step >= first}
+        assert best_checkpoints(folder) == [f"best-step{min(losses, key=losses.get)}.ckpt"], losses
+    assert not [warning for warning in recwarn if "dirpath has changed" in str(warning.message)]
 
 
 def test_epoch_sampler_order_is_a_function_of_seed_and_epoch():
