@@ -118,7 +118,10 @@ BAD = [
     ),
     ("trainer.accelerator=banana", r"trainer.accelerator=banana: the accelerator must be one of auto, cpu, gpu, cuda"),
     ("data.batch_size=1e8", r"data.batch_size=100000000.0: the batch size must be an int >= 1"),
-    ("model.context_length=1e8", r"model.context_length=100000000.0: must be an int >= 1"),
+    (
+        "model.context_length=1e8",
+        re.escape("model.context_length=100000000.0: must be an int >= 1 (e.g. model.context_length=128)"),
+    ),
     ("data=text", re.escape("data.path=???: data=text reads your own files: give data.path=<a file, a folder of")),
     ("data=jsonl data.path=null", r"data.path=null: data=jsonl reads your own files"),
     (
