@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import time
@@ -94,6 +95,9 @@ def test_runs_killed_mid_training_resume_exactly(root, uninterrupted, monkeypatc
     status = json.loads((root / name / "status.json").read_text())
     assert status["status"] == "interrupted" and "SIGTERM" in status["message"], status
     assert status["step"] == checkpoint_step(third) > 18
+    # a step that did not validate: the values it reports are step 18's, and it says so
+    ending = rf"Interrupted at step {status['step']}/{MAX_STEPS} \(val/loss [0-9.]+, .* at step 18\); "
+    assert [log for log in root.glob("logs/runs/*/train.log") if re.search(ending, log.read_text())]
     last = run(root, "finished", [f"ckpt_path={third}"])
 
     assert checkpoint_step(last) == MAX_STEPS

@@ -317,9 +317,20 @@ def summary(outcome: RunOutcome, message: str) -> str:
         ending = f"Diverged: at {where} {values}; {message}."
     else:
         last = outcome.folder / "checkpoints" / "last.ckpt"
-        ending = f"Interrupted at {where} ({values}); {last} holds it. Resume it with:\n  {resume_command(last)}"
+        validated = last_validated_step(outcome.folder)  # SIGTERM stops at a step's end, validated or not
+        if values and validated not in (None, outcome.step):
+            values += f" at step {validated}"
+        values = f" ({values})" if values else ""
+        ending = f"Interrupted at {where}{values}; {last} holds it. Resume it with:\n  {resume_command(last)}"
     report = run_report(outcome.folder, finished=outcome.status is Status.FINISHED)
     return "\n".join([ending, *(f"  {line}" for line in report)])
+
+
+def last_validated_step(folder: Path) -> int | None:
+    """The step of the run's last logged validation."""
+    run = logged_run(folder)
+    losses = run.curves.get("val/loss") if run else None
+    return losses[-1].step if losses else None
 
 
 def resume_command(checkpoint: Path) -> str:
