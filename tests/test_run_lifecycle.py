@@ -101,6 +101,9 @@ def test_ckpt_path_last_starts_a_run_anew_but_never_over_one_that_ended(tmp_path
     with pytest.raises(ConfigError, match=rf"^ckpt_path=last: {run} holds a run that has ended \(finished\) and no "):
         train(make_config(tmp_path, cache_dir, job))
     assert files(run) == before
+    with pytest.raises(ConfigError, match=r"^ckpt_path=last resumes the run folder's own last.ckpt, in that folder"):
+        train(make_config(tmp_path / "branch", cache_dir, ["ckpt_path=last", "branch=true"]))
+    assert not (tmp_path / "branch" / "run").exists()
 
 
 def test_a_damaged_status_json_is_named_in_one_line(resumed_run, cache_dir):

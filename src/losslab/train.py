@@ -152,6 +152,11 @@ def train(cfg: DictConfig) -> RunOutcome:
 def train_in(cfg: DictConfig, folder: Path, new: bool) -> RunOutcome:
     """:func:`train`, with the folder's lock held."""
     last = folder / "checkpoints" / "last.ckpt"
+    if cfg.ckpt_path == "last" and cfg.branch is True:
+        raise ConfigError(
+            "ckpt_path=last resumes the run folder's own last.ckpt, in that folder: to branch, give the "
+            "checkpoint's path (ckpt_path=<run>/checkpoints/last.ckpt branch=true)"
+        )
     # Lightning's word: the folder's last checkpoint, or a new start when it has none (a requeued job
     # killed before its first save starts again, its curves so far hidden)
     again = cfg.ckpt_path == "last" and not last.exists()
