@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import pytest
 import tiktoken
 import torch
@@ -32,6 +33,7 @@ from losslab.data import DataConfig, GPTDataModule
 from losslab.generate import generate
 from losslab.run_status import STATUS_FILE
 from losslab.tokenizers import build_tokenizer
+from losslab.train import build_module
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -108,7 +110,7 @@ MAX_STEPS = 24
 # and val every 6 meet every 6 steps, so that runs resume from a checkpoint of a step that validated
 # (12) and of one that did not (3); the corpus makes epochs of 4 steps, so the runs cross epoch ends
 # and resume both mid-epoch (step 3) and from an epoch's last step (12).
-RESUME = TINY + [
+RESUME_OPTIONS = [
     "data=text",
     "model.dropout=0.1",
     "trainer.deterministic=true",
@@ -116,6 +118,7 @@ RESUME = TINY + [
     "trainer.val_check_interval=6",
     "callbacks.last_checkpoint.every_n_train_steps=3",
 ]
+RESUME = TINY + RESUME_OPTIONS
 
 
 def start(root: Path, name: str, overrides: list[str], script: list[str] | None = None) -> subprocess.Popen:
@@ -176,6 +179,25 @@ def kill_after_checkpoint(root: Path, name: str, step: int, overrides: list[str]
     # saves are atomic: last.ckpt is whole whenever it is read
     kill_when(root, name, start(root, name, list(overrides)), lambda: checkpoint_step(last) >= step)
     return last
+
+
+def one_device_validation(cfg: DictConfig) -> float:
+    """val/loss of the model that ``cfg`` starts from, on one device."""
+    L.seed_everything(cfg.seed, workers=True)  # as train.py does before building
+    datamodule, module = build_module(cfg)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    return float(trainer.callback_metrics["val/loss"])
+
+
+def assert_validates_as_one_device(root: Path, name: str, overrides: list[str], tmp_path: Path) -> None:
+    """The run ``name``'s first validation (step 0) is one device's of the same weights (the sums reduced in
+    another order): each validation window counted once, whatever processes shared them."""
+    corpus = [*RESUME_OPTIONS, f"data.path={root / 'corpus.txt'}", *overrides]
+    expected = one_device_validation(make_config(tmp_path, root / "cache", corpus))
+    assert logged(root / name, "val/loss")[0] == pytest.approx(expected, rel=1e-6)
 
 
 def best_checkpoints(run_dir: Path) -> list[str]:

@@ -84,10 +84,13 @@ BAD = [
     ("optimizer.weight_decay=inf", r"optimizer.weight_decay=inf: the weight decay must be a finite number >= 0"),
     (
         "loss.softcap=nan",
-        re.escape("loss=cross_entropy: softcap=nan must be a finite number > 0, or None to turn it off"),
+        re.escape("loss.softcap=nan: must be a finite number > 0, or null to turn it off (e.g. loss.softcap=30)"),
     ),
-    ("loss.softcap=inf", re.escape("loss=cross_entropy: softcap=inf must be a finite number > 0")),
-    ("loss.z_loss=nan", re.escape("loss=cross_entropy: z_loss=nan must be a finite number >= 0")),
+    ("loss.softcap=inf", re.escape("loss.softcap=inf: must be a finite number > 0")),
+    # Python's spelling of null is a string to Hydra: named, not a TypeError from a comparison
+    ("loss.softcap=None", re.escape("loss.softcap=None: must be a finite number > 0, or null to turn it off")),
+    ("loss.z_loss=nan", re.escape("loss.z_loss=nan: must be a finite number >= 0 (0: none) (e.g. loss.z_loss=1e-4)")),
+    ("loss.z_loss=abc", re.escape("loss.z_loss=abc: must be a finite number >= 0")),
     (
         "step.gradient_clip_val=inf",
         r"step.gradient_clip_val=inf: the clipping norm must be a finite number > 0, or null for no clipping",
@@ -116,7 +119,10 @@ BAD = [
     ),
     ("trainer.accelerator=banana", r"trainer.accelerator=banana: the accelerator must be one of auto, cpu, gpu, cuda"),
     ("data.batch_size=1e8", r"data.batch_size=100000000.0: the batch size must be an int >= 1"),
-    ("model.context_length=1e8", r"model.context_length=100000000.0: must be an int >= 1"),
+    (
+        "model.context_length=1e8",
+        re.escape("model.context_length=100000000.0: must be an int >= 1 (e.g. model.context_length=128)"),
+    ),
     ("data=text", re.escape("data.path=???: data=text reads your own files: give data.path=<a file, a folder of")),
     ("data=jsonl data.path=null", r"data.path=null: data=jsonl reads your own files"),
     (
@@ -162,10 +168,12 @@ BAD = [
         "callbacks.model_checkpoint.keep=all",  # built here, as losslab's callbacks are: once a traceback at the fit
         r"callbacks.model_checkpoint.keep=all: the checkpoints to keep must be one of both, last, best",
     ),
+    # named by the key given, not data.cache_dir, which takes its value (${paths.cache_dir})
     (
         "paths.cache_dir=null",
-        re.escape("data.cache_dir=null: the cache must be a folder's path (e.g. paths.cache_dir="),
+        re.escape("paths.cache_dir=null: the cache must be a folder's path (e.g. paths.cache_dir="),
     ),
+    ("data.cache_dir=null", re.escape("data.cache_dir=null: the cache must be a folder's path")),
     ("branch=maybe", r"branch=maybe: branch must be true or false"),
     (
         "data=shakespeare data.max_document_chars=0",
@@ -197,7 +205,7 @@ BAD = [
         ),
     ),
     ("loss.name=nope", re.escape(f"loss.name=nope: no such loss: choose one of {', '.join(LOSSES)}")),
-    ("loss.label_smoothing=2.0", re.escape("loss=cross_entropy: label_smoothing=2.0 must be in [0, 1]")),
+    ("loss.label_smoothing=2.0", re.escape("loss.label_smoothing=2.0: must be a number in [0, 1] (0: none)")),
     (
         "+loss.chunk_size=64",
         r"loss.chunk_size=64: loss 'cross_entropy' has no option chunk_size; it takes check_targets, ",

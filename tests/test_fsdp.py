@@ -14,6 +14,7 @@ from helpers import (
     assert_logged_and_checkpointed_once,
     assert_same_optimizer_state,
     assert_same_run,
+    assert_validates_as_one_device,
     checkpoint_step,
     kill_after_checkpoint,
     last_checkpoint,
@@ -96,8 +97,9 @@ def test_train_py_logs_under_fsdp_the_losses_and_weights_of_ddp(root, sharded_ru
             assert torch.equal(got["state_dict"][name], weight), name
 
 
-def test_a_sharded_run_logs_and_checkpoints_once_as_ddp_does(root, sharded_run):
+def test_a_sharded_run_logs_and_checkpoints_once_as_ddp_does(root, sharded_run, tmp_path):
     assert_logged_and_checkpointed_once(root, sharded_run, STEPS)
+    assert_validates_as_one_device(root, sharded_run, NO_BIAS, tmp_path)
 
 
 def test_a_killed_sharded_run_resumes_exactly(root, sharded_run):

@@ -3,9 +3,13 @@ resumed from their last.ckpt, end with the same weights, log the same losses and
 checkpoint as a run never interrupted."""
 
 import json
+import os
 import pickle
 import random
+import re
+import shutil
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +18,21 @@ import torch
 from helpers import (
     MAX_STEPS,
     assert_same_run,
+    best_checkpoints,
     checkpoint_step,
+    failure,
     kill_after_checkpoint,
     kill_when,
     last_checkpoint,
     logged,
+    make_config,
     run,
     start,
 )
 
 from losslab.checkpointing import AtomicCheckpointIO, RNGState
 from losslab.data import EpochSampler, ResumableDataLoader
+from losslab.train import train
 
 # train.py with os.replace pausing before it renames a checkpoint over an existing last.ckpt:
 # the window in which a kill finds a complete temporary file and the old checkpoint.
@@ -47,22 +55,49 @@ main()
 """
 
 
+# SLURM, stood in for: its environment (Lightning's SLURM support turns on) and an scontrol that notes its arguments.
+SLURM_JOB = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "train"}
+SCONTROL = '#!/bin/sh\necho "$@" >> "$(dirname "$0")/scontrol.log"\n'
+
+
+def as_slurm_job(monkeypatch: pytest.MonkeyPatch, bin_dir: Path) -> None:
+    """The environment of a SLURM job, for the processes started from here on."""
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text(SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for variable, value in SLURM_JOB.items():
+        monkeypatch.setenv(variable, value)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(root) -> str:
     run(root, "uninterrupted")
     return "uninterrupted"
 
 
-def test_runs_killed_mid_training_resume_exactly(root, uninterrupted):
+def test_runs_killed_mid_training_resume_exactly(root, uninterrupted, monkeypatch):
     first = kill_after_checkpoint(root, "killed", step=3)
     second = kill_after_checkpoint(root, "killed-again", step=12, overrides=[f"ckpt_path={first}"])
-    # SIGTERM, as a scheduler preempts a job: the run saves the step it came in and says so
+    # A SLURM job preempted: SIGUSR1 makes Lightning save hpc_ckpt_<n>.ckpt (mid-step) and requeue the job,
+    # then SIGTERM: the run saves the step it came in and says so
     name, third = "terminated", last_checkpoint(root, "terminated")
-    process = start(root, name, [f"ckpt_path={second}"])
-    kill_when(root, name, process, lambda: checkpoint_step(third) >= 18, how=signal.SIGTERM)
+    with monkeypatch.context() as slurm:
+        as_slurm_job(slurm, root / "slurm-bin")
+        process = start(root, name, [f"ckpt_path={second}"])
+    while checkpoint_step(third) < 18:
+        assert process.poll() is None, failure(root, name)
+        time.sleep(0.02)
+    process.send_signal(signal.SIGUSR1)
+    kill_when(root, name, process, lambda: list((root / name).glob("hpc_ckpt_*.ckpt")), how=signal.SIGTERM)
+    assert (root / "slurm-bin" / "scontrol.log").read_text() == "requeue 42\n"
+    assert not list((root / name).glob("hpc_ckpt_*.ckpt"))  # never resumed from: last.ckpt holds a later step
     status = json.loads((root / name / "status.json").read_text())
     assert status["status"] == "interrupted" and "SIGTERM" in status["message"], status
     assert status["step"] == checkpoint_step(third) > 18
+    # a step that did not validate: the values it reports are step 18's, and it says so
+    ending = rf"Interrupted at step {status['step']}/{MAX_STEPS} \(val/loss [0-9.]+, .* at step 18\); "
+    assert [log for log in root.glob("logs/runs/*/train.log") if re.search(ending, log.read_text())]
     last = run(root, "finished", [f"ckpt_path={third}"])
 
     assert checkpoint_step(last) == MAX_STEPS
@@ -84,6 +119,33 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint(root, uninterrupted)
 
 
 # The pieces, in process
+
+
+def test_a_job_starting_under_slurm_never_resumes_lightnings_requeue_checkpoint(tmp_path, cache_dir, monkeypatch):
+    """A requeued job whose run has no last.ckpt (killed before its first save) starts again: Lightning, under
+    SLURM, would resume it from its own mid-step hpc_ckpt_<n>.ckpt (this one is not even a checkpoint)."""
+    as_slurm_job(monkeypatch, tmp_path / "slurm-bin")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "hpc_ckpt_1.ckpt").write_bytes(b"saved mid-step")
+    outcome = train(make_config(tmp_path, cache_dir, ["trainer.max_steps=2", "ckpt_path=last"]))
+    assert outcome.status == "finished" and not list(folder.glob("hpc_ckpt_*.ckpt"))
+
+
+def test_a_run_folder_moved_elsewhere_resumes_with_the_best_checkpoint_it_knew(tmp_path, cache_dir, recwarn):
+    """Lightning forgets the best checkpoint's score when a checkpoint comes from another folder: the moved
+    run would keep a stale best beside a new one, or save a validation worse than it as the best. A
+    branch (a new folder) tracks its own best, and neither says Lightning's "dirpath has changed"."""
+    train(make_config(tmp_path / "before", cache_dir, []))
+    moved = tmp_path / "after" / "run"
+    shutil.move(tmp_path / "before" / "run", moved)
+    further = ["trainer.max_steps=12", "schedule.total_steps=6", f"ckpt_path={moved / 'checkpoints' / 'last.ckpt'}"]
+    train(make_config(tmp_path / "branch", cache_dir, further))
+    train(make_config(tmp_path / "after", cache_dir, further))
+    for folder, first in [(moved, 1), (tmp_path / "branch" / "run", 7)]:
+        losses = {step: loss for step, loss in logged(folder, "val/loss").items() if step >= first}
+        assert best_checkpoints(folder) == [f"best-step{min(losses, key=losses.get)}.ckpt"], losses
+    assert not [warning for warning in recwarn if "dirpath has changed" in str(warning.message)]
 
 
 def test_epoch_sampler_order_is_a_function_of_seed_and_epoch():

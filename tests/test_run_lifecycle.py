@@ -17,7 +17,7 @@ from helpers import TINY, TRAIN, make_config, scalars, train_py
 
 from losslab.config_checks import ConfigError
 from losslab.run_folder import LEFTOVER_AGE_S, LOCK_FILE, FolderInUse, remove_leftovers
-from losslab.run_status import Status
+from losslab.run_status import STATUS_FILE, Status
 from losslab.train import train
 
 
@@ -86,6 +86,36 @@ def test_a_refused_resume_or_one_with_nothing_to_train_changes_nothing(resumed_r
     with pytest.raises(ConfigError, match=f"{run} holds a run already: resume it"):
         train(make_config(root, cache_dir, in_run))  # a new run in its folder
     assert files(run) == before
+
+
+def test_ckpt_path_last_starts_a_run_anew_but_never_over_one_that_ended(tmp_path, cache_dir, caplog):
+    """ckpt_path=last in a folder without last.ckpt: a new folder's run starts, saying so; a run that ended
+    (keep_checkpoints=best removed its last.ckpt) is refused in one line, not trained anew over its record."""
+    caplog.set_level(logging.INFO, logger="losslab")
+    job = ["keep_checkpoints=best", "trainer.max_steps=2", "ckpt_path=last"]
+    run = tmp_path / "run"
+    assert train(make_config(tmp_path, cache_dir, job)).status == "finished"
+    assert f"ckpt_path=last: {run} holds no run yet: starting it" in caplog.text
+    before = files(run)
+    assert sorted(name for name in before if name.startswith("checkpoints")) == ["checkpoints/best-step2.ckpt"]
+    with pytest.raises(ConfigError, match=rf"^ckpt_path=last: {run} holds a run that has ended \(finished\) and no "):
+        train(make_config(tmp_path, cache_dir, job))
+    assert files(run) == before
+    with pytest.raises(ConfigError, match=r"^ckpt_path=last resumes the run folder's own last.ckpt, in that folder"):
+        train(make_config(tmp_path / "branch", cache_dir, ["ckpt_path=last", "branch=true"]))
+    assert not (tmp_path / "branch" / "run").exists()
+
+
+def test_a_damaged_status_json_is_named_in_one_line(resumed_run, cache_dir):
+    status = resumed_run / STATUS_FILE
+    kept = status.read_bytes()
+    status.write_text('{"status": "bogus"}')
+    resume = [f"paths.output_dir={resumed_run}", *FURTHER, "ckpt_path=last"]  # nothing to train: reads it
+    try:
+        with pytest.raises(ConfigError, match=rf"^{status} holds no status losslab writes \('bogus'"):
+            train(make_config(resumed_run, cache_dir, resume))
+    finally:
+        status.write_bytes(kept)
 
 
 # Holds a run folder's lock as a job does while it runs there, and says so.

@@ -21,6 +21,7 @@ from helpers import (
     assert_logged_and_checkpointed_once,
     assert_same_optimizer_state,
     assert_same_run,
+    assert_validates_as_one_device,
     kill_after_checkpoint,
     last_checkpoint,
     relative_difference,
@@ -168,6 +169,7 @@ def tp_run(root) -> str:
 
 def test_a_tp_run_logs_once_and_checkpoints_whole_files_that_generate_and_export_read(root, tp_run, tmp_path):
     assert_logged_and_checkpointed_once(root, tp_run, STEPS)
+    assert_validates_as_one_device(root, tp_run, NO_BIAS, tmp_path)  # the group's processes share the windows
     last = last_checkpoint(root, tp_run)
     state = torch.load(last, weights_only=True)["state_dict"]
     assert state["model.lm_head.weight"].shape[0] == state["model.wte.weight"].shape[0] == 257  # bytes: whole

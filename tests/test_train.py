@@ -4,10 +4,9 @@ import re
 import subprocess
 import sys
 
-import lightning as L
 import pytest
 import torch
-from helpers import CONF, TINY, TRAIN, make_config, scalars
+from helpers import CONF, TINY, TRAIN, make_config, one_device_validation, scalars
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -123,17 +122,6 @@ def test_unknown_loss_and_too_long_context_are_clear_errors(tmp_path, cache_dir)
         train(make_config(tmp_path, cache_dir, ["+loss.bogus=1"]))
     with pytest.raises(ValueError, match="data.context_length=64 is longer than model.context_length=32"):
         train(make_config(tmp_path, cache_dir, ["data.context_length=64"]))
-
-
-def one_device_validation(cfg) -> float:
-    """val/loss of the model that ``cfg`` starts from, on one device."""
-    L.seed_everything(cfg.seed, workers=True)  # as train.py does before building
-    datamodule, module = build_module(cfg)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer.validate(module, datamodule=datamodule, verbose=False)
-    return float(trainer.callback_metrics["val/loss"])
 
 
 def test_ddp_on_two_cpu_processes_trains_logs_and_checkpoints_once(tmp_path, cache_dir):

@@ -95,6 +95,46 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return True
 
 
+class RunFolderCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` whose state, restored from a checkpoint saved in another folder, follows the run.
+
+    Lightning restores the best checkpoint's score and the paths it knows only when the checkpoint was
+    saved in the same ``dirpath`` (else it warns and forgets them): a run whose folder was moved or
+    copied elsewhere would then keep a stale best beside a new one, or a new best worse than the old.
+    Here, when the files it knew are in the new folder, their paths are moved there and the state is
+    restored whole; when they are not (``branch=true``: a new folder), the callback starts afresh, as
+    the branch's own checkpoints do, without Lightning's warning."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_in = state_dict.get("dirpath")
+        if self.dirpath is None or saved_in is None or Path(saved_in) == Path(self.dirpath):
+            return super().load_state_dict(state_dict)
+        moved = moved_paths(state_dict, Path(saved_in), Path(self.dirpath))
+        if moved is not None:
+            super().load_state_dict(moved)
+
+
+MODEL_PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")  # the files a ModelCheckpoint knows
+
+
+def moved_paths(state_dict: dict[str, Any], saved_in: Path, dirpath: Path) -> dict[str, Any] | None:
+    """``state_dict`` of a ModelCheckpoint saved in ``saved_in``, its files' paths in ``dirpath`` instead;
+    None unless it knew files and every one of them is there."""
+
+    def moved(path: str) -> str:
+        return str(dirpath / Path(path).name) if path and Path(path).parent == saved_in else path
+
+    known = [path for path in (state_dict.get(key) for key in MODEL_PATHS) if path]
+    if not known or not all(Path(moved(path)).is_file() for path in known):
+        return None
+    return {
+        **state_dict,
+        **{key: moved(state_dict.get(key) or "") for key in MODEL_PATHS},
+        "best_k_models": {moved(path): score for path, score in state_dict.get("best_k_models", {}).items()},
+        "dirpath": str(dirpath),
+    }
+
+
 def check_keep(keep: str) -> str:
     require(
         keep in KEEP, "keep", keep, f"the checkpoints to keep must be one of {', '.join(KEEP)}", "keep_checkpoints=last"
@@ -102,7 +142,7 @@ def check_keep(keep: str) -> str:
     return keep
 
 
-class BestCheckpoint(ModelCheckpoint):
+class BestCheckpoint(RunFolderCheckpoint):
     """Keeps ``dirpath/best-step<N>.ckpt``, the checkpoint of the lowest ``val/loss`` that beats the
     untrained model's (see :mod:`losslab.divergence`).
 
@@ -141,7 +181,7 @@ class BestCheckpoint(ModelCheckpoint):
                 trainer.strategy.remove_checkpoint(path)
 
 
-class LastCheckpoint(ModelCheckpoint):
+class LastCheckpoint(RunFolderCheckpoint):
     """Saves ``dirpath/last.ckpt`` every ``every_n_train_steps`` steps, at the step where training
     ends and at the step in which SIGTERM came (a scheduler preempting the job), after that step's
     validation when it has one, so that the checkpoint knows the best checkpoint it made.
@@ -255,11 +295,22 @@ class LastCheckpoint(ModelCheckpoint):
     def save(self, trainer: L.Trainer) -> None:
         self.pending = False
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        for path in requeue_checkpoints(trainer.default_root_dir):  # older than last.ckpt now
+            trainer.strategy.remove_checkpoint(path)
 
     def stop(self, trainer: L.Trainer) -> None:
         """After SIGTERM, the step saved: Lightning stops the run at the end of the step, unless it ends there."""
         if not (trainer.should_stop or reached_max_steps(trainer)):
             trainer._signal_connector.received_sigterm = True
+
+
+def requeue_checkpoints(folder: _PATH) -> list[Path]:
+    """The checkpoints Lightning saves in a run's folder on SLURM's requeue signal (``hpc_ckpt_<n>.ckpt``,
+    SIGUSR1), taken mid-step from inside its signal handler. A run never resumes from them: the requeued
+    job resumes ``last.ckpt``, which SIGTERM saves at the end of a step, later than any of them; so they
+    are removed once it is saved, and when a job starts in the folder, where Lightning would otherwise
+    resume a run without ``last.ckpt`` from one (its own default under SLURM)."""
+    return sorted(Path(folder).glob("hpc_ckpt_*.ckpt"))
 
 
 class RNGState(L.Callback):

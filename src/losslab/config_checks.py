@@ -22,7 +22,6 @@ override)``): nothing here changes. A new component of losslab's, with a node of
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from omegaconf import DictConfig, OmegaConf
 
-from losslab.config_keys import UNSET, is_target, target_options, unknown_keys, value_at
+from losslab.config_keys import UNSET, is_target, origin, target_options, unknown_keys, value_at
 from losslab.data import DataConfig
 from losslab.losses import LOSSES, build_loss
 from losslab.model import GPTConfig
@@ -50,7 +49,6 @@ PRECISIONS = tuple(value for kind in get_args(_PRECISION_INPUT) for value in get
 ACCELERATORS = ("auto", "cpu", "gpu", *sorted(AcceleratorRegistry.available_accelerators() - {"cpu"}))
 MAX_SEED = np.iinfo(np.uint32).max  # numpy's, which Lightning's seed_everything seeds too
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-TOP_LEVEL_KEY = re.compile(r"\$\{(\w+)\}")  # a node's value that is a top-level key's: ${keep_checkpoints}
 
 
 class ConfigError(ValueError):
@@ -111,8 +109,6 @@ def built(cfg: DictConfig, path: str, build: Callable[..., Any], **given: Any) -
     if not isinstance(node, DictConfig):
         return None
     takes = target_options(build)
-    written = OmegaConf.to_container(node, resolve=False)
-    top_level = {key: match[1] for key, value in written.items() if (match := TOP_LEVEL_KEY.fullmatch(str(value)))}
     options, missing = {}, set()
     for key in node:
         if takes is not None and key not in takes or key in given or key.startswith("_"):
@@ -125,20 +121,21 @@ def built(cfg: DictConfig, path: str, build: Callable[..., Any], **given: Any) -
     try:
         build(**options, **{key: value for key, value in given.items() if value is not UNSET})
     except (ValueError, TypeError) as error:
-        return in_config_terms(path, str(error), takes or [], missing, top_level)
+        return in_config_terms(cfg, path, str(error), takes or [], missing)
     return None
 
 
-def in_config_terms(path: str, message: str, options: list[str], missing: set[str], top_level: dict[str, str]) -> str:
-    """A component's refusal, ``name=value: ...``, as the config writes it, ``path.name=value: ...``
-    (or ``key=value: ...`` where ``top_level`` says the value is that top-level key's), with ``???``
-    for a value left to the user; one that names no option of the node, after its path."""
+def in_config_terms(cfg: DictConfig, path: str, message: str, options: list[str], missing: set[str]) -> str:
+    """A component's refusal, ``name=value: ...``, as the config writes it, ``path.name=value: ...``,
+    with ``???`` for a value left to the user, and named by the key the value comes from
+    (``paths.cache_dir=null``, not ``data.cache_dir``, which takes it); one that names no option of
+    the node, after its path."""
     name, _, rest = message.partition("=")
     if name not in options:
         return f"{path}: {message}"
     if name in missing:
         rest = "???" + rest.removeprefix("null")
-    return f"{top_level.get(name, f'{path}.{name}')}={rest}"
+    return f"{origin(cfg, f'{path}.{name}')}={rest}"
 
 
 # --- top-level keys, and others' components --------------------------------------------------
@@ -327,7 +324,10 @@ def loss_builds(cfg: DictConfig) -> str | None:
     try:
         build_loss(**options)
     except (ValueError, TypeError, RuntimeError) as error:  # RuntimeError: a peer that cannot run here
-        return f"loss={options['name']}: {error}"
+        message = str(error)
+        if message.partition("=")[0] in options:  # one option's value: loss.softcap=nan: ...
+            return in_config_terms(cfg, "loss", message, list(options), set())
+        return f"loss={options['name']}: {message}"
     return None
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import re
 from collections.abc import Iterator
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
@@ -170,6 +171,7 @@ def join(prefix: str, key: str) -> str:
 # --- the composed config ---------------------------------------------------------------------
 
 UNSET = object()  # a key that is absent, ??? (no value yet), or unresolvable outside a Hydra run
+REFERENCE = re.compile(r"\$\{([\w.]+)\}")  # a value that is another key's, whole: ${paths.cache_dir}
 
 
 def value_at(cfg: DictConfig, key: str) -> Any:
@@ -181,6 +183,21 @@ def value_at(cfg: DictConfig, key: str) -> Any:
         return value
     except InterpolationResolutionError:
         return UNSET
+
+
+def origin(cfg: DictConfig, key: str) -> str:
+    """The key that gives ``key`` its value, the one to set: ``key`` itself, or, when its value is
+    another key's whole (``data.cache_dir: ${paths.cache_dir}``), that key's origin."""
+    seen = {key}
+    while True:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        raw = OmegaConf.to_container(node, resolve=False).get(leaf) if isinstance(node, DictConfig) else None
+        match = REFERENCE.fullmatch(raw) if isinstance(raw, str) else None
+        if match is None or match[1] in seen:
+            return key
+        key = match[1]
+        seen.add(key)
 
 
 def unknown_keys(cfg: DictConfig, node: dict, path: str = "") -> Iterator[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import TypeVar
 
 import torch
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from losslab.settings import is_int_at_least, require
 from losslab.targets import IGNORE_INDEX
 
 T = TypeVar("T")
@@ -37,10 +38,12 @@ class GPTConfig:
     compile: bool = False  # torch.compile each transformer block; no part of the shape
 
     def __post_init__(self) -> None:
+        defaults = {field.name: field.default for field in fields(self)}
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value}: must be an int >= 1")
+            example = (
+                None if defaults[name] is MISSING else f"model.{name}={defaults[name]}"
+            )  # vocab_size: the tokenizer's
+            require(is_int_at_least(getattr(self, name), 1), name, getattr(self, name), "must be an int >= 1", example)
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}: each head takes "

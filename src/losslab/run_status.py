@@ -67,7 +67,7 @@ DESCRIPTIONS = {
 ENDINGS = {
     Status.FINISHED: "Finished at {where}: {values}.",
     Status.DIVERGED: "Diverged: at {where} {values}; {message}.",
-    Status.INTERRUPTED: "Interrupted at {where} ({values}); {last} holds it. Resume it with:\n  {resume}",
+    Status.INTERRUPTED: "Interrupted at {where}{bracketed}; {last} holds it. Resume it with:\n  {resume}",
 }
 
 
@@ -90,9 +90,14 @@ class RunRecord:
         """The line a run that ended so says first (see :data:`ENDINGS`): ``values`` are its metrics
         as the summary gives them, ``last`` its last checkpoint, ``resume`` the command that resumes it."""
         described = self.describe()
-        default = f"{described[:1].upper()}{described[1:]} ({{values}}): {{message}}"
+        default = f"{described[:1].upper()}{described[1:]}{{bracketed}}: {{message}}"
         return ENDINGS.get(self.status, default).format(
-            where=f"step {self.step}/{self.max_steps}", values=values, message=self.message, last=last, resume=resume
+            where=f"step {self.step}/{self.max_steps}",
+            values=values,
+            bracketed=f" ({values})" if values else "",  # a run stopped before its first validation has none
+            message=self.message,
+            last=last,
+            resume=resume,
         )
 
     def write(self, folder: Path) -> None:

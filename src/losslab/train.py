@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from losslab.callbacks import GracefulInterrupt, RunStatus
 from losslab.checkpoint_files import CheckpointError, check_resumable, load_checkpoint_file
+from losslab.checkpointing import requeue_checkpoints
 from losslab.config_checks import ConfigError, check_config
 from losslab.config_keys import check_overrides
 from losslab.data import GPTDataModule
@@ -148,11 +149,18 @@ def train(cfg: DictConfig) -> RunOutcome:
 def train_in(cfg: DictConfig, folder: Path, new: bool) -> RunOutcome:
     """:func:`train`, with the folder's lock held."""
     last = folder / "checkpoints" / "last.ckpt"
+    if cfg.ckpt_path == "last" and cfg.branch is True:
+        raise ConfigError(
+            "ckpt_path=last resumes the run folder's own last.ckpt, in that folder: to branch, give the "
+            "checkpoint's path (ckpt_path=<run>/checkpoints/last.ckpt branch=true)"
+        )
     # Lightning's word: the folder's last checkpoint, or a new start when it has none (a requeued job
     # killed before its first save starts again, its curves so far hidden)
     again = cfg.ckpt_path == "last" and not last.exists()
     if cfg.ckpt_path == "last":
         cfg.ckpt_path = None if again else str(last)
+    if again:
+        start_again(folder)
     check_config(cfg)
     if cfg.ckpt_path is None and not again and holds_run(folder):
         raise ConfigError(
@@ -162,6 +170,34 @@ def train_in(cfg: DictConfig, folder: Path, new: bool) -> RunOutcome:
     if new and rank_zero_only.rank == 0:
         remove_leftovers(folder.parent, keep=folder)
     return fit(cfg, folder, purge={"purge_step": 0} if again else {})
+
+
+def start_again(folder: Path) -> None:
+    """``ckpt_path=last`` where ``folder`` has no ``checkpoints/last.ckpt``: a run that has not begun, or
+    one stopped before its first save (a requeued job), starts (again), and says so; one that ended
+    (without last.ckpt, which keep_checkpoints=best removes at the end) is refused, never trained anew
+    over its record."""
+    record = recorded_status(folder)
+    if record.status in (Status.FINISHED, Status.DIVERGED, Status.STOPPED):
+        raise ConfigError(
+            f"ckpt_path=last: {folder} holds a run that has ended ({record.describe()}) and no checkpoints/last.ckpt "
+            "to resume (keep_checkpoints=best removes it at the end): to train on, give one of its checkpoints "
+            f"(ckpt_path={folder / 'checkpoints'}/<name>.ckpt); to train anew, give a new folder (hydra.run.dir=...)"
+        )
+    if rank_zero_only.rank != 0:
+        return
+    if holds_run(folder):
+        log.info(f"ckpt_path=last: {folder} has no checkpoints/last.ckpt ({record.describe()}): starting its run again")
+    else:
+        log.info(f"ckpt_path=last: {folder} holds no run yet: starting it")
+
+
+def recorded_status(folder: Path) -> RunRecord:
+    """The run's status.json (see :func:`losslab.run_status.read_status`); a damaged one is a one-line error."""
+    try:
+        return read_status(folder)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def fit(cfg: DictConfig, folder: Path, purge: dict[str, int]) -> RunOutcome:
@@ -175,6 +211,9 @@ def fit(cfg: DictConfig, folder: Path, purge: dict[str, int]) -> RunOutcome:
         # A resumed run continues in its folder: TensorBoard hides the events logged there after
         # the checkpoint's step, which the resumed run logs again.
         purge = {"purge_step": checkpoint["global_step"] + 1}
+    if rank_zero_only.rank == 0:  # before Lightning looks for one to resume from
+        for path in requeue_checkpoints(cfg.trainer.get("default_root_dir") or folder):
+            path.unlink()
     logger = instantiate(cfg.logger, **purge)
     status = RunStatus(folder)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
@@ -225,7 +264,7 @@ def fit(cfg: DictConfig, folder: Path, purge: dict[str, int]) -> RunOutcome:
 def nothing_to_train(cfg: DictConfig, folder: Path, step: int) -> RunOutcome:
     """A resume of a run that has taken its ``trainer.max_steps`` already: it says so, with what the
     run achieved, and leaves the run as it is."""
-    status = read_status(folder).status
+    status = recorded_status(folder).status
     if status is Status.UNKNOWN:  # a run older than status.json that reached its last step
         status = Status.FINISHED
     run = logged_run(folder)
@@ -275,10 +314,21 @@ def summary(outcome: RunOutcome, message: str) -> str:
         if metric.summary and metric.tag in outcome.metrics
     )
     last = outcome.folder / "checkpoints" / "last.ckpt"
+    if outcome.status is Status.INTERRUPTED:
+        validated = last_validated_step(outcome.folder)  # SIGTERM stops at a step's end, validated or not
+        if values and validated not in (None, outcome.step):
+            values += f" at step {validated}"
     record = RunRecord(outcome.status, outcome.step, outcome.max_steps, message)
     ending = record.ending(values, last, resume_command(last))
     report = run_report(outcome.folder, finished=outcome.status is Status.FINISHED)
     return "\n".join([ending, *(f"  {line}" for line in report)])
+
+
+def last_validated_step(folder: Path) -> int | None:
+    """The step of the run's last logged validation."""
+    run = logged_run(folder)
+    losses = run.curves.get("val/loss") if run else None
+    return losses[-1].step if losses else None
 
 
 def resume_command(checkpoint: Path) -> str:

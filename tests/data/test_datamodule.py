@@ -194,6 +194,14 @@ def test_binary_files_are_refused_and_a_stray_nul_is_kept_with_a_warning(tmp_pat
     for name, offset in [("zeros.txt", 0), ("image.txt", 8)]:
         with pytest.raises(DataError, match=rf"{name} is binary, not text \(a NUL byte at offset {offset}, within its"):
             load_documents("text", tmp_path / name)
+    # no NUL, but control characters: more than 30% of the first 8,000 bytes
+    (tmp_path / "controls.txt").write_bytes(b"\x01\x02 text\x1b" * 20_000)
+    with pytest.raises(
+        DataError, match=r"controls.txt is binary, not text \(control characters in 3,000 of its first 8,000"
+    ):
+        load_documents("text", tmp_path / "controls.txt")
+    (tmp_path / "colours.txt").write_text("\x1b[1mbold\x1b[0m and plain text\n" * 500)  # ANSI escapes: text
+    assert load_documents("text", tmp_path / "colours.txt")
     text = "a paragraph of plain text\n\n" * 400  # 10,800 bytes, then "one " and a NUL
     (tmp_path / "stray.txt").write_text(text + "one \0 here")
     with pytest.warns(UserWarning, match=r"stray.txt holds NUL bytes \(the first at offset 10804\)"):

@@ -115,6 +115,24 @@ def test_jsonl_unpaired_surrogates_are_replaced_with_a_warning(tmp_path):
         assert load_documents("jsonl", path) == ["half \ufffd of a pair", "whole 😀"]
 
 
+def test_records_of_nul_or_control_characters_are_refused_first_and_warned_later(tmp_path):
+    """As a text file: a file whose first record of text is binary is refused, a later binary record kept
+    with a warning (once a file)."""
+    binary = write_jsonl(tmp_path / "nul.jsonl", [{"text": " "}, {"text": "\0" * 100}, {"text": "fine"}])
+    with pytest.raises(DataError, match=r"nul.jsonl line 2 is binary, not text \(a NUL byte at offset 0, within"):
+        load_documents("jsonl", binary)
+    late = write_jsonl(tmp_path / "late.jsonl", [{"text": "fine"}, *[{"text": "\x01\x02\x03 "}] * 3])
+    with pytest.warns(UserWarning, match=r"late.jsonl line 2 holds binary, not text \(control characters in") as caught:
+        assert load_documents("jsonl", late) == ["fine", *["\x01\x02\x03 "] * 3]
+    assert len(caught) == 1
+    pyarrow = pytest.importorskip("pyarrow")
+    from pyarrow import parquet
+
+    parquet.write_table(pyarrow.table({"text": ["\0\0\0", "fine"]}), tmp_path / "nul.parquet")
+    with pytest.raises(DataError, match=r"nul.parquet row 0 is binary, not text"):
+        load_documents("parquet", tmp_path / "nul.parquet")
+
+
 def test_parquet_gives_a_document_per_row(tmp_path):
     pyarrow = pytest.importorskip("pyarrow")
     from pyarrow import parquet

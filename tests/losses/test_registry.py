@@ -29,7 +29,10 @@ INVALID = {  # id: (option, value, text the message must hold)
     "temperature=-1": ("temperature", -1.0, "-1"),
     "temperature=inf": ("temperature", float("inf"), "finite"),
     "temperature=nan": ("temperature", float("nan"), "nan"),
-    "temperature='hot'": ("temperature", "hot", "'hot'"),
+    "temperature='hot'": ("temperature", "hot", "temperature=hot: must be a finite number"),
+    "z_loss='abc'": ("z_loss", "abc", "z_loss=abc: must be a finite number"),  # not a TypeError from `<`
+    "softcap='None'": ("softcap", "None", "softcap=None: must be a finite number"),
+    "label_smoothing=True": ("label_smoothing", True, "label_smoothing=true: must be a number"),
 }
 
 

@@ -50,6 +50,8 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 READ_BYTES = 1 << 20  # a text file is read this many bytes at a time
 BINARY_SNIFF_BYTES = 8000  # a NUL byte in a text file's first 8,000 bytes makes it binary (git's rule)
+CONTROL_BYTES = bytes([*range(0x00, 0x09), *range(0x0E, 0x20), 0x7F])  # all but tab, newlines, form feed
+BINARY_CONTROL_SHARE = 0.3  # or more than this share of them control characters (as Perl's -B tells)
 PARQUET_ROWS = 1024  # rows read at a time
 Progress = Callable[[int], object]  # told how many more bytes of the corpus were read
 
@@ -157,6 +159,7 @@ class JsonLines(Files):
 
     def read(self, progress: Progress) -> Iterator[str]:
         for file in self.files:
+            check = BinaryRecords()
             with open(file, "rb") as raw:
                 lines = gzip_lines(raw, file) if file.suffix == ".gz" else raw
                 reported = 0  # bytes of the file read, compressed or not
@@ -164,7 +167,7 @@ class JsonLines(Files):
                     record = line.strip()
                     if record:  # a blank line, at the end of a file say, holds no record
                         text = record_text(record, self.text_field, file, number)
-                        yield from as_documents(text, f"{file} line {number}")
+                        yield from check(as_documents(text, f"{file} line {number}"), f"{file} line {number}")
                     if raw.tell() - reported >= READ_BYTES:
                         progress(raw.tell() - reported)
                         reported = raw.tell()
@@ -181,6 +184,7 @@ class ParquetFiles(Files):
     def read(self, progress: Progress) -> Iterator[str]:
         parquet = import_parquet()
         for file in self.files:
+            check = BinaryRecords()
             with parquet_errors(file):
                 table = parquet.ParquetFile(file)
             check_text_column(table.schema_arrow, self.text_field, file)
@@ -193,21 +197,56 @@ class ParquetFiles(Files):
                 if batch is None:
                     break
                 for row, text in enumerate(batch.column(0).to_pylist(), start=rows):
-                    yield from as_documents(text, f"{file} row {row}")
+                    yield from check(as_documents(text, f"{file} row {row}"), f"{file} row {row}")
                 rows += batch.num_rows
                 progress(size * rows // n_rows - reported)
                 reported = size * rows // n_rows
             progress(size - reported)  # all of it, even with no rows
 
 
+def binary_start(head: bytes) -> str | None:
+    """Why text whose first :data:`BINARY_SNIFF_BYTES` bytes are ``head`` is binary, not text (an image,
+    an archive, a file of zeros): a NUL byte among them, as git and grep tell, or mostly control
+    characters, as Perl does; None for text."""
+    head = head[:BINARY_SNIFF_BYTES]
+    nul = head.find(b"\0")
+    if nul >= 0:
+        return f"a NUL byte at offset {nul}, within its first {BINARY_SNIFF_BYTES:,} bytes"
+    controls = len(head) - len(head.translate(None, CONTROL_BYTES))
+    if controls > BINARY_CONTROL_SHARE * len(head):
+        return f"control characters in {controls:,} of its first {len(head):,} bytes"
+    return None
+
+
+class BinaryRecords:
+    """A file's records checked as a text file is (:func:`text_pieces`): one whose first record of text
+    is binary (:func:`binary_start`) is refused, a later binary record kept with a warning, once a file."""
+
+    def __init__(self) -> None:
+        self.first = True
+        self.warned = False
+
+    def __call__(self, documents: list[str], where: str) -> list[str]:
+        """``documents``, a record's (:func:`losslab.data.records.as_documents`), after the check."""
+        reason = binary_start(documents[0].encode(errors="replace")) if documents else None
+        if reason and self.first:
+            raise DataError(f"{where} is binary, not text ({reason}): give records of text (UTF-8)")
+        if reason and not self.warned:
+            warnings.warn(
+                f"{where} holds binary, not text ({reason}): kept; remove it if the file is damaged", stacklevel=3
+            )
+            self.warned = True
+        self.first = self.first and not documents
+        return documents
+
+
 def text_pieces(path: Path, progress: Progress = no_progress) -> Iterator[str]:
     """The text of ``path`` as UTF-8, read :data:`READ_BYTES` bytes at a time; invalid bytes
     become U+FFFD, with a warning naming the file and the first of them.
 
-    A binary file is refused: one with a NUL byte in its first :data:`BINARY_SNIFF_BYTES` bytes, as
-    git and grep tell binary files (an image, an archive, a file of zeros). NUL bytes further on are
-    kept, with a warning: text with a stray NUL is still text, and a corpus is often too large to
-    fail for one at its end.
+    A binary file is refused: one whose first bytes are binary (:func:`binary_start`). NUL bytes
+    further on are kept, with a warning: text with a stray NUL is still text, and a corpus is often
+    too large to fail for one at its end.
     """
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0  # of the next block in the file
@@ -215,12 +254,10 @@ def text_pieces(path: Path, progress: Progress = no_progress) -> Iterator[str]:
     with open(path, "rb") as file:
         while True:
             block = file.read(READ_BYTES)
+            reason = binary_start(block) if offset == 0 else None
+            if reason:
+                raise DataError(f"{path} is binary, not text ({reason}): give text files in data.path (UTF-8)")
             nul = block.find(b"\0")
-            if nul >= 0 and offset + nul < BINARY_SNIFF_BYTES:
-                raise DataError(
-                    f"{path} is binary, not text (a NUL byte at offset {nul + offset}, within its first "
-                    f"{BINARY_SNIFF_BYTES:,} bytes): give text files in data.path (UTF-8)"
-                )
             if nul >= 0 and not nul_warned:
                 warnings.warn(
                     f"{path} holds NUL bytes (the first at offset {nul + offset}), which text does not: they "

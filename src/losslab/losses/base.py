@@ -32,6 +32,7 @@ from losslab.losses.entropy import entropy, exp_weighted_sums
 from losslab.losses.row_max import max_and_argmax
 from losslab.losses.smoothing import part_weights, weighted_row_sums
 from losslab.losses.vocab_parallel import Layout, VocabParallel, WholeRows, whole
+from losslab.settings import is_finite, is_number, require
 from losslab.targets import IGNORE_INDEX, real_targets
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -188,14 +189,35 @@ class TokenLoss(nn.Module):
             raise TypeError(f"vocab_parallel must be a losslab.losses.VocabParallel, got {vocab_parallel!r:.80}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1]")
-        if not 0 <= z_loss < math.inf:  # not `z_loss < 0`, which lets nan through
-            raise ValueError(f"z_loss={z_loss} must be a finite number >= 0")
-        if softcap is not None and not 0 < softcap < math.inf:
-            raise ValueError(f"softcap={softcap} must be a finite number > 0, or None to turn it off")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-            raise ValueError(f"temperature={temperature!r} must be a finite number > 0 (1: the logits as they are)")
+        # `0 <= x`, not `x < 0`, which lets nan through
+        require(
+            is_number(label_smoothing) and 0 <= label_smoothing <= 1,
+            "label_smoothing",
+            label_smoothing,
+            "must be a number in [0, 1] (0: none)",
+            "loss.label_smoothing=0.1",
+        )
+        require(
+            is_finite(z_loss) and z_loss >= 0,
+            "z_loss",
+            z_loss,
+            "must be a finite number >= 0 (0: none)",
+            "loss.z_loss=1e-4",
+        )
+        require(
+            softcap is None or is_finite(softcap) and softcap > 0,
+            "softcap",
+            softcap,
+            "must be a finite number > 0, or null to turn it off",
+            "loss.softcap=30",
+        )
+        require(
+            is_finite(temperature) and temperature > 0,
+            "temperature",
+            temperature,
+            "must be a finite number > 0 (1: the logits as they are)",
+            "loss.temperature=1",
+        )
         if class_weights is not None:
             class_weights = torch.as_tensor(class_weights)
             if class_weights.dim() != 1 or not class_weights.is_floating_point():
