@@ -136,13 +136,13 @@ def test_a_run_folder_moved_elsewhere_resumes_with_the_best_checkpoint_it_knew(t
     """Lightning forgets the best checkpoint's score when a checkpoint comes from another folder: the moved
     run would keep a stale best beside a new one, or save a validation worse than it as the best. A
     branch (a new folder) tracks its own best, and neither says Lightning's "dirpath has changed"."""
-    train(make_config(tmp_path / "before", cache_dir, []))
+    train(make_config(tmp_path / "before", cache_dir, ["trainer.max_steps=3"]))
     moved = tmp_path / "after" / "run"
     shutil.move(tmp_path / "before" / "run", moved)
-    further = ["trainer.max_steps=12", "schedule.total_steps=6", f"ckpt_path={moved / 'checkpoints' / 'last.ckpt'}"]
+    further = ["trainer.max_steps=6", "schedule.total_steps=3", f"ckpt_path={moved / 'checkpoints' / 'last.ckpt'}"]
     train(make_config(tmp_path / "branch", cache_dir, further))
     train(make_config(tmp_path / "after", cache_dir, further))
-    for folder, first in [(moved, 1), (tmp_path / "branch" / "run", 7)]:
+    for folder, first in [(moved, 1), (tmp_path / "branch" / "run", 4)]:
         losses = {step: loss for step, loss in logged(folder, "val/loss").items() if step >= first}
         assert best_checkpoints(folder) == [f"best-step{min(losses, key=losses.get)}.ckpt"], losses
     assert not [warning for warning in recwarn if "dirpath has changed" in str(warning.message)]
