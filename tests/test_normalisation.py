@@ -91,4 +91,6 @@ def test_a_spike_that_one_rank_sees_is_saved_by_each_rank_once(ddp_run, run, ste
     # the ranks' per-token losses (saved in float32) together average to the step's loss; rank 1's rows made it
     nll = [spike["token_nll"][spike["targets"] != -100].double() for spike in spikes]
     assert float(torch.cat(nll).mean()) == pytest.approx(float(spikes[0]["loss"]), rel=1e-6)
-    assert nll[1].mean() > 10 * nll[0].mean() and float(spikes[0]["loss"]) > 10 * float(spikes[0]["mean"])
+    assert nll[1].mean() > 10 * nll[0].mean()
+    # a spike by the capture's rule (k=6), however few of the step's targets were rank 1's
+    assert float(spikes[0]["loss"]) > float(spikes[0]["mean"]) + 6 * float(spikes[0]["std"])
