@@ -78,10 +78,15 @@ def uninterrupted(root) -> str:
 
 def test_runs_killed_mid_training_resume_exactly(root, uninterrupted, monkeypatch):
     first = kill_after_checkpoint(root, "killed", step=3)
-    second = kill_after_checkpoint(root, "killed-again", step=12, overrides=[f"ckpt_path={first}"])
-    # A SLURM job preempted: SIGUSR1 makes Lightning save hpc_ckpt_<n>.ckpt (mid-step) and requeue the job,
-    # then SIGTERM: the run saves the step it came in and says so
-    name, third = "terminated", last_checkpoint(root, "terminated")
+    # SIGTERM, as a scheduler preempts a job: the run saves the step it came in and says so
+    name, second = "terminated", last_checkpoint(root, "terminated")
+    process = start(root, name, [f"ckpt_path={first}"])
+    kill_when(root, name, process, lambda: checkpoint_step(second) >= 12, how=signal.SIGTERM)
+    status = json.loads((root / name / "status.json").read_text())
+    assert status["status"] == "interrupted" and "stopped by SIGTERM" in status["message"], status
+    assert status["step"] == checkpoint_step(second) > 12
+    # SLURM's requeue signal (SIGUSR1): the same, and the job requeued; no hpc_ckpt_<n>.ckpt of Lightning's
+    name, third = "requeued", last_checkpoint(root, "requeued")
     with monkeypatch.context() as slurm:
         as_slurm_job(slurm, root / "slurm-bin")
         process = start(root, name, [f"ckpt_path={second}"])
@@ -89,11 +94,11 @@ def test_runs_killed_mid_training_resume_exactly(root, uninterrupted, monkeypatc
         assert process.poll() is None, failure(root, name)
         time.sleep(0.02)
     process.send_signal(signal.SIGUSR1)
-    kill_when(root, name, process, lambda: list((root / name).glob("hpc_ckpt_*.ckpt")), how=signal.SIGTERM)
+    assert process.wait(timeout=600) == 128 + signal.SIGTERM, failure(root, name)
     assert (root / "slurm-bin" / "scontrol.log").read_text() == "requeue 42\n"
-    assert not list((root / name).glob("hpc_ckpt_*.ckpt"))  # never resumed from: last.ckpt holds a later step
+    assert not list((root / name).glob("hpc_ckpt_*.ckpt"))
     status = json.loads((root / name / "status.json").read_text())
-    assert status["status"] == "interrupted" and "SIGTERM" in status["message"], status
+    assert status["status"] == "interrupted" and "requeue signal (SIGUSR1)" in status["message"], status
     assert status["step"] == checkpoint_step(third) > 18
     # a step that did not validate: the values it reports are step 18's, and it says so
     ending = rf"Interrupted at step {status['step']}/{MAX_STEPS} \(val/loss [0-9.]+, .* at step 18\); "
@@ -101,7 +106,7 @@ def test_runs_killed_mid_training_resume_exactly(root, uninterrupted, monkeypatc
     last = run(root, "finished", [f"ckpt_path={third}"])
 
     assert checkpoint_step(last) == MAX_STEPS
-    assert_same_run(root, uninterrupted, ["killed", "killed-again", name, "finished"])
+    assert_same_run(root, uninterrupted, ["killed", "terminated", name, "finished"])
     # the last run logged every step after the one it resumed from
     assert sorted(logged(root / "finished", "train/loss")) == list(range(status["step"] + 1, MAX_STEPS + 1))
 

@@ -166,7 +166,9 @@ class RunStatus(L.Callback):
         if isinstance(exception, NonFiniteStepError):
             self.record(trainer, Status.STOPPED, message)
         elif isinstance(exception, SIGTERMException):  # Lightning's, raised after the step the signal came in
-            self.record(trainer, Status.INTERRUPTED, "stopped by SIGTERM; checkpoints/last.ckpt holds this step")
+            requeued = any(getattr(callback, "requeue", False) for callback in trainer.callbacks)
+            by = "SLURM's requeue signal (SIGUSR1), the job requeued" if requeued else "SIGTERM"
+            self.record(trainer, Status.INTERRUPTED, f"stopped by {by}; checkpoints/last.ckpt holds this step")
         elif isinstance(exception, KeyboardInterrupt):
             self.record(trainer, Status.INTERRUPTED, "stopped by a second Ctrl-C, without a checkpoint of this step")
         else:

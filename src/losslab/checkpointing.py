@@ -14,6 +14,7 @@ import math
 import os
 import re
 import signal
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,12 @@ class LastCheckpoint(RunFolderCheckpoint):
     DDP, broadcasts from inside the handler, whatever collective the other processes are in (a run
     hangs). Here every process agrees at the end of the step, saves it, and then raises Lightning's
     flag, so that Lightning stops the run at once (``SIGTERMException``, which ``RunStatus`` records).
+
+    SLURM's requeue signal (``#SBATCH --signal=USR1@90``) is taken the same way, where Lightning's own
+    handler, under SLURM, would save ``hpc_ckpt_<n>.ckpt`` and close the loggers from inside the signal
+    handler, whatever the process was doing: a run hung there when the signal came while it wrote its
+    TensorBoard events. Here the step ends, is saved, the job is requeued (``scontrol requeue``, as
+    Lightning does it) and the run stops; the requeued job resumes ``last.ckpt``.
     """
 
     def __init__(self, dirpath: _PATH, every_n_train_steps: int, keep: str = "both") -> None:
@@ -216,7 +223,9 @@ class LastCheckpoint(RunFolderCheckpoint):
         )
         self.keep = check_keep(keep)
         self.pending = False  # a save waits for the step's validation
-        self.sigterm = False  # this process got SIGTERM
+        self.sigterm = False  # this process got SIGTERM (or SIGUSR1)
+        self.requeue = False  # it got SLURM's requeue signal: requeue the job once the step is saved
+        self.previous_usr1: Any = None
         self.stopping = False  # some process got it: every process saves this step, then stops
         self.previous_handler: Any = None
         self.recount = False  # Lightning's count of stepped batches is set right at the fit's first batch
@@ -232,6 +241,12 @@ class LastCheckpoint(RunFolderCheckpoint):
         self.recount = True
         if self.previous_handler is not None:
             signal.signal(signal.SIGTERM, self.note_sigterm)  # alone (Lightning puts back its own at the end)
+            if signal.getsignal(signal.SIGUSR1) not in (
+                signal.SIG_DFL,
+                signal.SIG_IGN,
+                None,
+            ):  # Lightning's, under SLURM
+                self.previous_usr1 = signal.signal(signal.SIGUSR1, self.note_requeue)
         if trainer.received_sigterm:  # noted by Lightning's handler while the fit set up
             trainer._signal_connector.received_sigterm, self.sigterm = False, True
 
@@ -257,10 +272,17 @@ class LastCheckpoint(RunFolderCheckpoint):
         if self.previous_handler is not None:
             signal.signal(signal.SIGTERM, self.previous_handler)
             self.previous_handler = None
+        if self.previous_usr1 is not None:
+            signal.signal(signal.SIGUSR1, self.previous_usr1)
+            self.previous_usr1 = None
 
     def note_sigterm(self, signum: int, frame: Any) -> None:
         self.sigterm = True
         log.warning("SIGTERM: stopping once this step is saved")
+
+    def note_requeue(self, signum: int, frame: Any) -> None:
+        self.sigterm = self.requeue = True
+        log.warning("SIGUSR1 (SLURM's requeue signal): stopping once this step is saved, then requeuing the job")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self.stopping = trainer.strategy.reduce_boolean_decision(self.sigterm, all=False)
@@ -299,9 +321,28 @@ class LastCheckpoint(RunFolderCheckpoint):
             trainer.strategy.remove_checkpoint(path)
 
     def stop(self, trainer: L.Trainer) -> None:
-        """After SIGTERM, the step saved: Lightning stops the run at the end of the step, unless it ends there."""
+        """After SIGTERM, the step saved: Lightning stops the run at the end of the step, unless it ends there.
+        After SLURM's requeue signal (on any process), the first process requeues the job."""
+        self.requeue = trainer.strategy.reduce_boolean_decision(self.requeue, all=False)
+        if self.requeue and trainer.is_global_zero:
+            requeue_slurm_job()
         if not (trainer.should_stop or reached_max_steps(trainer)):
             trainer._signal_connector.received_sigterm = True
+
+
+def requeue_slurm_job() -> None:
+    """``scontrol requeue <job>`` for this SLURM job (an array's task as ``<array>_<task>``), as Lightning
+    names it; a failure is logged, not raised: the run is saved either way."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else os.environ.get("SLURM_JOB_ID")
+    try:
+        result = subprocess.call(["scontrol", "requeue", str(job)])
+    except OSError as error:
+        result = error
+    if result == 0:
+        log.info(f"Requeued SLURM job {job}")
+    else:
+        log.warning(f"Requeuing SLURM job {job} failed ({result}): resume it with ckpt_path=last")
 
 
 def requeue_checkpoints(folder: _PATH) -> list[Path]:
