@@ -8,6 +8,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from losslab.bench import Config, loss_step, make_inputs, measure_rows_in_worker, prediction, setups, unavailable
 from losslab.losses import LOSSES, build_loss, default_chunk_size
+from losslab.losses.fused import padded_width
 from losslab.memory import CLEAR_REFS
 from losslab.peak_memory import ENTRIES, MIB, banner_line, predict, predict_loss
 
@@ -106,8 +107,12 @@ def test_a_prediction_is_of_a_registry_entry_and_a_loss_without_one_is_said_to_h
 def test_a_prediction_follows_its_entrys_chunks_and_dtype():
     vocab = 50257
     chunk = predict("fused", 8192, vocab, 768).peak.buffers[0]
-    assert chunk.shape == (default_chunk_size(vocab), vocab) and chunk.dtype == torch.float32
-    assert predict("fused", 8192, vocab, 768, chunk_size=64).peak.buffers[0].shape == (64, vocab)
+    # its rows padded to whole cache lines: 50,272 float32 columns
+    assert chunk.shape == (default_chunk_size(vocab), 50272) and chunk.dtype == torch.float32
+    assert predict("fused", 8192, vocab, 768, chunk_size=64).peak.buffers[0].shape == (
+        64,
+        padded_width(vocab, torch.float32),
+    )
     # under bf16 autocast the full-logits entries keep bf16 copies of hidden and weight too
     bf16_copies = (SMALL.tokens + SMALL.vocab) * SMALL.dim * 2
     assert predict("naive", *SMALL[:3], "bf16").peak.nbytes == predict("naive", *SMALL).peak.nbytes + bf16_copies

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from losslab.losses.fused import default_chunk_size
+from losslab.losses.fused import default_chunk_size, padded_width
 
 MIB = 2**20
 F32, BF16 = torch.float32, torch.bfloat16
@@ -203,7 +203,11 @@ def fused(sizes: Sizes, chunk_size: int | None = None) -> list[Moment]:
     ]
     buffers = buffers if sizes.autocast else []
     buffers += [
-        sizes.logits("one chunk's logits, reused by every chunk", F32, rows),
+        Buffer(
+            "one chunk's logits, reused by every chunk (rows padded to cache lines)",
+            (min(rows, sizes.tokens), padded_width(sizes.vocab, F32)),
+            F32,
+        ),
         sizes.grad_hidden(dtype=sizes.compute),
         sizes.grad_weight("weight's gradient, accumulated in float32"),
     ]

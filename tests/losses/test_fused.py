@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from losslab.losses import build_loss
-from losslab.losses.fused import default_chunk_size
+from losslab.losses.fused import default_chunk_size, padded_width
 
 from .reference import (
     ALL_OPTIONS,
@@ -143,3 +143,12 @@ def test_non_contiguous_inputs(layout, reduction):
 def test_default_chunk_size(vocab, rows):
     """About 128 MiB of float32 logits per chunk, a power of two rows, at least one."""
     assert default_chunk_size(vocab) == rows
+
+
+@pytest.mark.parametrize(
+    "columns, dtype, width",
+    [(50257, torch.float32, 50272), (4096, torch.float32, 4096), (257, torch.float64, 264), (1, torch.float32, 16)],
+)
+def test_chunk_rows_are_padded_to_whole_cache_lines(columns, dtype, width):
+    assert padded_width(columns, dtype) == width
+    assert width * dtype.itemsize % 64 == 0 and 0 <= width - columns < 64 // dtype.itemsize
