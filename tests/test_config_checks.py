@@ -256,6 +256,15 @@ BAD = [
         )
         + r".*\(e.g. model.n_head=4\) or fewer processes",
     ),
+    # the heads suggested divide the width too (3 -> 2: 4 does not divide 102), or come with a width they divide
+    (
+        "trainer=tp model.n_head=3 model.n_embd=102",
+        r"model.n_head=3 heads do not split.*\(e.g. model.n_head=2\) or fewer processes",
+    ),
+    (
+        "trainer=tp model.n_head=3 model.n_embd=99",
+        r"model.n_head=3 heads do not split.*\(e.g. model.n_head=4 model.n_embd=100\) or fewer processes",
+    ),
     ("trainer=tp +loss.vocab_parallel=1", r"loss.vocab_parallel=1: losslab sets this itself: trainer=tp and fsdp_tp"),
     ("+loss.class_weights=[1.0,2.0]", r"loss.class_weights=\[1.0, 2.0\]: training takes no class weights"),
     ("+model.vocab_size=1000", r"model.vocab_size=1000: losslab sets this itself: the tokenizer sets it"),

@@ -13,7 +13,7 @@ from losslab.compare import summarize
 from losslab.metrics import BEST_BY, METRICS
 from losslab.run_logs import load_runs
 from losslab.run_status import Status
-from losslab.train import objective, train
+from losslab.train import RunOutcome, exit_code, objective, train
 
 # The user's report: naive with a huge learning rate and no clipping diverges at once.
 DIVERGING = [
@@ -125,3 +125,18 @@ def test_train_acc_is_logged_on_exactly_the_logged_steps_with_their_own_values(t
     for tag in ["train/loss", "train/acc"]:
         assert [step for step, _ in logged[tag]] == [3, 5, 6, 7], tag  # 5: the first session's last
         assert dict(logged[tag]).items() <= dict(every_step[tag]).items(), tag
+
+
+@pytest.mark.parametrize(
+    "status, terminated, sweep, code",
+    [
+        (Status.FINISHED, False, False, None),
+        (Status.DIVERGED, False, False, 1),  # a script sees that training failed
+        (Status.DIVERGED, False, True, None),  # a sweep goes on; Optuna gets NaN
+        (Status.INTERRUPTED, False, True, 130),  # Ctrl-C stops a sweep too
+        (Status.INTERRUPTED, True, False, 143),  # SIGTERM
+    ],
+)
+def test_a_diverged_run_exits_1_unless_it_is_one_of_a_sweep(tmp_path, status, terminated, sweep, code):
+    outcome = RunOutcome(status, 20, 20, {"val/loss": math.nan}, tmp_path, terminated)
+    assert exit_code(outcome, sweep) == code

@@ -282,6 +282,18 @@ def precision_fits_the_strategy(cfg: DictConfig) -> str | None:
     )
 
 
+def split_heads(heads: int, width: object, size: int) -> str:
+    """The overrides nearest to ``heads`` that split over ``size`` processes and still divide the model's
+    width ``n_embd`` (a multiple of ``size``, or failing that one with a width to match)."""
+    fitting = [n for n in range(size, width + 1, size) if width % n == 0] if is_int(width) and width > 0 else []
+    if fitting:
+        return f"model.n_head={min(fitting, key=lambda n: (abs(n - heads), n))}"
+    split = -(-heads // size) * size
+    if not is_int(width) or width <= 0:
+        return f"model.n_head={split}"
+    return f"model.n_head={split} model.n_embd={max(1, round(width / split)) * split}"
+
+
 def tensor_parallelism_fits(cfg: DictConfig) -> str | None:
     """Tensor parallelism (trainer=tp, fsdp_tp) splits the processes into groups of its size, each block's
     heads over a group, and the LM head by vocabulary rows, which only a loss that takes them
@@ -301,7 +313,7 @@ def tensor_parallelism_fits(cfg: DictConfig) -> str | None:
         return (
             f"model.n_head={heads} heads do not split over trainer.strategy.tensor_parallel_size={size} processes "
             f"(trainer=tp or fsdp_tp gives each process its share of every block's heads): give a multiple of {size} "
-            f"heads (e.g. model.n_head={-(-heads // size) * size}) or fewer processes"
+            f"heads (e.g. {split_heads(heads, value_at(cfg, 'model.n_embd'), size)}) or fewer processes"
         )
     name = value_at(cfg, "loss.name")
     if name not in LOSSES or LOSSES[name].takes_vocab_parallel:

@@ -22,6 +22,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -380,10 +381,24 @@ def run(cfg: DictConfig) -> float:
     except Terminated as error:
         log.info(str(error))
         sys.exit(143)
-    if outcome.status is Status.INTERRUPTED:
-        # as a shell reports Ctrl-C or SIGTERM: a sweep stops there too, and a scheduler sees a job unfinished
-        sys.exit(143 if outcome.terminated else 130)
+    code = exit_code(outcome, sweep=HydraConfig.get().mode is RunMode.MULTIRUN)
+    if code is not None:
+        sys.exit(code)
     return objective(outcome)
+
+
+def exit_code(outcome: RunOutcome, sweep: bool) -> int | None:
+    """How a run that ended without an error exits, ``None`` for 0 (and the sweep goes on).
+
+    Interrupted: as a shell reports Ctrl-C or SIGTERM; a sweep stops there too, and a scheduler sees a
+    job unfinished. Diverged: 1, so that a script or a scheduler sees that training failed; in a sweep
+    the other runs go on (Optuna's objective is NaN for it: a failed trial).
+    """
+    if outcome.status is Status.INTERRUPTED:
+        return 143 if outcome.terminated else 130
+    if outcome.status is Status.DIVERGED and not sweep:
+        return 1
+    return None
 
 
 def main() -> None:

@@ -62,9 +62,9 @@ def padded_width(columns: int, dtype: torch.dtype) -> int:
     """The row stride of the chunk buffer: ``columns`` rounded up to whole :data:`ROW_ALIGNMENT_BYTES`.
 
     BLAS writes a matmul's output faster when each row starts on a cache line: at V=50257 (float32
-    rows of 201,028 bytes) the logits of a 512-row chunk (d=128) took 81 ms into rows padded to
-    50,272 columns against 117 ms into unpadded ones, one core (and the weight's gradient 79 against
-    86); bitwise the same values. The padding columns are never read.
+    rows of 201,028 bytes) the logits of a 512-row chunk (d=128) took 82 ms into rows padded to
+    50,272 columns against 122 ms into unpadded ones, one core (and the weight's gradient 80 against
+    90; ``scripts/bench_padding.py``); bitwise the same values. The padding columns are never read.
     """
     per_line = max(1, ROW_ALIGNMENT_BYTES // dtype.itemsize)
     return -(-columns // per_line) * per_line
