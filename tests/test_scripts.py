@@ -90,3 +90,27 @@ def test_bench_train_refuses_what_it_cannot_time(args, capsys):
     with pytest.raises(SystemExit) as exit:
         bench_train.parse_args(args)
     assert exit.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_bench_padding_times_both_layouts_and_leaves_fused_padded(monkeypatch, capsys):
+    import losslab.losses.fused as fused
+
+    padded_width = fused.padded_width
+    bench_padding = load_script("bench_padding")
+    monkeypatch.setattr(sys, "argv", ["bench_padding.py", "--rows", "4", "--tokens", "8", "--vocab", "37"])
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--dim", "8", "--repeats", "1"])
+    bench_padding.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("V=37, d=8, ")
+    assert any("fused, padded rows" in line for line in lines) and any("fused, unpadded rows" in line for line in lines)
+    assert fused.padded_width is padded_width  # the unpadded arm switched it off in its call only
+    monkeypatch.setattr(sys, "argv", ["bench_padding.py", "--repeats", "0"])
+    with pytest.raises(SystemExit):
+        bench_padding.main()
