@@ -147,7 +147,10 @@ def test_a_folder_in_use_is_refused_naming_the_job_and_free_once_it_is_killed(re
 
 
 def test_sigterm_while_a_run_prepares_leaves_no_folder(tmp_path):
-    command = [sys.executable, str(TRAIN), *TINY, f"paths.root_dir={tmp_path}"]
+    # a model and a validation set whose step-0 validation takes seconds, not the tenth of one that the
+    # tiny run's takes: the signal lands before training, however late the polling sees the log line
+    slow_validation = ["model.n_layer=8", "model.n_embd=512", "data.val_batches=5000"]
+    command = [sys.executable, str(TRAIN), *TINY, *slow_validation, f"paths.root_dir={tmp_path}"]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not any("Seed set" in log.read_text() for log in (tmp_path / "logs" / "runs").glob("*/train.log")):

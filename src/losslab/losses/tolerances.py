@@ -3,8 +3,9 @@ the reference grid (``tests/losses/test_losses.py``) and the audit (:mod:`lossla
 
 - float32: max |error| <= absolute + relative * (largest magnitude of the reference value), so that
   ``reduction="sum"`` (values in the hundreds) is judged relatively. Loss and z-loss 1e-5 + 1e-6
-  relative; gradients 1e-7 + 1e-4 relative (``F.cross_entropy`` itself is off by 5e-5 of the scale at
-  V=50257 in float32).
+  relative; gradients 1e-7 + 2e-4 relative: ``F.cross_entropy`` itself is off by 5e-5 of the scale at
+  V=50257 in float32 on one CPU, and by 1.1e-4 with label smoothing on another (an AMD EPYC, AVX2:
+  the reference grid's ``V50257-label_smoothing-none`` case), which the policy must admit.
 - float64: computed in float64: loss 1e-12 + 1e-12 relative, gradients 1e-13 + 1e-10 relative.
 - bf16 (autocast, or bf16 inputs): the error ``||got - reference||`` may be no worse than PyTorch's
   own at that dtype (bf16 logits from ``hidden @ weight.T``, then ``F.cross_entropy`` in float32)
@@ -18,7 +19,7 @@ from __future__ import annotations
 from torch import Tensor
 
 TOLERANCES = {  # (absolute, relative to the largest magnitude of the reference)
-    "float32": {"loss": (1e-5, 1e-6), "grad": (1e-7, 1e-4)},
+    "float32": {"loss": (1e-5, 1e-6), "grad": (1e-7, 2e-4)},
     "float64": {"loss": (1e-12, 1e-12), "grad": (1e-13, 1e-10)},
 }
 BF16_SLACK = {"loss": 1e-5, "grad": 3e-3}  # times ||reference||, on top of PyTorch's own bf16 error
