@@ -213,14 +213,13 @@ def test_ctrl_c_saves_the_step_reached_and_prints_how_to_resume(tmp_path):
     assert torch.load(last, weights_only=True)["global_step"] == status["step"]
 
 
+# Each value's message is pinned in process (tests/test_config_checks.py); the command line is tried on a
+# component's value and on a missing checkpoint.
 @pytest.mark.parametrize(
     "override,message",
     [
         ("optimizer.lr=-0.01", "optimizer.lr=-0.01: the learning rate must be > 0"),
-        ("data.batch_size=0", "data.batch_size=0"),
-        ("model.context_length=0", "model.context_length=0"),
         ("ckpt_path=nope/last.ckpt", "ckpt_path=nope/last.ckpt: no such file"),
-        ("loss.ignore_index=7", "loss.ignore_index=7 is a token of the vocabulary"),
     ],
 )
 def test_a_run_that_fails_before_training_says_why_and_leaves_no_folder(tmp_path, override, message):
