@@ -18,6 +18,13 @@ def run_script(name: str, *args: str, cwd: Path) -> str:
     return result.stdout
 
 
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def test_bench_losses_writes_a_table_json_and_chart(tmp_path):
     out = run_script(
         "bench_losses.py",
@@ -84,19 +91,10 @@ def test_bench_train_compares_each_loss_with_a_plain_loop(tmp_path):
     ],
 )
 def test_bench_train_refuses_what_it_cannot_time(args, capsys):
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
-    bench_train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_train)
+    bench_train = load_script("bench_train")
     with pytest.raises(SystemExit) as exit:
         bench_train.parse_args(args)
     assert exit.value.code == 2 and "error:" in capsys.readouterr().err
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
 
 
 def test_bench_padding_times_both_layouts_and_leaves_fused_padded(monkeypatch, capsys):
@@ -104,8 +102,8 @@ def test_bench_padding_times_both_layouts_and_leaves_fused_padded(monkeypatch, c
 
     padded_width = fused.padded_width
     bench_padding = load_script("bench_padding")
-    monkeypatch.setattr(sys, "argv", ["bench_padding.py", "--rows", "4", "--tokens", "8", "--vocab", "37"])
-    monkeypatch.setattr(sys, "argv", [*sys.argv, "--dim", "8", "--repeats", "1"])
+    tiny = ["--rows", "4", "--tokens", "8", "--vocab", "37", "--dim", "8", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", ["bench_padding.py", *tiny])
     bench_padding.main()
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("V=37, d=8, ")

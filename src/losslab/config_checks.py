@@ -285,12 +285,12 @@ def precision_fits_the_strategy(cfg: DictConfig) -> str | None:
 def split_heads(heads: int, width: object, size: int) -> str:
     """The overrides nearest to ``heads`` that split over ``size`` processes and still divide the model's
     width ``n_embd`` (a multiple of ``size``, or failing that one with a width to match)."""
-    fitting = [n for n in range(size, width + 1, size) if width % n == 0] if is_int(width) and width > 0 else []
-    if fitting:
-        return f"model.n_head={min(fitting, key=lambda n: (abs(n - heads), n))}"
     split = -(-heads // size) * size
     if not is_int(width) or width <= 0:
         return f"model.n_head={split}"
+    fitting = [n for n in range(size, width + 1, size) if width % n == 0]
+    if fitting:
+        return f"model.n_head={min(fitting, key=lambda n: (abs(n - heads), n))}"
     return f"model.n_head={split} model.n_embd={max(1, round(width / split)) * split}"
 
 

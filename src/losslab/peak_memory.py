@@ -123,8 +123,12 @@ class Sizes:
         """The matmuls' dtype."""
         return BF16 if self.autocast else F32
 
-    def logits(self, name: str, dtype: torch.dtype = F32, rows: int | None = None) -> Buffer:
-        return Buffer(name, (self.tokens if rows is None else min(rows, self.tokens), self.vocab), dtype)
+    def logits(
+        self, name: str, dtype: torch.dtype = F32, rows: int | None = None, columns: int | None = None
+    ) -> Buffer:
+        """The logits of ``rows`` tokens (all of them by default), rows ``columns`` wide (V by default)."""
+        shape = (self.tokens if rows is None else min(rows, self.tokens), self.vocab if columns is None else columns)
+        return Buffer(name, shape, dtype)
 
     def grad_hidden(self, name: str = "hidden's gradient", dtype: torch.dtype = F32) -> Buffer:
         return Buffer(name, (self.tokens, self.dim), dtype)
@@ -203,10 +207,11 @@ def fused(sizes: Sizes, chunk_size: int | None = None) -> list[Moment]:
     ]
     buffers = buffers if sizes.autocast else []
     buffers += [
-        Buffer(
+        sizes.logits(
             "one chunk's logits, reused by every chunk (rows padded to cache lines)",
-            (min(rows, sizes.tokens), padded_width(sizes.vocab, F32)),
             F32,
+            rows,
+            padded_width(sizes.vocab, F32),
         ),
         sizes.grad_hidden(dtype=sizes.compute),
         sizes.grad_weight("weight's gradient, accumulated in float32"),
