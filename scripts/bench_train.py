@@ -10,9 +10,11 @@ step is ``Trainer.fit`` as ``train.py`` runs it (TensorBoard logging, the config
 callbacks, progress output; validation and checkpoints, which come every N steps, off), once per
 loss of ``--losses``.
 
-All arms run in this process, one after the other in each of ``--rounds`` rounds. A step is timed
-from the end of the one before (data loading, hooks and logging included); an arm's speed is the
-median, over its steps after the first ``--skip``, of the step's target tokens over its seconds.
+All arms run in this process, one after the other in each of ``--rounds`` rounds, in reverse order
+every other round (the plain loop first, then last: an even number of rounds cancels the machine's
+drift over minutes). A step is timed from the end of the one before (data loading, hooks and
+logging included); an arm's speed is the median, over its steps after the first ``--skip``, of the
+step's target tokens over its seconds.
 It prints a table ready for the README: each loss's median tokens/s, the plain loop's, and the
 ratio of each round's two (their median, then each round's):
 
@@ -131,6 +133,13 @@ def plain_tokens_per_sec(cfg, steps: int, skip: int) -> tuple[float, float]:
     return clock.tokens_per_sec(), clock.first_step
 
 
+def arm_order(arms: list[str], round_: int) -> list[str]:
+    """The arms in the given order in even rounds and reversed in odd ones (A B C, C B A, ...): the
+    machine's speed drifts over minutes, and an arm that always ran first or last would carry that
+    drift into its ratio; reversed in every other round, it cancels over pairs of rounds."""
+    return arms if round_ % 2 == 0 else arms[::-1]
+
+
 def ratio_table(speeds: dict[str, list[float]]) -> str:
     """The README's table from each arm's tokens/s per round (``speeds[PLAIN]`` and one per loss)."""
     plain = speeds[PLAIN]
@@ -192,10 +201,12 @@ def main() -> None:
 
     speeds: dict[str, list[float]] = {PLAIN: [], **{loss: [] for loss in args.losses}}
     for round_ in range(args.rounds):
-        plain, first_step = plain_tokens_per_sec(plain_cfg, args.steps, args.skip)
-        speeds[PLAIN].append(plain)
-        for loss, cfg in configs.items():
-            speeds[loss].append(lightning_tokens_per_sec(cfg, args.steps, args.skip))
+        for arm in arm_order([PLAIN, *args.losses], round_):
+            if arm == PLAIN:
+                plain, first_step = plain_tokens_per_sec(plain_cfg, args.steps, args.skip)
+                speeds[PLAIN].append(plain)
+            else:
+                speeds[arm].append(lightning_tokens_per_sec(configs[arm], args.steps, args.skip))
         print(
             f"round {round_ + 1}: " + ", ".join(f"{arm} {values[-1]:,.0f} tokens/s" for arm, values in speeds.items()),
             f"(plain loop's first step {first_step:.1f} s)",

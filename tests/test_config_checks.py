@@ -63,6 +63,20 @@ def test_the_defaults_and_every_preset_pass(overrides):
     check_config(compose_config(*overrides))
 
 
+def test_every_multi_process_preset_trains_on_the_same_global_batch():
+    """experiment=tiny ends at the same validation loss under each (README, "Beyond one device"): a
+    step's rows are data-parallel ranks x data.batch_size x step.accumulate, 2 x 4 x 1 or 1 x 4 x 2."""
+
+    def rows_per_step(trainer: str) -> int:
+        cfg = compose_config("experiment=tiny", f"trainer={trainer}")
+        data_parallel = cfg.trainer.devices // cfg.trainer.strategy.get("tensor_parallel_size", 1)
+        return data_parallel * cfg.data.batch_size * cfg.step.accumulate
+
+    assert {trainer: rows_per_step(trainer) for trainer in ("ddp", "fsdp", "tp", "fsdp_tp")} == dict.fromkeys(
+        ("ddp", "fsdp", "tp", "fsdp_tp"), 8
+    )
+
+
 def test_an_existing_checkpoint_path_passes(tmp_path):
     checkpoint = tmp_path / "last.ckpt"
     checkpoint.touch()

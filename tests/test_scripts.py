@@ -78,6 +78,15 @@ def test_bench_train_compares_each_loss_with_a_plain_loop(tmp_path):
     assert "plain loop's first step" in out
 
 
+def test_bench_train_reverses_its_arms_every_other_round():
+    arm_order = load_script("bench_train").arm_order
+    assert [arm_order(["plain", "ce", "fused"], round_) for round_ in range(3)] == [
+        ["plain", "ce", "fused"],
+        ["fused", "ce", "plain"],
+        ["plain", "ce", "fused"],
+    ]
+
+
 @pytest.mark.parametrize(
     "args",
     [
