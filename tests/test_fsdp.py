@@ -27,8 +27,10 @@ from losslab.losses import LOSSES
 
 # test_resume's runs (dropout, last.ckpt every 3 steps, validation every 5), shorter
 STEPS = 12
-FSDP = ["trainer=fsdp", *NO_BIAS, f"trainer.max_steps={STEPS}"]
-DDP = ["trainer=ddp", *NO_BIAS, f"trainer.max_steps={STEPS}"]
+# 3 validation windows: one process validates two, the other one and a blank row that counts nothing
+UNEVEN = ["data.batch_size=3", "data.val_batches=1"]
+FSDP = ["trainer=fsdp", *NO_BIAS, *UNEVEN, f"trainer.max_steps={STEPS}"]
+DDP = ["trainer=ddp", *NO_BIAS, *UNEVEN, f"trainer.max_steps={STEPS}"]
 # float32 runs of train.py under FSDP and DDP: the same sums, reduced in another order. Measured
 # here: the logged losses equal, the weights 4e-7 apart (relative to their tensor's largest).
 LOSS_REL, WEIGHT_REL = 1e-6, 1e-5
@@ -82,8 +84,11 @@ def sharded_run(root) -> str:
     return "fsdp"
 
 
-def test_train_py_logs_under_fsdp_the_losses_and_weights_of_ddp(root, sharded_run):
+def test_train_py_logs_under_fsdp_the_losses_and_weights_of_ddp(root, sharded_run, tmp_path):
+    # A real `python train.py trainer=ddp`: Lightning starts rank 1 by running the same command again.
     run(root, "ddp", DDP)
+    assert_logged_and_checkpointed_once(root, "ddp", STEPS)
+    assert_validates_as_one_device(root, "ddp", [*NO_BIAS, *UNEVEN], tmp_path)
     for tag in ["train/loss", "val/loss"]:
         expected, got = logged(root / "ddp", tag), logged(root / sharded_run, tag)
         assert got.keys() == expected.keys()
@@ -99,7 +104,7 @@ def test_train_py_logs_under_fsdp_the_losses_and_weights_of_ddp(root, sharded_ru
 
 def test_a_sharded_run_logs_and_checkpoints_once_as_ddp_does(root, sharded_run, tmp_path):
     assert_logged_and_checkpointed_once(root, sharded_run, STEPS)
-    assert_validates_as_one_device(root, sharded_run, NO_BIAS, tmp_path)
+    assert_validates_as_one_device(root, sharded_run, [*NO_BIAS, *UNEVEN], tmp_path)
 
 
 def test_a_killed_sharded_run_resumes_exactly(root, sharded_run):
@@ -111,6 +116,6 @@ def test_a_killed_sharded_run_resumes_exactly(root, sharded_run):
 def test_a_sharded_runs_checkpoint_resumes_on_one_device_and_serves_generate_and_export(root, sharded_run, tmp_path):
     last = last_checkpoint(root, sharded_run)
     further = [f"trainer.max_steps={STEPS + 2}", f"schedule.total_steps={STEPS}"]
-    resumed = run(root, "fsdp-then-one-device", [*NO_BIAS, *further, f"ckpt_path={last}"])
+    resumed = run(root, "fsdp-then-one-device", [*NO_BIAS, *UNEVEN, *further, f"ckpt_path={last}"])
     assert checkpoint_step(resumed) == STEPS + 2
     assert_generate_and_export_read(last, tmp_path)
