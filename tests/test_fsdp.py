@@ -52,9 +52,11 @@ def test_every_loss_takes_the_same_steps_sharded_as_under_ddp(sharded_steps):
     for results in sharded_steps:
         for name in names:
             ddp, fsdp = results[name, "ddp"], results[name, "fsdp"]
-            # float64, but a peer that computes in float32 and bf16 autocast round more
+            # float64, but a peer that computes in float32 rounds more, and bf16 autocast more again: its
+            # two strategies' parameters part by 2.6e-5 when this file runs alone on the AVX2 machine
+            # (1 or 2 threads alike), by less than 1e-5 within the whole suite there (cause not found)
             computes_float64 = getattr(LOSSES.get(name), "computes_float64", True) and name != "bf16"
-            tolerance = 1e-12 if computes_float64 else 1e-5
+            tolerance = 1e-12 if computes_float64 else 1e-4 if name == "bf16" else 1e-5
             assert relative_difference(fsdp["parameters"], ddp["parameters"]) < tolerance, name
             steps = [torch.tensor(side["steps"], dtype=torch.float64) for side in (fsdp, ddp)]  # loss, grad norm
             assert relative_difference(*steps) < tolerance, name
