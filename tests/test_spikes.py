@@ -128,7 +128,8 @@ def test_show_spike_refuses_damaged_and_foreign_files_in_one_line(spiked_run, tm
         tmp_path / "flipped.pt": "is truncated or damaged",
         spiked_run / "checkpoints" / "last.ckpt": "is not a spike file (no format, step, input_ids",
         tmp_path / "notes.txt": "is not a spike file (torch.save writes a zip archive",
-        spiked_run: "is not a regular file",
+        spiked_run: "is a folder: give a spike file in it",
+        tmp_path / "gone.pt": "does not exist: give the path of a spike file (<run>/spikes/step-<n>.pt)",
     }
     for path, message in cases.items():
         with pytest.raises(SystemExit) as error:

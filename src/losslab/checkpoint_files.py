@@ -25,7 +25,7 @@ import re
 import stat
 import textwrap
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,21 @@ if TYPE_CHECKING:
 LOSSLAB_KEYS = ("gpt_config", "state_dict", "tokenizer", "global_step")
 ZIP_SIGNATURE = b"PK\x03\x04"  # how every file that torch.save writes begins
 ARCHIVE_READ_BYTES = 1 << 20  # checking an archive reads this much at a time
+
+
+@dataclass(frozen=True)
+class SavedFile:
+    """A kind of file that train.py saves with torch.save, as the messages refusing one name it."""
+
+    name: str  # "checkpoint"
+    file: str  # "checkpoint file"
+    where: str  # where one is found: "checkpoints/last.ckpt of a run"
+    instead: str  # what to do when one is damaged
+
+
+CHECKPOINT = SavedFile(
+    "checkpoint", "checkpoint file", "checkpoints/last.ckpt of a run", "use an earlier checkpoint, or train anew"
+)
 
 
 def losslab_state(module: GPTLightningModule) -> dict[str, Any]:
@@ -116,7 +131,7 @@ def load_checkpoint_file(path: str | Path, *, key: str | None = None) -> dict[st
     except CheckpointError:
         raise
     except Exception as error:  # a damaged archive fails in many ways: RuntimeError, EOFError, KeyError...
-        raise CheckpointError(f"{name} {load_problem(error)}") from None
+        raise CheckpointError(f"{name} {load_problem(error, CHECKPOINT)}") from None
     missing = [k for k in LOSSLAB_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else LOSSLAB_KEYS
     if missing:
         raise CheckpointError(
@@ -137,53 +152,54 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
 def check_checkpoint_file(path: str | Path, name: str | None = None) -> None:
     """Raise CheckpointError, naming the file as ``name`` (default: its path), unless ``path`` is a
     regular file whose zip archive is whole: every member's bytes match the CRC-32 that torch.save
-    stored for it (see :func:`archive_problem`)."""
+    stored for it (see :func:`saved_file_problem`)."""
     path = Path(path)
-    problem = file_problem(path) or archive_problem(path)
+    problem = saved_file_problem(path, CHECKPOINT)
     if problem:
         raise CheckpointError(f"{name or path} {problem}")
 
 
-def file_problem(path: Path) -> str | None:
-    """What keeps ``path`` from being a checkpoint file before reading it, if anything."""
+def saved_file_problem(path: Path, kind: SavedFile) -> str | None:
+    """What keeps ``path`` from being a whole file of ``kind`` that torch.save wrote, if anything, said
+    as the end of a sentence that begins with its name: the file itself (:func:`file_problem`), then
+    its zip archive, every member read whole, its bytes checked against the CRC-32 in its header
+    (torch.save stores one for each; torch.load never checks them). The archive is read at the speed
+    of the disk or page cache (1.5-3 GB/s here); a file checked before, unchanged since (the same
+    inode, size and modification time), is not read again."""
+    problem = file_problem(path, kind)
+    if problem:
+        return problem
+    damage = archive_damage(path)
+    return f"is truncated or damaged ({damage}): {kind.instead}" if damage else None
+
+
+def file_problem(path: Path, kind: SavedFile) -> str | None:
+    """What keeps ``path`` from being a file of ``kind`` before reading it, if anything."""
     try:
         mode = path.stat().st_mode
     except OSError:
-        return "does not exist: give the path of a checkpoint (checkpoints/last.ckpt of a run)"
+        return f"does not exist: give the path of a {kind.name} ({kind.where})"
     if stat.S_ISDIR(mode):
-        return "is a folder: give a checkpoint file in it (checkpoints/last.ckpt of a run)"
+        return f"is a folder: give a {kind.file} in it ({kind.where})"
     if not stat.S_ISREG(mode):  # reading a FIFO waits for a writer; a device never ends
-        return (
-            "is not a regular file (a FIFO, socket or device): give a checkpoint file (checkpoints/last.ckpt of a run)"
-        )
+        return f"is not a regular file (a FIFO, socket or device): give a {kind.file} ({kind.where})"
     try:
         with open(path, "rb") as file:
             start = file.read(len(ZIP_SIGNATURE))
     except OSError as error:
         return f"cannot be read ({error.strerror})"
     if not start:
-        return "is empty (a save that never finished?): use an earlier checkpoint, or train anew"
+        return f"is empty (a save that never finished?): {kind.instead}"
     if start != ZIP_SIGNATURE:
         return (
-            "is not a checkpoint (torch.save writes a zip archive, and this file is not one): give a "
-            "checkpoint that train.py wrote"
+            f"is not a {kind.name} (torch.save writes a zip archive, and this file is not one): give a "
+            f"{kind.name} that train.py wrote"
         )
     return None
 
 
-def archive_problem(path: Path) -> str | None:
-    """What is damaged in the zip archive at ``path``, if anything: every member read whole, its
-    bytes checked against the CRC-32 in its header (torch.save stores one for each; torch.load never
-    checks them). Reads the whole file, at the speed of the disk or page cache (1.5-3 GB/s here);
-    a file checked before, unchanged since (the same inode, size and modification time), is not
-    read again."""
-    damage = archive_damage(path)
-    return f"is truncated or damaged ({damage}): use an earlier checkpoint, or train anew" if damage else None
-
-
 def archive_damage(path: Path) -> str | None:
-    """What :func:`archive_problem` finds damaged in the zip archive at ``path`` (any file that
-    torch.save wrote: spike files too), in a few words, or None."""
+    """What :func:`saved_file_problem` finds damaged in the zip archive at ``path``, in a few words, or None."""
     info = path.stat()
     return checked_archive(str(path.resolve()), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
@@ -209,8 +225,8 @@ def checked_archive(path: str, *identity: int) -> str | None:
     return None
 
 
-def load_problem(error: Exception) -> str:
-    """What ``torch.load(weights_only=True)`` failing with ``error`` says about the file.
+def load_problem(error: Exception, kind: SavedFile) -> str:
+    """What ``torch.load(weights_only=True)`` failing with ``error`` says about the file of ``kind``.
 
     Never torch's own message, which advises loading with ``weights_only`` turned off: for a file that
     holds code, that runs it; for a damaged one, it helps nothing.
@@ -219,10 +235,10 @@ def load_problem(error: Exception) -> str:
     if refused:
         return (
             f"holds Python objects other than tensors and plain data ({refused[1]}), which could run code "
-            "when loaded, so it is not loaded: give a checkpoint that train.py wrote"
+            f"when loaded, so it is not loaded: give a {kind.name} that train.py wrote"
         )
     reason = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0]
-    return f"is not a complete checkpoint (truncated or damaged: {reason}): use an earlier checkpoint, or train anew"
+    return f"is not a complete {kind.name} (truncated or damaged: {reason}): {kind.instead}"
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> GPT:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,11 @@ import yaml
 from torch import Tensor
 
 from losslab.checkpoint_files import (
-    ZIP_SIGNATURE,
     CheckpointError,
-    archive_damage,
+    SavedFile,
     load_checkpoint_file,
+    load_problem,
+    saved_file_problem,
     tokenizer_from_checkpoint,
 )
 from losslab.generate import at_least
@@ -58,6 +58,9 @@ SPIKE_TENSORS = {
 }
 
 
+SPIKE_FILE = SavedFile("spike file", "spike file", "<run>/spikes/step-<n>.pt", "use another of the run's spike files")
+
+
 class SpikeFileError(ValueError):
     """A file that is not a spike file train.py wrote, said in one line."""
 
@@ -66,27 +69,13 @@ def load_spike(path: str | Path) -> dict[str, Any]:
     """The spike file at ``path``, read with ``weights_only=True`` and checked: every tensor there,
     of its dimensions, the rows' shapes alike. SpikeFileError otherwise."""
     path = Path(path)
-    if path.exists() and not path.is_file():  # a folder; a FIFO would wait for a writer
-        raise SpikeFileError(f"{path} is not a regular file: give a spike file (<run>/spikes/step-<n>.pt)")
-    try:
-        with open(path, "rb") as file:
-            start = file.read(len(ZIP_SIGNATURE))
-    except OSError as error:
-        raise SpikeFileError(
-            f"{path} cannot be read ({error.strerror}): give a spike file (<run>/spikes/step-<n>.pt)"
-        ) from None
-    if start != ZIP_SIGNATURE:
-        raise SpikeFileError(f"{path} is not a spike file (torch.save writes a zip archive; this is not one)")
-    damage = archive_damage(path)  # torch.load would read flipped bytes without a word
-    if damage:
-        raise SpikeFileError(f"{path} is truncated or damaged ({damage})")
+    problem = saved_file_problem(path, SPIKE_FILE)  # torch.load would read flipped bytes without a word
+    if problem:
+        raise SpikeFileError(f"{path} {problem}")
     try:
         spike = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # weights_only refused a Python object: it is never loaded
-        raise SpikeFileError(f"{path} is not a spike file: it holds Python objects other than tensors") from None
     except Exception as error:  # a damaged archive fails in many ways: RuntimeError, EOFError, KeyError...
-        reason = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0]
-        raise SpikeFileError(f"{path} is truncated or damaged ({reason})") from None
+        raise SpikeFileError(f"{path} {load_problem(error, SPIKE_FILE)}") from None
     wrong = [
         key
         for key, dims in SPIKE_TENSORS.items()
