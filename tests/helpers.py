@@ -133,8 +133,8 @@ def start(root: Path, name: str, overrides: list[str], script: list[str] | None 
         *overrides,
     ]
     (root / name).mkdir()
-    with open(root / name / "stderr.txt", "w") as stderr:
-        return subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=stderr)
+    with open(root / name / "stdout.txt", "w") as stdout, open(root / name / "stderr.txt", "w") as stderr:
+        return subprocess.Popen(command, cwd=root, stdout=stdout, stderr=stderr)
 
 
 def failure(root: Path, name: str) -> str:

@@ -89,6 +89,11 @@ def sharded_run(root) -> str:
 def test_train_py_logs_under_fsdp_the_losses_and_weights_of_ddp(root, sharded_run, tmp_path):
     # A real `python train.py trainer=ddp`: Lightning starts rank 1 by running the same command again.
     run(root, "ddp", DDP)
+    terminal = (root / "ddp" / "stdout.txt").read_text() + (root / "ddp" / "stderr.txt").read_text()
+    assert "Starting with 2 processes" in terminal and terminal.count("Logs: ") == 1  # rank 0 alone prints
+    for advice in ["sync_dist=True", "DistributedSampler"]:  # Lightning's, for what it cannot see is synced
+        assert advice not in terminal, advice
+    assert len(logged(root / "ddp", "train/loss")) == STEPS and len(logged(root / "ddp", "val/loss")) == 3
     assert_logged_and_checkpointed_once(root, "ddp", STEPS)
     assert_validates_as_one_device(root, "ddp", [*NO_BIAS, *UNEVEN], tmp_path)
     for tag in ["train/loss", "val/loss"]:
