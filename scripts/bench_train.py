@@ -7,15 +7,17 @@ optimizer's and the schedule's step, and ``loss.item()`` on the steps it logs (n
 initialisation and optimizer (AdamW as ``conf/optimizer`` sets it up, fused: nanoGPT fuses it on
 CUDA only), so that the two differ only in the loss and in what surrounds the step. The lab's
 step is ``Trainer.fit`` as ``train.py`` runs it (TensorBoard logging, the config's per-step
-callbacks, progress output; validation and checkpoints, which come every N steps, off), once per
-loss of ``--losses``.
+callbacks, progress output; validation and checkpoints, which come every N steps, off).
 
-All arms run in this process, one after the other in each of ``--rounds`` rounds, in reverse order
-every other round (the plain loop first, then last: an even number of rounds cancels the machine's
-drift over minutes). A step is timed from the end of the one before (data loading, hooks and
-logging included); an arm's speed is the median, over its steps after the first ``--skip``, of the
+The two alternate step by step in one process: after each of the lab's steps, a callback runs one
+step of the plain loop on a model, optimizer and loader of its own (lab, plain, lab, plain...), so
+that whatever slows the machine for more than a few seconds slows both alike. Each loss of
+``--losses`` gets its own run with its own plain loop beside it, in each of ``--rounds`` rounds. A
+lab step is timed from the end of the plain step before it (its data loading, hooks and the
+logging of the step before included), a plain step from its start (its data loading included) to
+its ``loss.item()``; a speed is the median, over the steps after the first ``--skip``, of the
 step's target tokens over its seconds.
-It prints a table ready for the README: each loss's median tokens/s, the plain loop's, and the
+It prints a table ready for the README: each loss's median tokens/s, its plain loop's, and the
 ratio of each round's two (their median, then each round's):
 
     NANO="tokenizer=gpt2 data=shakespeare data.path=../shared/data/tinyshakespeare.txt model.n_layer=4
@@ -41,7 +43,6 @@ from losslab.callbacks import GracefulInterrupt, RunStatus
 from losslab.targets import count_targets
 from losslab.train import build_module
 
-PLAIN = "plain"
 # What a step's seconds are read from: the wall clock, or this process's CPU time (--clock process),
 # which other processes do not slow down: with --threads 1, a shared machine's measure of the work.
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
@@ -83,10 +84,62 @@ class LightningClock(L.Callback):
         self.clock.step_end(batch_idx, batch)
 
 
-def lightning_tokens_per_sec(cfg, steps: int, skip: int) -> float:
+class PlainLoop:
+    """nanoGPT's step on a model, optimizer and loader of its own, built from the config as the lab's
+    are (the same seed: the same initial weights and batches): ``model(ids, targets)`` gives the
+    logits and torch's mean cross-entropy, divided by the micro-batches of the step (nanoGPT's
+    gradient accumulation)."""
+
+    def __init__(self, cfg, skip: int) -> None:
+        L.seed_everything(cfg.seed)
+        datamodule, module = build_module(cfg)
+        optimizers = module.configure_optimizers()
+        self.optimizer, self.schedule = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+        self.model, self.clip = module.model.train(), module.gradient_clip_val
+        self.log_every = cfg.trainer.log_every_n_steps
+        self.batches = iter(datamodule.train_dataloader())
+        self.clock = StepClock(skip)
+
+    def step(self, step: int) -> None:
+        """One optimizer step, timed from its start (data loading included) to the end of ``loss.item()``."""
+        self.clock.last_end = clock_now()
+        micro_batches = next(self.batches)
+        for micro in micro_batches:
+            _, loss = self.model(micro["input_ids"], micro["targets"])
+            (loss / len(micro_batches)).backward()
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.log_every > 0 and (step + 1) % self.log_every == 0:
+            loss.item()  # what nanoGPT prints
+        self.clock.step_end(step, micro_batches)
+
+
+class Interleaved(L.Callback):
+    """Times the lab's steps and runs a plain loop's step after each: lab, plain, lab, plain... A lab
+    step is timed from the end of the plain step before it to its own end (Lightning's logging of the
+    step before, which comes after this hook, included)."""
+
+    def __init__(self, plain: PlainLoop, skip: int) -> None:
+        self.plain, self.clock = plain, StepClock(skip)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.clock.last_end = clock_now()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.clock.step_end(batch_idx, batch)
+        self.plain.step(batch_idx)
+        self.clock.last_end = clock_now()
+
+
+def interleaved_tokens_per_sec(cfg, steps: int, skip: int) -> tuple[float, float, float]:
+    """The lab's tokens/s over ``steps`` steps of ``Trainer.fit``, each followed by a plain loop's step;
+    returns the lab's tokens/s, the plain loop's, and the plain loop's first step's seconds."""
+    timer = Interleaved(PlainLoop(cfg, skip), skip)
     L.seed_everything(cfg.seed)
     datamodule, module = build_module(cfg)
-    timer = LightningClock(skip)
     with tempfile.TemporaryDirectory() as folder:
         # train.py's per-step callbacks (statistics, progress, layout...) and its run status, not its
         # checkpoints, saved every N steps, nor its validation
@@ -102,56 +155,19 @@ def lightning_tokens_per_sec(cfg, steps: int, skip: int) -> float:
             callbacks=[timer, *callbacks],
         )
         trainer.fit(module, datamodule=datamodule)
-    return timer.clock.tokens_per_sec()
+    plain = timer.plain.clock
+    return timer.clock.tokens_per_sec(), plain.tokens_per_sec(), plain.first_step
 
 
-def plain_tokens_per_sec(cfg, steps: int, skip: int) -> tuple[float, float]:
-    """nanoGPT's step: ``model(ids, targets)`` gives the logits and torch's mean cross-entropy,
-    divided by the micro-batches of the step (nanoGPT's gradient accumulation). Returns tokens/s
-    and the first step's seconds."""
-    L.seed_everything(cfg.seed)
-    datamodule, module = build_module(cfg)
-    optimizers = module.configure_optimizers()
-    optimizer, schedule = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
-    model, clock, every = module.model.train(), StepClock(skip), cfg.trainer.log_every_n_steps
-    for step, micro_batches in enumerate(datamodule.train_dataloader()):
-        if step == 0:
-            clock.last_end = clock_now()
-        for micro in micro_batches:
-            _, loss = model(micro["input_ids"], micro["targets"])
-            (loss / len(micro_batches)).backward()
-        if module.gradient_clip_val is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), module.gradient_clip_val)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if every > 0 and (step + 1) % every == 0:
-            loss.item()  # what nanoGPT prints
-        clock.step_end(step, micro_batches)
-        if step + 1 == steps:
-            break
-    return clock.tokens_per_sec(), clock.first_step
-
-
-def arm_order(arms: list[str], round_: int) -> list[str]:
-    """The arms in the given order in even rounds and reversed in odd ones (A B C, C B A, ...): the
-    machine's speed drifts over minutes, and an arm that always ran first or last would carry that
-    drift into its ratio; reversed in every other round, it cancels over pairs of rounds."""
-    return arms if round_ % 2 == 0 else arms[::-1]
-
-
-def ratio_table(speeds: dict[str, list[float]]) -> str:
-    """The README's table from each arm's tokens/s per round (``speeds[PLAIN]`` and one per loss)."""
-    plain = speeds[PLAIN]
+def ratio_table(lab: dict[str, list[float]], plain: dict[str, list[float]]) -> str:
+    """The README's table from each loss's tokens/s per round and its plain loop's, interleaved with it."""
     rows = []
-    for loss, values in speeds.items():
-        if loss == PLAIN:
-            continue
-        ratios = [value / reference for value, reference in zip(values, plain, strict=True)]
+    for loss, values in lab.items():
+        ratios = [value / reference for value, reference in zip(values, plain[loss], strict=True)]
         rows.append(
             [
                 f"`{loss}`",
-                f"{statistics.median(plain):,.0f}",
+                f"{statistics.median(plain[loss]):,.0f}",
                 f"{statistics.median(values):,.0f}",
                 f"{statistics.median(ratios):.2f}",
                 ", ".join(f"{ratio:.2f}" for ratio in ratios),
@@ -197,27 +213,24 @@ def main() -> None:
     with initialize_config_module(config_module="losslab.conf", version_base="1.3"):
         base = ["paths.root_dir=.", "paths.output_dir=.", *args.overrides]
         configs = {loss: compose(config_name="train", overrides=[*base, f"loss={loss}"]) for loss in args.losses}
-    plain_cfg = next(iter(configs.values()))  # the plain loop takes no loss from the config
-
-    speeds: dict[str, list[float]] = {PLAIN: [], **{loss: [] for loss in args.losses}}
+    lab: dict[str, list[float]] = {loss: [] for loss in args.losses}
+    plain: dict[str, list[float]] = {loss: [] for loss in args.losses}
     for round_ in range(args.rounds):
-        for arm in arm_order([PLAIN, *args.losses], round_):
-            if arm == PLAIN:
-                plain, first_step = plain_tokens_per_sec(plain_cfg, args.steps, args.skip)
-                speeds[PLAIN].append(plain)
-            else:
-                speeds[arm].append(lightning_tokens_per_sec(configs[arm], args.steps, args.skip))
-        print(
-            f"round {round_ + 1}: " + ", ".join(f"{arm} {values[-1]:,.0f} tokens/s" for arm, values in speeds.items()),
-            f"(plain loop's first step {first_step:.1f} s)",
-        )
+        for loss in args.losses:
+            lab_speed, plain_speed, first_step = interleaved_tokens_per_sec(configs[loss], args.steps, args.skip)
+            lab[loss].append(lab_speed)
+            plain[loss].append(plain_speed)
+            print(
+                f"round {round_ + 1}, {loss}: {lab_speed:,.0f} tokens/s, the plain loop beside it {plain_speed:,.0f}",
+                f"(its first step {first_step:.1f} s)",
+            )
     threads = ("" if args.threads is None else f" --threads {args.threads}") + f" --clock {args.clock}"
     print(
         f"\npython scripts/bench_train.py --steps {args.steps} --skip {args.skip} --rounds {args.rounds}{threads}",
         end=" ",
     )
     print(f"--losses {','.join(args.losses)} {' '.join(args.overrides)}\n")
-    print(ratio_table(speeds))
+    print(ratio_table(lab, plain))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from losslab.losses.entropy import entropy, exp_weighted_sums
+from losslab.losses.entropy import entropy, exp_sums
 from losslab.losses.row_max import max_and_argmax
 from losslab.losses.smoothing import part_weights, weighted_row_sums
 from losslab.losses.vocab_parallel import Layout, VocabParallel, WholeRows, whole
@@ -464,8 +464,10 @@ class LogitsLoss(TokenLoss):
             row_max, argmax = max_and_argmax(logits)  # the first maximum, as torch.argmax
             if not diagnose:
                 return WholeRows(row_max, lse, None, None, argmax)
-            lse = torch.logsumexp(logits, dim=-1) if lse is None else lse.detach()
-            row_entropy = entropy(lse - row_max, exp_weighted_sums(logits, row_max))
+            norm, weighted = exp_sums(logits, row_max)
+            log_norm = norm.log()
+            lse = row_max + log_norm if lse is None else lse.detach()
+            row_entropy = entropy(log_norm, weighted)
         return WholeRows(row_max, lse, None, None, argmax, row_entropy)
 
     def vocab_parallel_token_loss(

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from losslab.losses.entropy import entropy, exp_weighted_sums, merged_exp_weighted
+from losslab.losses.entropy import entropy, exp_sums, merged_exp_weighted
 from losslab.losses.row_max import max_and_argmax
 from losslab.losses.smoothing import merged_below_max, smoothing_sum, weighted_row_sums
 
@@ -165,7 +165,7 @@ class VocabParallel:
         """
         with torch.no_grad():
             row_max, argmax = max_and_argmax(logits)
-            weighted = exp_weighted_sums(logits, row_max) if diagnose else None
+            weighted = exp_sums(logits, row_max)[1] if diagnose else None
         shifted = logits - row_max[:, None]
         smooth = weighted_row_sums(shifted, smooth_weights) if smoothing else None
         sumexp = shifted.exp().sum(dim=1)
