@@ -372,7 +372,7 @@ class _Chunks:
             target_logit = torch.where(self.held[rows], target_logit, 0.0)
         # without vocab_parallel the argmax comes with the maximum; with it, it is asked for or not taken
         row_max, predicted = max_and_argmax(logits) if self.options.predict else (logits.amax(dim=1), None)
-        weighted = exp_sums(logits, row_max)[1] if self.options.diagnose else None  # the entropy's
+        weighted = exp_sums(logits, row_max, with_norm=False)[1] if self.options.diagnose else None  # the entropy's
         shifted = logits.sub_(row_max[:, None])
         # sum_j w_j (x_j - max) <= 0, before the buffer turns into exp (see losslab.losses.smoothing)
         below_max = weighted_row_sums(shifted, self.column_weights) if eps > 0 else None

@@ -165,7 +165,7 @@ class VocabParallel:
         """
         with torch.no_grad():
             row_max, argmax = max_and_argmax(logits)
-            weighted = exp_sums(logits, row_max)[1] if diagnose else None
+            weighted = exp_sums(logits, row_max, with_norm=False)[1] if diagnose else None
         shifted = logits - row_max[:, None]
         smooth = weighted_row_sums(shifted, smooth_weights) if smoothing else None
         sumexp = shifted.exp().sum(dim=1)
