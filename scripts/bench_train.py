@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 
@@ -144,7 +145,8 @@ def interleaved_tokens_per_sec(cfg, steps: int, skip: int) -> tuple[float, float
         # train.py's per-step callbacks (statistics, progress, layout...) and its run status, not its
         # checkpoints, saved every N steps, nor its validation
         callbacks = [instantiate(c) for name, c in cfg.callbacks.items() if not name.endswith("checkpoint")]
-        callbacks += [RunStatus(folder), GracefulInterrupt()]
+        interrupt = GracefulInterrupt()
+        callbacks += [RunStatus(folder), interrupt]
         trainer = instantiate(
             cfg.trainer,
             max_steps=steps,
@@ -155,6 +157,8 @@ def interleaved_tokens_per_sec(cfg, steps: int, skip: int) -> tuple[float, float
             callbacks=[timer, *callbacks],
         )
         trainer.fit(module, datamodule=datamodule)
+    if interrupt.requested:  # train.py's Ctrl-C ends the fit after its step; here it ends the benchmark
+        sys.exit("bench_train: stopped by Ctrl-C, no table")
     plain = timer.plain.clock
     return timer.clock.tokens_per_sec(), plain.tokens_per_sec(), plain.first_step
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,19 @@ def test_bench_train_alternates_the_lab_and_the_plain_loop_step_by_step(tmp_path
     assert lab_clock is not plain_clock
     assert ends == [(clock, step) for step in range(3) for clock in (lab_clock, plain_clock)]
     assert len(lab_clock.speeds) == len(plain_clock.speeds) == 2 and lab > 0 and plain > 0
+
+
+def test_bench_train_stops_at_ctrl_c_rather_than_going_on_to_the_next_run(tmp_path, monkeypatch):
+    bench_train = load_script("bench_train")
+
+    class PressedAtOnce(bench_train.GracefulInterrupt):
+        def on_train_start(self, trainer, pl_module):
+            self.request(signal.SIGINT, None)
+
+    monkeypatch.setattr(bench_train, "GracefulInterrupt", PressedAtOnce)
+    cfg = make_config(tmp_path, tmp_path / "cache", ["loss=cross_entropy"])
+    with pytest.raises(SystemExit, match="stopped by Ctrl-C"):
+        bench_train.interleaved_tokens_per_sec(cfg, steps=3, skip=1)
 
 
 @pytest.mark.parametrize(
