@@ -36,11 +36,14 @@ import time
 import lightning as L
 import torch
 from hydra import compose, initialize_config_module
+from hydra.errors import CompactHydraException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from losslab.bench_report import markdown_table
 from losslab.callbacks import GracefulInterrupt, RunStatus
+from losslab.config_checks import ConfigError
+from losslab.files import DataError
 from losslab.targets import count_targets
 from losslab.train import build_module
 
@@ -56,8 +59,9 @@ def step_tokens(micro_batches: list[dict]) -> int:
 
 
 class StepClock:
-    """Each step's target tokens over its seconds, from the end of the step before, after ``skip`` steps;
-    and the first step's seconds (with ``model.compile=true``, the compilation)."""
+    """Each step's target tokens over its seconds since ``last_end`` (the end of the step before, or what
+    its caller sets), after ``skip`` steps; and the first step's seconds (with ``model.compile=true``,
+    the compilation)."""
 
     def __init__(self, skip: int) -> None:
         self.skip = skip
@@ -77,14 +81,6 @@ class StepClock:
         return statistics.median(self.speeds)
 
 
-class LightningClock(L.Callback):
-    def __init__(self, skip: int) -> None:
-        self.clock = StepClock(skip)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.clock.step_end(batch_idx, batch)
-
-
 class PlainLoop:
     """nanoGPT's step on a model, optimizer and loader of its own, built from the config as the lab's
     are (the same seed: the same initial weights and batches): ``model(ids, targets)`` gives the
@@ -98,13 +94,17 @@ class PlainLoop:
         self.optimizer, self.schedule = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
         self.model, self.clip = module.model.train(), module.gradient_clip_val
         self.log_every = cfg.trainer.log_every_n_steps
-        self.batches = iter(datamodule.train_dataloader())
+        self.loader = datamodule.train_dataloader()
+        self.batches = iter(self.loader)
         self.clock = StepClock(skip)
 
     def step(self, step: int) -> None:
         """One optimizer step, timed from its start (data loading included) to the end of ``loss.item()``."""
         self.clock.last_end = clock_now()
-        micro_batches = next(self.batches)
+        micro_batches = next(self.batches, None)
+        if micro_batches is None:  # the epoch's end: the next one starts, as in the lab's loop
+            self.batches = iter(self.loader)
+            micro_batches = next(self.batches)
         for micro in micro_batches:
             _, loss = self.model(micro["input_ids"], micro["targets"])
             (loss / len(micro_batches)).backward()
@@ -208,12 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    global clock_now
-    clock_now = CLOCKS[args.clock]
+def measure(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Each loss's tokens/s per round, and its plain loop's, printing each round's as it ends."""
     with initialize_config_module(config_module="losslab.conf", version_base="1.3"):
         base = ["paths.root_dir=.", "paths.output_dir=.", *args.overrides]
         configs = {loss: compose(config_name="train", overrides=[*base, f"loss={loss}"]) for loss in args.losses}
@@ -228,6 +224,19 @@ def main() -> None:
                 f"round {round_ + 1}, {loss}: {lab_speed:,.0f} tokens/s, the plain loop beside it {plain_speed:,.0f}",
                 f"(its first step {first_step:.1f} s)",
             )
+    return lab, plain
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    global clock_now
+    clock_now = CLOCKS[args.clock]
+    try:
+        lab, plain = measure(args)
+    except (ConfigError, DataError, CompactHydraException) as error:
+        sys.exit(f"error: {error}")  # as train.py says it: the fix is in the message
     threads = ("" if args.threads is None else f" --threads {args.threads}") + f" --clock {args.clock}"
     print(
         f"\npython scripts/bench_train.py --steps {args.steps} --skip {args.skip} --rounds {args.rounds}{threads}",

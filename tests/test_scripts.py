@@ -96,6 +96,26 @@ def test_bench_train_alternates_the_lab_and_the_plain_loop_step_by_step(tmp_path
     assert len(lab_clock.speeds) == len(plain_clock.speeds) == 2 and lab > 0 and plain > 0
 
 
+def test_bench_train_plain_loop_starts_a_new_epoch_as_the_lab_does(tmp_path):
+    bench_train = load_script("bench_train")
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("".join(f"To be, or not to be: question {i}.\n\n" for i in range(30)))
+    cfg = make_config(tmp_path, tmp_path / "cache", ["data=text", f"data.path={corpus}"])
+    plain = bench_train.PlainLoop(cfg, skip=1)
+    epoch = len(plain.loader)
+    for step in range(epoch + 2):
+        plain.step(step)
+    assert epoch < 10 and len(plain.clock.speeds) == epoch + 1
+
+
+def test_bench_train_names_an_unknown_loss_in_one_line(monkeypatch):
+    bench_train = load_script("bench_train")
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--losses", "cross_entropy,nope", "tokenizer=bytes"])
+    with pytest.raises(SystemExit) as exit:
+        bench_train.main()
+    assert str(exit.value.code).startswith("error: In 'train': Could not find 'loss/nope'")
+
+
 def test_bench_train_stops_at_ctrl_c_rather_than_going_on_to_the_next_run(tmp_path, monkeypatch):
     bench_train = load_script("bench_train")
 
