@@ -5,6 +5,7 @@ import json
 import signal
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,19 @@ def test_bench_train_plain_loop_starts_a_new_epoch_as_the_lab_does(tmp_path):
     for step in range(epoch + 2):
         plain.step(step)
     assert epoch < 10 and len(plain.clock.speeds) == epoch + 1
+
+
+def test_bench_train_plain_step_frees_its_logits_before_its_clock_stops(tmp_path):
+    # freed after it (823 MB take about 60 ms at the README's size), they would count in the lab's step
+    bench_train = load_script("bench_train")
+    plain = bench_train.PlainLoop(make_config(tmp_path, tmp_path / "cache", ["loss=cross_entropy"]), skip=1)
+    logits, alive_at_step_end = [], []
+    plain.model.lm_head.register_forward_hook(lambda module, args, output: logits.append(weakref.ref(output)))
+    step_end = plain.clock.step_end
+    plain.clock.step_end = lambda *args: alive_at_step_end.append(logits[-1]() is not None) or step_end(*args)
+    for step in range(2):
+        plain.step(step)
+    assert alive_at_step_end == [False, False]
 
 
 def test_bench_train_names_an_unknown_loss_in_one_line(monkeypatch):
