@@ -29,7 +29,9 @@ from helpers import (
     run,
     start,
 )
+from torch.utils.data import DistributedSampler
 
+from losslab.checkpoint_files import CheckpointError
 from losslab.checkpointing import AtomicCheckpointIO, RNGState
 from losslab.data import EpochSampler, ResumableDataLoader
 from losslab.train import train
@@ -179,7 +181,7 @@ def test_restored_loader_goes_on_where_it_stopped(num_workers):
     batches = iter(interrupted)
     seen = [next(batches).tolist() for _ in range(5)]
     state = interrupted.state_dict()
-    assert state == {"epoch": 2, "batches": 5}
+    assert state == {"epoch": 2, "batches": 5, "rows": 20}
 
     sampler, restored = loader()
     restored.load_state_dict(state)
@@ -192,6 +194,41 @@ def test_restored_loader_goes_on_where_it_stopped(num_workers):
     restored.load_state_dict({"epoch": 2, "batches": len(expected)})
     sampler.set_epoch(3)
     assert len(list(restored)) == len(expected)
+
+
+def test_restored_loader_goes_on_with_another_batch_size_and_number_of_processes():
+    """Two processes of 3 rows a batch stop after 2 batches each: 12 rows of the epoch's order, dealt
+    out in turn. One process of 4 rows, or two of 2, go on with the 13th; one of 5 cannot."""
+
+    def loader(batch_size, replicas=1, rank=0):
+        sampler = DistributedSampler(list(range(40)), num_replicas=replicas, rank=rank, shuffle=True, seed=3)
+        sampler.set_epoch(1)
+        return ResumableDataLoader(list(range(40)), batch_size=batch_size, sampler=sampler)
+
+    order = list(loader(40).sampler)
+    states, seen = [], []
+    for rank in range(2):
+        interrupted = loader(3, replicas=2, rank=rank)
+        batches = iter(interrupted)
+        seen += [row for _ in range(2) for row in next(batches).tolist()]
+        states.append(interrupted.state_dict())
+    assert states[0] == states[1] == {"epoch": 1, "batches": 2, "rows": 12}
+    assert sorted(seen) == sorted(order[:12])
+
+    restored = loader(4)
+    restored.load_state_dict(states[0])
+    assert [row for batch in restored for row in batch.tolist()] == order[12:]
+    rest = []
+    for rank in range(2):
+        restored = loader(2, replicas=2, rank=rank)
+        restored.load_state_dict(states[rank])
+        rest += [row for batch in restored for row in batch.tolist()]
+    assert sorted(rest) == sorted(order[12:])
+
+    restored = loader(5)
+    restored.load_state_dict(states[0])
+    with pytest.raises(CheckpointError, match="stopped 12 rows into epoch 1.*steps of 5 rows.*checkpoint's \\(6 rows"):
+        next(iter(restored))
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):

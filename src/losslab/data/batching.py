@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
+from losslab.checkpoint_files import CheckpointError
 from losslab.targets import IGNORE_INDEX, shift_labels
 
 MODES = ("packed", "padded")
@@ -136,11 +137,15 @@ class ResumableDataLoader(DataLoader):
     """A DataLoader that Lightning's fit loop saves in checkpoints and restores on resume.
 
     Its state is the epoch of the current pass (its sampler's ``epoch``, which Lightning sets
-    through ``set_epoch``) and how many batches the pass has handed out. Once restored, a pass of
-    that same epoch skips as many batches, reading and dropping them; a pass of a later epoch
-    (the checkpoint was saved at the end of an epoch) starts from the beginning. With a sampler
-    whose order is fixed for each epoch (:class:`EpochSampler`), the resumed pass goes on with the
-    batches the interrupted run would have trained on next, whatever the batching or the workers.
+    through ``set_epoch``), how many batches the pass has handed out, and how many rows of the
+    epoch's order that is over all the data-parallel processes (``rows``: batches x rows per batch x
+    processes, a ``DistributedSampler`` dealing the order out to them in turn). Once restored, a pass
+    of that same epoch skips those rows, as whole batches of its own, reading and dropping them; a
+    pass of a later epoch (the checkpoint was saved at the end of an epoch) starts from the
+    beginning. With a sampler whose order is fixed for each epoch (:class:`EpochSampler`), the
+    resumed pass goes on with the rows the interrupted run would have trained on next, whatever the
+    workers, and with another batch size, accumulation or number of processes where the rows done
+    make whole steps of the new run; where they do not, it says so rather than skip the wrong rows.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -150,7 +155,7 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         epoch = getattr(self.sampler, "epoch", 0)
-        skip = self.resume_at["batches"] if self.resume_at and self.resume_at["epoch"] == epoch else 0
+        skip = self.batches_to_skip(epoch)
         self.resume_at = None
         self.position = {"epoch": epoch, "batches": 0}
         for batch in super().__iter__():
@@ -158,8 +163,28 @@ class ResumableDataLoader(DataLoader):
             if self.position["batches"] > skip:
                 yield batch
 
+    def rows_per_batch(self) -> int:
+        """The rows of the epoch's order that one batch takes, over all the data-parallel processes."""
+        return self.batch_size * getattr(self.sampler, "num_replicas", 1)
+
+    def batches_to_skip(self, epoch: int) -> int:
+        """The batches of this pass that the restored state has done already (0 for another epoch)."""
+        if not self.resume_at or self.resume_at["epoch"] != epoch:
+            return 0
+        if "rows" not in self.resume_at:  # saved before rows were
+            return self.resume_at["batches"]
+        rows, per_batch = self.resume_at["rows"], self.rows_per_batch()
+        if rows % per_batch:
+            raise CheckpointError(
+                f"the checkpoint stopped {rows} rows into epoch {epoch}, which is not a whole number of this "
+                f"run's steps of {per_batch} rows (data.batch_size x data.accumulate x data-parallel "
+                f"processes): resume with the checkpoint's ({self.resume_at['rows'] // self.resume_at['batches']} "
+                "rows a step), or start a new run"
+            )
+        return rows // per_batch
+
     def state_dict(self) -> dict[str, int]:
-        return dict(self.position)
+        return {**self.position, "rows": self.position["batches"] * self.rows_per_batch()}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.resume_at = dict(state_dict)
