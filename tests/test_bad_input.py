@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from helpers import CONF, make_config, make_datamodule, train_py
 
+from losslab.files import DataError
 from losslab.train import train
 
 
@@ -29,15 +30,16 @@ def test_a_misspelt_group_choice_gets_did_you_mean_in_one_line(tmp_path):
     ]
 
 
-def test_a_corpus_error_ends_train_py_in_one_line(tmp_path):
+def test_a_corpus_error_is_one_line_and_leaves_no_run_folder(tmp_path, cache_dir):
+    # a DataError: train.py prints it as the one line below (tests/test_run_lifecycle.py runs it on a ConfigError)
     (tmp_path / "zeros.txt").write_bytes(bytes(10_000))
-    run = train_py(tmp_path, "data=text", f"data.path={tmp_path / 'zeros.txt'}")
-    assert run.returncode != 0
-    assert run.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'zeros.txt'} is binary, not text (a NUL byte at offset 0, within its first 8,000 "
+    with pytest.raises(DataError) as error:
+        train(make_config(tmp_path, cache_dir, ["data=text", f"data.path={tmp_path / 'zeros.txt'}"]))
+    assert str(error.value) == (
+        f"{tmp_path / 'zeros.txt'} is binary, not text (a NUL byte at offset 0, within its first 8,000 "
         "bytes): give text files in data.path (UTF-8)"
-    ]
-    assert not list(tmp_path.glob("logs/runs/*"))  # no run folder left behind
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_resuming_a_checkpoint_of_another_model_names_the_differences(tmp_path):

@@ -166,7 +166,8 @@ def test_lightning_tips_and_the_pytree_warning_are_dropped_and_nothing_else(capl
 
 
 def test_train_py_prints_progress_lines_and_the_summary_and_nothing_to_ignore(tmp_path):
-    """``python train.py`` with its output sent to a pipe, as in CI: no bar frames, no advertisement."""
+    """``python train.py`` with its output sent to a pipe, as in CI: no bar frames, no advertisement; and
+    the run's train.log holds what the terminal showed."""
     command = [sys.executable, str(TRAIN), "experiment=tiny", f"paths.root_dir={tmp_path}"]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -175,3 +176,9 @@ def test_train_py_prints_progress_lines_and_the_summary_and_nothing_to_ignore(tm
     assert "Finished at step 6/6: val/loss " in output and "Sample: python scripts/generate.py" in output
     for unwanted in ["💡", "litlogger", "LeafSpec", "Epoch 0:", "Validation DataLoader"]:
         assert unwanted not in output, unwanted
+    (log,) = tmp_path.glob("logs/runs/*/train.log")
+    banner = (
+        "Loss memory (cross_entropy, N=128 = 4 x 32 tokens, V=257, d=32, float32): forward+backward predicted to peak"
+    )
+    for line in ["Logs: ", banner, "step 3/6: val/loss ", "Finished at step 6/6: val/loss", "`Trainer.fit` stopped"]:
+        assert line in run.stdout and line in log.read_text(), line

@@ -56,24 +56,14 @@ def test_bench_losses_writes_a_table_json_and_chart(tmp_path):
     assert next(tmp_path.glob("*.png")).stat().st_size > 10_000
 
 
-def test_bench_train_compares_each_loss_with_a_plain_loop(tmp_path):
-    out = run_script(
-        "bench_train.py",
-        "--steps",
-        "3",
-        "--skip",
-        "1",
-        "--rounds",
-        "1",
-        "--losses",
-        "cross_entropy,fused",
-        "tokenizer=bytes",
-        "model.n_layer=1",
-        "model.n_embd=32",
-        "model.context_length=32",
-        "data.batch_size=4",
-        cwd=tmp_path,
-    )
+def test_bench_train_compares_each_loss_with_a_plain_loop(tmp_path, monkeypatch, capsys):
+    bench_train = load_script("bench_train")
+    monkeypatch.chdir(tmp_path)
+    arguments = ["--steps", "3", "--skip", "1", "--rounds", "1", "--losses", "cross_entropy,fused", "tokenizer=bytes"]
+    arguments += ["model.n_layer=1", "model.n_embd=32", "model.context_length=32", "data.batch_size=4"]
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", *arguments])
+    bench_train.main()
+    out = capsys.readouterr().out
     table = out[out.index("| loss |") :].strip().splitlines()
     assert [row.split(" | ")[0] for row in table[2:]] == ["| `cross_entropy`", "| `fused`"]
     assert all(float(row.split(" | ")[3]) > 0 for row in table[2:])  # lab / plain
