@@ -81,6 +81,10 @@ def test_a_refused_resume_or_one_with_nothing_to_train_changes_nothing(resumed_r
     with pytest.raises(CheckpointError, match=re.escape(refused)):
         train(make_config(root, cache_dir, [*in_run, "model.n_layer=2", "trainer.max_steps=8", f"ckpt_path={last}"]))
     assert files(run) == before
+    # 6 steps of 4 rows are not whole steps of 5: refused before the run writes a thing
+    with pytest.raises(CheckpointError, match=r"stopped 24 rows into epoch 0, .* steps of 5 rows .*\(4 rows a step\)"):
+        train(make_config(root, cache_dir, [*in_run, "data.batch_size=5", "trainer.max_steps=8", f"ckpt_path={last}"]))
+    assert files(run) == before
 
     caplog.set_level(logging.INFO, logger="losslab")
     outcome = train(make_config(root, cache_dir, [*in_run, "ckpt_path=last"]))  # the folder's last.ckpt

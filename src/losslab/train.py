@@ -34,6 +34,7 @@ from losslab.checkpointing import requeue_checkpoints
 from losslab.config_checks import ConfigError, check_config
 from losslab.config_keys import check_overrides
 from losslab.data import GPTDataModule
+from losslab.data.batching import batches_done
 from losslab.files import DataError
 from losslab.hparams import HParamsTab, chosen_options
 from losslab.lightning_module import GPTLightningModule
@@ -220,6 +221,8 @@ def fit(cfg: DictConfig, folder: Path, purge: dict[str, int]) -> RunOutcome:
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     callbacks += [HParamsTab(chosen_options(cfg, datamodule.vocab_size)), status, GracefulInterrupt()]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    if cfg.ckpt_path:
+        check_data_position(checkpoint, datamodule, trainer)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         if trainer.is_global_zero:
@@ -260,6 +263,17 @@ def fit(cfg: DictConfig, folder: Path, purge: dict[str, int]) -> RunOutcome:
     if trainer.is_global_zero:
         log.info(summary(outcome, status.message))
     return outcome
+
+
+def check_data_position(checkpoint: dict[str, Any], datamodule: GPTDataModule, trainer: L.Trainer) -> None:
+    """Refuse a checkpoint that stopped inside an epoch at a row this run's steps cannot go on from
+    (another batch size, accumulation or number of processes), before the run writes anything: its
+    loader would refuse it at its first batch (:class:`~losslab.data.ResumableDataLoader`)."""
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+    state = (fit_loop.get("combined_loader") or [{}])[0]
+    if "rows" in state and state["rows"] < len(datamodule.train_sampler()):  # inside its epoch
+        processes = trainer.world_size // getattr(trainer.strategy, "tensor_parallel_size", 1)
+        batches_done(state, datamodule.config.batch_size * datamodule.config.accumulate * processes)
 
 
 def nothing_to_train(cfg: DictConfig, folder: Path, step: int) -> RunOutcome:

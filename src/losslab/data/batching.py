@@ -171,23 +171,29 @@ class ResumableDataLoader(DataLoader):
         """The batches of this pass that the restored state has done already (0 for another epoch)."""
         if not self.resume_at or self.resume_at["epoch"] != epoch:
             return 0
-        if "rows" not in self.resume_at:  # saved before rows were
-            return self.resume_at["batches"]
-        rows, per_batch = self.resume_at["rows"], self.rows_per_batch()
-        if rows % per_batch:
-            raise CheckpointError(
-                f"the checkpoint stopped {rows} rows into epoch {epoch}, which is not a whole number of this "
-                f"run's steps of {per_batch} rows (data.batch_size x data.accumulate x data-parallel "
-                f"processes): resume with the checkpoint's ({self.resume_at['rows'] // self.resume_at['batches']} "
-                "rows a step), or start a new run"
-            )
-        return rows // per_batch
+        return batches_done(self.resume_at, self.rows_per_batch())
 
     def state_dict(self) -> dict[str, int]:
         return {**self.position, "rows": self.position["batches"] * self.rows_per_batch()}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.resume_at = dict(state_dict)
+
+
+def batches_done(state: dict[str, int], rows_per_batch: int) -> int:
+    """The batches of ``rows_per_batch`` rows (over all the data-parallel processes) that a
+    :class:`ResumableDataLoader`'s saved ``state`` has handed out in its epoch; a ``CheckpointError``
+    when its rows are not a whole number of them."""
+    if "rows" not in state:  # saved before rows were
+        return state["batches"]
+    rows = state["rows"]
+    if rows % rows_per_batch:
+        raise CheckpointError(
+            f"the checkpoint stopped {rows} rows into epoch {state['epoch']}, which is not a whole number of "
+            f"this run's steps of {rows_per_batch} rows (data.batch_size x data.accumulate x data-parallel "
+            f"processes): resume with the checkpoint's ({rows // state['batches']} rows a step), or start a new run"
+        )
+    return rows // rows_per_batch
 
 
 class WithBlankRow(Dataset):
