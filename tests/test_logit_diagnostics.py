@@ -88,7 +88,7 @@ def test_the_diagnostics_are_those_of_the_full_logits_on_the_logged_steps(loss, 
 
 def test_the_diagnostics_have_their_own_interval_among_the_logged_steps(tmp_path):
     """Logging every step (train/acc on each), the diagnostics every 2nd step and the last: they cost a
-    fused step about a fifth more at V=50257, which a run that logs every step need not pay every step."""
+    fused step about an eighth more at V=50257, which a run that logs every step need not pay every step."""
     curves, reference = train_and_read("fused", tmp_path, log_every=1, diagnose_every=2)
     assert [step for step, _ in curves["train/acc"]] == [1, 2, 3]
     for tag in TAGS:

@@ -75,7 +75,7 @@ class GPTLightningModule(L.LightningModule):
             that resuming with another one is refused.
         logit_diagnostics_every_n_steps: the logit diagnostics (``logits/*``) on the logged steps that
             are multiples of this, and the last; 0: never. Their own interval, as they cost a logged
-            step of ``fused`` about a fifth more at V=50257 (README, "Logit diagnostics").
+            step of ``fused`` about an eighth more at V=50257 (README, "Logit diagnostics").
 
     The metrics are the model's own: ``train/loss``, ``val/loss`` and every ``*/ppl`` and ``*/bpb``
     are its negative log-likelihood of the targets, without label smoothing or z-loss; the
