@@ -147,7 +147,7 @@ def interleaved_tokens_per_sec(cfg, steps: int, skip: int) -> tuple[float, float
         # train.py's per-step callbacks (statistics, progress, layout...) and its run status, not its
         # checkpoints, saved every N steps, nor its validation
         callbacks = [instantiate(c) for name, c in cfg.callbacks.items() if not name.endswith("checkpoint")]
-        interrupt = GracefulInterrupt()
+        interrupt = GracefulInterrupt("stopping after this step, with no table")
         callbacks += [RunStatus(folder), interrupt]
         trainer = instantiate(
             cfg.trainer,

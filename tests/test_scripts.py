@@ -120,7 +120,8 @@ def test_bench_train_names_an_unknown_loss_in_one_line(monkeypatch):
     assert str(exit.value.code).startswith("error: In 'train': Could not find 'loss/nope'")
 
 
-def test_bench_train_stops_at_ctrl_c_rather_than_going_on_to_the_next_run(tmp_path, monkeypatch):
+def test_bench_train_stops_at_ctrl_c_rather_than_going_on_to_the_next_run(tmp_path, monkeypatch, caplog):
+    """and says what it does: it saves nothing (train.py's Ctrl-C says it saves the step)."""
     bench_train = load_script("bench_train")
 
     class PressedAtOnce(bench_train.GracefulInterrupt):
@@ -131,6 +132,8 @@ def test_bench_train_stops_at_ctrl_c_rather_than_going_on_to_the_next_run(tmp_pa
     cfg = make_config(tmp_path, tmp_path / "cache", ["loss=cross_entropy"])
     with pytest.raises(SystemExit, match="stopped by Ctrl-C"):
         bench_train.interleaved_tokens_per_sec(cfg, steps=3, skip=1)
+    assert "Ctrl-C: stopping after this step, with no table (press Ctrl-C again" in caplog.text
+    assert "saving" not in caplog.text
 
 
 @pytest.mark.parametrize(

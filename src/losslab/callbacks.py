@@ -188,9 +188,11 @@ def stopped_by(trainer: L.Trainer) -> str:
 
 class GracefulInterrupt(L.Callback):
     """The first Ctrl-C ends training after the current step, which is then validated and saved to
-    ``last.ckpt`` as at the end of a run; a second Ctrl-C stops at once."""
+    ``last.ckpt`` as at the end of a run; a second Ctrl-C stops at once. ``announcement``: what the
+    first one prints (a caller that saves nothing says so)."""
 
-    def __init__(self) -> None:
+    def __init__(self, announcement: str = "stopping after this step and saving it") -> None:
+        self.announcement = announcement
         self.requested = False
         self.previous_handler: Any = None
 
@@ -201,7 +203,7 @@ class GracefulInterrupt(L.Callback):
     def request(self, signum: int, frame: Any) -> None:
         self.requested = True
         signal.signal(signal.SIGINT, self.previous_handler)
-        log.warning("\nCtrl-C: stopping after this step and saving it (press Ctrl-C again to stop at once)")
+        log.warning(f"\nCtrl-C: {self.announcement} (press Ctrl-C again to stop at once)")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         # every process stops at the same step, whichever of them got the signal
