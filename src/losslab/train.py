@@ -273,7 +273,7 @@ def check_data_position(checkpoint: dict[str, Any], datamodule: GPTDataModule, t
     state = (fit_loop.get("combined_loader") or [{}])[0]
     if "rows" in state and state["rows"] < len(datamodule.train_sampler()):  # inside its epoch
         processes = trainer.world_size // getattr(trainer.strategy, "tensor_parallel_size", 1)
-        batches_done(state, datamodule.config.batch_size * datamodule.config.accumulate * processes)
+        batches_done(state, datamodule.config.rows_per_step * processes)
 
 
 def nothing_to_train(cfg: DictConfig, folder: Path, step: int) -> RunOutcome:

@@ -140,6 +140,11 @@ class DataConfig:
     # the target of a padded position (padded mode): the loss's own, so that it ignores them (losslab.targets)
     ignore_index: int = IGNORE_INDEX
 
+    @property
+    def rows_per_step(self) -> int:
+        """The rows an optimizer step trains on in each data-parallel process: ``batch_size * accumulate``."""
+        return self.batch_size * self.accumulate
+
     def __post_init__(self) -> None:
         for name, ok, must_be, example in SETTING_CHECKS:
             value = getattr(self, name)
@@ -203,7 +208,7 @@ class GPTDataModule(L.LightningDataModule):
             check_split(config.corpus, split, tokens, config.context_length, self.tokenizer.n_vocab)
             self.datasets[split] = self.make_dataset(split, tokens)
         epoch = len(self.train_sampler())
-        if config.batch_size * config.accumulate > epoch:  # the loader would cut every step to the whole epoch
+        if config.rows_per_step > epoch:  # the loader would cut every step to the whole epoch
             raise DataError(
                 f"data.batch_size={config.batch_size} x step.accumulate={config.accumulate} is more rows per step than an "
                 f"epoch of corpus {config.corpus!r} holds ({epoch:,}): use data.batch_size x step.accumulate <= {epoch}, "
