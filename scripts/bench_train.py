@@ -22,12 +22,20 @@ ratio of each round's two (their median, then each round's):
 
     NANO="tokenizer=gpt2 data=shakespeare data.path=../shared/data/tinyshakespeare.txt model.n_layer=4
     model.n_head=4 model.n_embd=128 model.context_length=128 data.batch_size=32 model.bias=false"
-    python scripts/bench_train.py --steps 30 --skip 8 --rounds 2 $NANO trainer.log_every_n_steps=1
+    python scripts/bench_train.py --steps 30 --skip 8 --rounds 4 $NANO trainer.log_every_n_steps=1
+
+With ``--profile`` it tells where each arm's step goes instead: one run per loss, each arm's steps
+after the first ``--skip`` under cProfile on the process clock (best with ``--threads 1``, which other
+processes do not slow), and a table of the milliseconds a step spends in each part (:data:`PARTS`).
+cProfile's own cost inflates the parts made of many Python calls (the logging, by ten times and more).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import inspect
+import pstats
 import statistics
 import sys
 import tempfile
@@ -38,12 +46,21 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import CompactHydraException
 from hydra.utils import instantiate
+from lightning.fabric.loggers.tensorboard import TensorBoardLogger as FabricTensorBoardLogger
 from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from losslab.bench_report import markdown_table
-from losslab.callbacks import GracefulInterrupt, RunStatus
+from losslab.callbacks import GracefulInterrupt, ProgressLines, RunStatus, StepStats
 from losslab.config_checks import ConfigError
 from losslab.files import DataError
+from losslab.lightning_module import GPTLightningModule
+from losslab.losses.entropy import exp_sums
+from losslab.losses.row_max import max_and_argmax
+from losslab.metrics import log_metrics
+from losslab.model import GPT
+from losslab.sharding import clip_gradients_, gradient_norm
 from losslab.targets import count_targets
 from losslab.train import build_module
 
@@ -137,10 +154,83 @@ class Interleaved(L.Callback):
         self.clock.last_end = clock_now()
 
 
-def interleaved_tokens_per_sec(cfg, steps: int, skip: int) -> tuple[float, float, float]:
-    """The lab's tokens/s over ``steps`` steps of ``Trainer.fit``, each followed by a plain loop's step;
-    returns the lab's tokens/s, the plain loop's, and the plain loop's first step's seconds."""
-    timer = Interleaved(PlainLoop(cfg, skip), skip)
+class ProfiledInterleaved(Interleaved):
+    """:class:`Interleaved`, with each arm's steps after the first ``skip`` under cProfile on the
+    process clock (a lab step from the end of the plain step before it, as its clock times it), and
+    their process seconds."""
+
+    def __init__(self, plain: PlainLoop, skip: int) -> None:
+        super().__init__(plain, skip)
+        self.skip, self.steps = skip, 0
+        self.profiles = {arm: cProfile.Profile(time.process_time) for arm in ("lab", "plain")}
+        self.seconds = dict.fromkeys(self.profiles, 0.0)
+        self.started = 0.0
+
+    def start(self, arm: str) -> None:
+        self.started = time.process_time()
+        self.profiles[arm].enable()
+
+    def stop(self, arm: str) -> None:
+        self.profiles[arm].disable()
+        self.seconds[arm] += time.process_time() - self.started
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        profiled = batch_idx >= self.skip
+        if profiled:
+            self.stop("lab")
+            self.start("plain")
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if profiled:
+            self.stop("plain")
+            self.steps += 1
+        if self.skip <= batch_idx + 1 < trainer.max_steps:
+            self.start("lab")
+
+
+def code(function) -> tuple[str, int, str]:
+    """cProfile's key of a function (its file, first line and name), decorators unwrapped."""
+    body = inspect.unwrap(function).__code__
+    return body.co_filename, body.co_firstlineno, body.co_name
+
+
+# A part of a step: the functions whose cumulative time it is, in the lab's step and in the plain loop's.
+PARTS = {
+    "forward: blocks, LM head and loss": ([GPTLightningModule.loss_sums], [GPT.forward]),
+    "- of it `F.cross_entropy`": ([torch.nn.functional.cross_entropy], [torch.nn.functional.cross_entropy]),
+    "- of it the predictions for `train/acc`": ([max_and_argmax], []),
+    "- of it the logit diagnostics": ([exp_sums], []),
+    "backward": ([L.LightningModule.manual_backward], [torch.Tensor.backward]),
+    "gradient norm and clipping": ([gradient_norm, clip_gradients_], [torch.nn.utils.clip_grad_norm_]),
+    "optimizer step (AdamW)": ([torch.optim.AdamW.step], [torch.optim.AdamW.step]),
+    "data loader (next batch)": ([_BaseDataLoaderIter.__next__], [_BaseDataLoaderIter.__next__]),
+    "metric logging (`self.log`, every tag)": ([log_metrics], []),
+    "`StepStats` (its logging included)": ([StepStats.on_train_batch_start, StepStats.on_train_batch_end], []),
+    "TensorBoard's write": ([FabricTensorBoardLogger.log_metrics, TensorBoardLogger.save], []),
+    "progress lines": ([ProgressLines.on_train_batch_end], []),
+}
+
+
+def profile_table(loss: str, timer: ProfiledInterleaved) -> str:
+    """Milliseconds per step of each arm, whole (process clock) and in each of :data:`PARTS`, under a
+    line that says of which loss and how many steps."""
+    stats = {arm: pstats.Stats(profile).stats for arm, profile in timer.profiles.items()}
+
+    def ms(arm: str, functions: list) -> str:
+        if not functions:
+            return "-"
+        seconds = sum(stats[arm][code(f)][3] for f in functions if code(f) in stats[arm])
+        return f"{seconds / timer.steps * 1000:,.1f}"
+
+    rows = [["the whole step", *(f"{timer.seconds[arm] / timer.steps * 1000:,.1f}" for arm in stats)]]
+    rows += [[part, ms("lab", lab), ms("plain", plain)] for part, (lab, plain) in PARTS.items()]
+    title = f"`loss={loss}`, ms per step over {timer.steps} steps, process clock under cProfile:"
+    return f"{title}\n\n{markdown_table(['part of the step', 'lab ms', 'plain loop ms'], rows)}"
+
+
+def interleaved_run(cfg, steps: int, skip: int, profile: bool = False) -> Interleaved:
+    """``steps`` steps of ``Trainer.fit``, each followed by a plain loop's step; returns the callback
+    that timed them (with ``profile``, that profiled them)."""
+    timer = (ProfiledInterleaved if profile else Interleaved)(PlainLoop(cfg, skip), skip)
     L.seed_everything(cfg.seed)
     datamodule, module = build_module(cfg)
     with tempfile.TemporaryDirectory() as folder:
@@ -161,6 +251,13 @@ def interleaved_tokens_per_sec(cfg, steps: int, skip: int) -> tuple[float, float
         trainer.fit(module, datamodule=datamodule)
     if interrupt.requested:  # train.py's Ctrl-C ends the fit after its step; here it ends the benchmark
         sys.exit("bench_train: stopped by Ctrl-C, no table")
+    return timer
+
+
+def interleaved_tokens_per_sec(cfg, steps: int, skip: int) -> tuple[float, float, float]:
+    """The lab's tokens/s over ``steps`` steps of ``Trainer.fit``, each followed by a plain loop's step;
+    returns the lab's tokens/s, the plain loop's, and the plain loop's first step's seconds."""
+    timer = interleaved_run(cfg, steps, skip)
     plain = timer.plain.clock
     return timer.clock.tokens_per_sec(), plain.tokens_per_sec(), plain.first_step
 
@@ -197,6 +294,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch's CPU threads (default: torch's); 1 where other processes share the cores",
     )
     parser.add_argument("--clock", choices=CLOCKS, default="wall", help="process: CPU time, for a shared machine")
+    parser.add_argument(
+        "--profile", action="store_true", help="where each arm's step goes (cProfile; one run per loss, no ratios)"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
     args = parser.parse_args(argv)
     if not 1 <= args.skip < args.steps:
@@ -211,11 +311,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def measure(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Each loss's tokens/s per round, and its plain loop's, printing each round's as it ends."""
+def compose_configs(args: argparse.Namespace) -> dict[str, DictConfig]:
+    """Each loss's config: train.py's, with the overrides and ``loss=<it>``."""
     with initialize_config_module(config_module="losslab.conf", version_base="1.3"):
         base = ["paths.root_dir=.", "paths.output_dir=.", *args.overrides]
-        configs = {loss: compose(config_name="train", overrides=[*base, f"loss={loss}"]) for loss in args.losses}
+        return {loss: compose(config_name="train", overrides=[*base, f"loss={loss}"]) for loss in args.losses}
+
+
+def measure(
+    args: argparse.Namespace, configs: dict[str, DictConfig]
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Each loss's tokens/s per round, and its plain loop's, printing each round's as it ends."""
     lab: dict[str, list[float]] = {loss: [] for loss in args.losses}
     plain: dict[str, list[float]] = {loss: [] for loss in args.losses}
     for round_ in range(args.rounds):
@@ -237,16 +343,20 @@ def main() -> None:
     global clock_now
     clock_now = CLOCKS[args.clock]
     try:
-        lab, plain = measure(args)
+        configs = compose_configs(args)
+        if args.profile:
+            tables = [
+                profile_table(loss, interleaved_run(cfg, args.steps, args.skip, True)) for loss, cfg in configs.items()
+            ]
+        else:
+            tables = [ratio_table(*measure(args, configs))]
     except (ConfigError, DataError, CompactHydraException) as error:
         sys.exit(f"error: {error}")  # as train.py says it: the fix is in the message
-    threads = ("" if args.threads is None else f" --threads {args.threads}") + f" --clock {args.clock}"
-    print(
-        f"\npython scripts/bench_train.py --steps {args.steps} --skip {args.skip} --rounds {args.rounds}{threads}",
-        end=" ",
-    )
+    options = "" if args.threads is None else f" --threads {args.threads}"
+    options += " --profile" if args.profile else f" --rounds {args.rounds} --clock {args.clock}"
+    print(f"\npython scripts/bench_train.py --steps {args.steps} --skip {args.skip}{options}", end=" ")
     print(f"--losses {','.join(args.losses)} {' '.join(args.overrides)}\n")
-    print(ratio_table(lab, plain))
+    print("\n\n".join(tables))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import pstats
 import signal
 import subprocess
 import sys
@@ -68,6 +69,27 @@ def test_bench_train_compares_each_loss_with_a_plain_loop(tmp_path, monkeypatch,
     assert [row.split(" | ")[0] for row in table[2:]] == ["| `cross_entropy`", "| `fused`"]
     assert all(float(row.split(" | ")[3]) > 0 for row in table[2:])  # lab / plain
     assert "round 1, fused:" in out and "the plain loop beside it" in out
+
+
+def test_bench_train_profile_finds_every_part_of_both_steps(tmp_path):
+    """--profile: each part's functions ran inside the profiled steps (a renamed one would read 0 ms)."""
+    bench_train = load_script("bench_train")
+    overrides = ["loss=cross_entropy", "step.logit_diagnostics_every_n_steps=1", "trainer.enable_progress_bar=true"]
+    overrides += [
+        "+callbacks.progress_bar._target_=losslab.callbacks.ProgressLines",
+        "+callbacks.progress_bar.every_n_steps=1",
+    ]
+    timer = bench_train.interleaved_run(make_config(tmp_path, tmp_path / "cache", overrides), 3, 1, profile=True)
+    assert timer.steps == 2
+    for arm, side in (("lab", 0), ("plain", 1)):
+        profiled = pstats.Stats(timer.profiles[arm]).stats
+        for part, functions in bench_train.PARTS.items():
+            assert all(bench_train.code(function) in profiled for function in functions[side]), (arm, part)
+    rows = [row.strip("| ").split(" | ") for row in bench_train.profile_table("cross_entropy", timer).splitlines()[4:]]
+    assert [row[0] for row in rows] == ["the whole step", *bench_train.PARTS]
+    whole, forward = rows[0], rows[1]
+    assert all(float(ms) > 0 for ms in [*whole[1:], *forward[1:]])
+    assert float(whole[1]) > float(forward[1]) and float(whole[2]) > float(forward[2])
 
 
 def test_bench_train_alternates_the_lab_and_the_plain_loop_step_by_step(tmp_path, monkeypatch):
