@@ -1,6 +1,6 @@
 """Train a GPT: ``python train.py loss=logsumexp`` (see conf/ and README.md)."""
 
-from losslab.train import main
+from losslab.command_line import main
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,8 @@ checkpoints in test_checkpoint_files.py.
 import hashlib
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -28,6 +30,24 @@ def test_a_misspelt_group_choice_gets_did_you_mean_in_one_line(tmp_path):
     assert run.stderr.strip().splitlines() == [
         f"error: unknown loss choice fusd (in loss=fusd): did you mean loss=fused? (or one of {choices})"
     ]
+
+
+def test_a_command_line_error_is_named_before_lightning_is_imported():
+    """(the import takes about 7 s of a small CPU, which a typo would wait for)"""
+    code = "\n".join(
+        [
+            "import sys",
+            "from losslab.command_line import main",
+            "sys.argv = ['train.py', 'lossx=1']",
+            "try:",
+            "    main()",
+            "except SystemExit as exit:",
+            "    print(exit.code, '| lightning imported:', 'lightning' in sys.modules)",
+        ]
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.stdout.startswith("error: unknown config key lossx (in lossx=1): did you mean loss?")
+    assert run.stdout.strip().endswith("| lightning imported: False")
 
 
 def test_a_corpus_error_is_one_line_and_leaves_no_run_folder(tmp_path, cache_dir):

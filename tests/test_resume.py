@@ -52,7 +52,7 @@ def paused_rename(src, dst):
 
 os.replace = paused_rename
 sys.argv[0] = "train.py"
-from losslab.train import main
+from losslab.command_line import main
 main()
 """
 

@@ -1,6 +1,7 @@
 """Compose the configs, build data, model, loss and trainer, and train.
 
-``python train.py loss=logsumexp`` from the repository root, or the installed ``losslab-train``.
+``python train.py loss=logsumexp`` from the repository root, or the installed ``losslab-train``
+(both through :mod:`losslab.command_line`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from losslab.callbacks import GracefulInterrupt, RunStatus
 from losslab.checkpoint_files import CheckpointError, check_resumable, load_checkpoint_file
 from losslab.checkpointing import requeue_checkpoints
 from losslab.config_checks import ConfigError, check_config
-from losslab.config_keys import check_overrides
 from losslab.data import GPTDataModule
 from losslab.data.batching import batches_done
 from losslab.files import DataError
@@ -413,12 +413,3 @@ def exit_code(outcome: RunOutcome, sweep: bool) -> int | None:
     if outcome.status is Status.DIVERGED and not sweep:
         return 1
     return None
-
-
-def main() -> None:
-    """``python train.py [overrides]``: checks the command line's keys, then runs Hydra."""
-    problem = check_overrides(sys.argv[1:])
-    if problem:
-        sys.exit(f"error: {problem}")
-    register_resolvers()
-    run()
