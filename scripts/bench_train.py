@@ -161,7 +161,6 @@ class ProfiledInterleaved(Interleaved):
 
     def __init__(self, plain: PlainLoop, skip: int) -> None:
         super().__init__(plain, skip)
-        self.skip, self.steps = skip, 0
         self.profiles = {arm: cProfile.Profile(time.process_time) for arm in ("lab", "plain")}
         self.seconds = dict.fromkeys(self.profiles, 0.0)
         self.started = 0.0
@@ -174,16 +173,20 @@ class ProfiledInterleaved(Interleaved):
         self.profiles[arm].disable()
         self.seconds[arm] += time.process_time() - self.started
 
+    @property
+    def steps(self) -> int:
+        """The steps profiled: those the lab's clock times."""
+        return len(self.clock.speeds)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        profiled = batch_idx >= self.skip
+        profiled = batch_idx >= self.clock.skip
         if profiled:
             self.stop("lab")
             self.start("plain")
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if profiled:
             self.stop("plain")
-            self.steps += 1
-        if self.skip <= batch_idx + 1 < trainer.max_steps:
+        if self.clock.skip <= batch_idx + 1 < trainer.max_steps:
             self.start("lab")
 
 
@@ -346,7 +349,8 @@ def main() -> None:
         configs = compose_configs(args)
         if args.profile:
             tables = [
-                profile_table(loss, interleaved_run(cfg, args.steps, args.skip, True)) for loss, cfg in configs.items()
+                profile_table(loss, interleaved_run(cfg, args.steps, args.skip, profile=True))
+                for loss, cfg in configs.items()
             ]
         else:
             tables = [ratio_table(*measure(args, configs))]
